@@ -1,0 +1,86 @@
+"""The ``pmlb`` command line.
+
+Exit status: 0 on success, 2 for bad flags or config (one line on stderr),
+1 for a runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from pmlb import __version__
+from pmlb.config import ECHO_OPTIONS, NODE_OPTIONS, add_options, node_config, resolve
+from pmlb.errors import ConfigError, PmlbError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line, not a usage dump.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pmlb", description="pmlb, the persistent marking load balancer")
+    parser.add_argument("--version", action="version", version=f"pmlb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    node = sub.add_parser("node", help="run a load-balancer node")
+    add_options(node, NODE_OPTIONS)
+    echo = sub.add_parser("echo-upstream", help="run the example echo upstream")
+    add_options(echo, ECHO_OPTIONS)
+    demo = sub.add_parser("demo", help="run a local cluster: two echo upstreams and a node")
+    demo.add_argument("--port", type=int, default=9000, help="client port of the node")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "node":
+            return _node(args)
+        if args.command == "echo-upstream":
+            return _echo(args)
+        if args.command == "demo":
+            from pmlb.demo import run_demo
+
+            return run_demo(args.port)
+    except ConfigError as exc:
+        print(f"pmlb {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (PmlbError, OSError) as exc:
+        print(f"pmlb {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2  # unreachable: argparse requires a known command
+
+
+def _node(args: argparse.Namespace) -> int:
+    config = node_config(resolve(NODE_OPTIONS, args))
+    from pmlb import aio
+    from pmlb.app import NodeApp
+    from pmlb.observability.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format, f"node/{config.node_id}")
+    return aio.run(NodeApp(config).run)
+
+
+def _echo(args: argparse.Namespace) -> int:
+    values = resolve(ECHO_OPTIONS, args)
+    from pmlb import aio
+    from pmlb.app import run_echo
+    from pmlb.observability.logs import setup_logging
+
+    setup_logging(values["log_level"], values["log_format"], f"echo/{values['id']}")
+    return aio.run(
+        lambda stop: run_echo(
+            values["listen"], values["id"], values["plain"], values["window"], stop
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

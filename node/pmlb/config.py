@@ -1,0 +1,327 @@
+"""Typed, frozen configuration, read from flags, ``PMLB_*`` variables and TOML.
+
+Every option is declared once in an ``Option`` table per command; the CLI,
+the environment and the config file are all read through that table, so they
+cannot drift. Precedence: flag > ``PMLB_<FLAG>`` > ``--config`` file > default.
+A repeated option takes a comma-separated list in the environment and a TOML
+array (or string) in the file. Any invalid value raises ConfigError with one
+line that names the option and where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pmlb.dataplane.balancer import BALANCERS
+from pmlb.dataplane.framing import FRAMINGS, check_framing
+from pmlb.errors import ConfigError
+from pmlb.ids import valid_node_id
+
+
+def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to a tuple; ConfigError when malformed."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str  # flag name without dashes, e.g. "max-frame"
+    help: str
+    default: Any = None
+    type: Callable[[str], Any] = str
+    repeated: bool = False
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "PMLB_" + self.dest.upper()
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise ValueError("must be positive")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    n = float(v)
+    if n <= 0:
+        raise ValueError("must be positive")
+    return n
+
+
+def _hostport(v: str) -> str:
+    parse_hostport(v)
+    return v
+
+
+NODE_OPTIONS: tuple[Option, ...] = (
+    Option("listen", "client listener HOST:PORT (repeatable)", repeated=True, type=_hostport),
+    Option("service", "the service this node's listeners serve", "default"),
+    Option("node-id", "node id, part of every mark (default: <hostname>-<first port>)"),
+    Option(
+        "upstream",
+        "static upstream HOST:PORT or ID=HOST:PORT, no etcd (repeatable)",
+        repeated=True,
+    ),
+    Option("etcd", "etcd endpoints URL[,URL] (not yet supported: use --upstream)", repeated=True),
+    Option("etcd-prefix", "etcd key prefix", "/pmlb"),
+    Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
+    Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
+    Option("framing", "client framing", "raw", choices=FRAMINGS),
+    Option("max-frame", "maximum message size in bytes", 65536, _positive_int),
+    Option("balancer", "how new marks pick an upstream", "round-robin", choices=BALANCERS),
+    Option("window", "per-mark flow-control window in bytes, each way", 262144, _positive_int),
+    Option(
+        "client-buffer",
+        "bytes buffered for a slow client before its mark stops taking upstream data",
+        65536,
+        _positive_int,
+    ),
+    Option(
+        "link-buffer",
+        "bytes queued on one link before its clients stop being read",
+        8 << 20,
+        _positive_int,
+    ),
+    Option(
+        "connect-timeout",
+        "seconds a new client waits for a routable upstream",
+        5.0,
+        _positive_float,
+    ),
+    Option(
+        "close-linger",
+        "seconds a client that closed its side waits for the upstream's last replies",
+        5.0,
+        _positive_float,
+    ),
+    Option("shutdown-timeout", "seconds to finish on SIGTERM/SIGINT", 10.0, _positive_float),
+    Option("backlog", "listen backlog", 4096, _positive_int),
+    Option("log-level", "debug, info, warning or error", "info"),
+    Option("log-format", "text or json", "text", choices=("text", "json")),
+)
+
+ECHO_OPTIONS: tuple[Option, ...] = (
+    Option("listen", "gRPC HOST:PORT to serve on", "127.0.0.1:7001", _hostport),
+    Option("id", "upstream id, shown in replies", "u1"),
+    Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
+    Option("window", "per-mark flow-control window in bytes", 262144, _positive_int),
+    Option("log-level", "debug, info, warning or error", "info"),
+    Option("log-format", "text or json", "text", choices=("text", "json")),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Declare ``options`` on ``parser`` with every default None (so we see what was given)."""
+    for opt in options:
+        flag = "--" + opt.name
+        if opt.default is False:
+            parser.add_argument(
+                flag, dest=opt.dest, action="store_const", const=True, help=opt.help
+            )
+        elif opt.repeated:
+            parser.add_argument(flag, dest=opt.dest, action="append", help=opt.help)
+        else:
+            parser.add_argument(flag, dest=opt.dest, help=opt.help, metavar=opt.metavar)
+    parser.add_argument("--config", help="TOML config file (keys are the flag names)")
+
+
+def _truthy(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(
+    options: Sequence[Option],
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Merge flags, environment and config file into one dict keyed by dest."""
+    env = os.environ if environ is None else environ
+    config_path = getattr(args, "config", None) or env.get("PMLB_CONFIG")
+    file_values = _load_toml(config_path) if config_path else {}
+    known = {o.dest for o in options}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigError(f"config file {config_path}: unknown option {unknown[0]!r}")
+    out: dict[str, Any] = {}
+    for opt in options:
+        raw: Any = getattr(args, opt.dest, None)
+        source = "--" + opt.name
+        if raw is None and opt.env in env:
+            raw, source = env[opt.env], opt.env
+            if opt.repeated:
+                raw = [p for p in (s.strip() for s in raw.split(",")) if p]
+        if raw is None and opt.dest in file_values:
+            raw, source = file_values[opt.dest], f"{config_path}: {opt.name}"
+            if opt.repeated and isinstance(raw, str):
+                raw = [raw]
+            elif not opt.repeated and isinstance(raw, (int, float, bool)):
+                raw = str(raw).lower() if isinstance(raw, bool) else str(raw)
+        out[opt.dest] = _convert(opt, raw, source)
+    return out
+
+
+def _convert(opt: Option, raw: Any, source: str) -> Any:
+    if raw is None:
+        return list(opt.default or []) if opt.repeated else opt.default
+    try:
+        if opt.default is False:
+            return raw if isinstance(raw, bool) else _truthy(str(raw))
+        if opt.repeated:
+            if not isinstance(raw, list):
+                raise ValueError("expected a list")
+            values = [opt.type(str(v)) for v in raw]
+            if opt.choices:
+                for v in values:
+                    _check_choice(opt, v)
+            return values
+        value = opt.type(str(raw))
+        if opt.choices:
+            _check_choice(opt, value)
+        return value
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid value {raw!r} ({exc})") from None
+
+
+def _check_choice(opt: Option, value: str) -> None:
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{value!r} is not one of {', '.join(opt.choices)}")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One upstream as the node routes to it."""
+
+    id: str
+    addr: str
+    weight: int = 1
+    drain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    listen: tuple[tuple[str, int], ...]
+    service: str
+    node_id: str
+    upstreams: tuple[UpstreamSpec, ...]
+    etcd: tuple[str, ...] = ()
+    etcd_prefix: str = "/pmlb"
+    control: tuple[str, int] | None = None
+    admin: tuple[str, int] | None = None
+    framing: str = "raw"
+    max_frame: int = 65536
+    balancer: str = "round-robin"
+    window: int = 262144
+    client_buffer: int = 65536
+    link_buffer: int = 8 << 20
+    connect_timeout: float = 5.0
+    close_linger: float = 5.0
+    shutdown_timeout: float = 10.0
+    backlog: int = 4096
+    log_level: str = "info"
+    log_format: str = "text"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_static_upstream(value: str) -> UpstreamSpec:
+    """``host:port`` (id = the address) or ``id=host:port``."""
+    ident, sep, addr = value.partition("=")
+    if not sep:
+        ident, addr = value, value
+    parse_hostport(addr, "upstream")
+    if not ident:
+        raise ConfigError(f"upstream id is empty in {value!r}")
+    return UpstreamSpec(id=ident, addr=addr)
+
+
+def node_config(values: Mapping[str, Any]) -> NodeConfig:
+    listen = tuple(parse_hostport(v, "--listen") for v in values["listen"])
+    if not listen:
+        raise ConfigError("--listen HOST:PORT is required")
+    if values["etcd"]:
+        raise ConfigError("--etcd is not supported yet in this version; use --upstream HOST:PORT")
+    ups = tuple(parse_static_upstream(v) for v in values["upstream"])
+    if not ups:
+        raise ConfigError("give at least one --upstream HOST:PORT")
+    if len({u.id for u in ups}) != len(ups):
+        raise ConfigError("--upstream ids must be unique")
+    node_id = values["node_id"] or _default_node_id(listen[0][1])
+    if not valid_node_id(node_id):
+        raise ConfigError(
+            f"--node-id {node_id!r}: use 1-63 letters, digits, '.', '_' or '-', starting alnum"
+        )
+    check_framing(values["framing"], values["max_frame"])
+    if values["max_frame"] > 16 << 20:
+        raise ConfigError("--max-frame is at most 16777216 bytes")
+    if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level {values['log_level']!r}: use debug, info, warning or error")
+    return NodeConfig(
+        listen=listen,
+        service=values["service"],
+        node_id=node_id,
+        upstreams=ups,
+        etcd=tuple(values["etcd"]),
+        etcd_prefix=values["etcd_prefix"],
+        control=parse_hostport(values["control"]) if values["control"] else None,
+        admin=parse_hostport(values["admin"]) if values["admin"] else None,
+        framing=values["framing"],
+        max_frame=values["max_frame"],
+        balancer=values["balancer"],
+        window=values["window"],
+        client_buffer=values["client_buffer"],
+        link_buffer=values["link_buffer"],
+        connect_timeout=values["connect_timeout"],
+        close_linger=values["close_linger"],
+        shutdown_timeout=values["shutdown_timeout"],
+        backlog=values["backlog"],
+        log_level=values["log_level"].lower(),
+        log_format=values["log_format"],
+    )
+
+
+def _default_node_id(port: int) -> str:
+    import socket
+
+    host = socket.gethostname().split(".")[0] or "node"
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in host).strip("-_") or "node"
+    return f"{cleaned[:50]}-{port}"

@@ -1,0 +1,398 @@
+"""One client TCP connection: its mark, framing, credits and close handshake.
+
+A ClientConn is an ``asyncio.Protocol``: the loop calls it back on reads, no
+task or stream per connection, which keeps an idle connection at a few
+hundred bytes of Python objects. Its life:
+
+    WAITING --bind--> BOUND --client EOF--> CLIENT_EOF --upstream close/linger--> CLOSING
+       |                 \\--------- upstream close / node close ----------------> CLOSING
+       \\-- connect timeout (no routable upstream) ------------------------------> CLOSING
+
+Flow control, both ways, per mark:
+
+* client -> upstream: ``credit`` is what the bound upstream still accepts; at
+  zero (or while the link itself is congested) the socket stops being read, so
+  the kernel pushes back on the client.
+* upstream -> client: payloads are written to the transport and their bytes
+  are returned to the upstream as Flow credit, but only while the transport's
+  buffer is under ``client_buffer``; a client that does not read thus holds at
+  most ``client_buffer + window`` bytes here. Data beyond a hard bound (only a
+  peer ignoring credit, or pushes, can cause it) closes the mark with
+  ``write_overflow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from pmlb import wire
+from pmlb.errors import FrameTooLarge
+
+if TYPE_CHECKING:
+    from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+    from pmlb.dataplane.link import Link
+    from pmlb.dataplane.plane import DataPlane
+
+log = logging.getLogger("pmlb.conn")
+
+WAITING, BOUND, CLIENT_EOF, CLOSING, CLOSED = range(5)
+_STATE_NAMES = ("waiting", "bound", "client_eof", "closing", "closed")
+
+
+class ClientConn(asyncio.Protocol):
+    __slots__ = (
+        "accepted_ms",
+        "binds",
+        "bytes_in",
+        "bytes_out",
+        "client_addr",
+        "client_port",
+        "close_reason",
+        "credit",
+        "decoder",
+        "frames_in",
+        "frames_out",
+        "link",
+        "mark",
+        "meta",
+        "owed",
+        "plane",
+        "read_paused",
+        "seq",
+        "state",
+        "timer",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport | None = None
+        self.mark = ""
+        self.decoder = plane.new_decoder()
+        self.link: Link | None = None
+        self.state = WAITING
+        self.seq = 0
+        self.credit = 0
+        self.owed = 0
+        self.bytes_in = self.bytes_out = self.frames_in = self.frames_out = 0
+        self.binds = 0
+        self.read_paused = False
+        self.write_paused = False
+        self.meta: dict[str, str] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.close_reason = ""
+        self.client_addr = ""
+        self.client_port = 0
+        self.accepted_ms = 0
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_addr, self.client_port = peer[0], peer[1]
+        self.accepted_ms = int(time.time() * 1000)
+        transport.set_write_buffer_limits(high=self.plane.config.client_buffer)
+        self.plane.accept(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != BOUND:
+            return  # after EOF or while closing; nothing more is forwarded
+        try:
+            messages = self.decoder.feed(data)
+        except FrameTooLarge as exc:
+            self.plane.stats.frames_too_large += 1
+            log.warning("mark=%s client sent an oversized frame: %s", self.mark, exc)
+            self.close(wire.FRAME_TOO_LARGE, str(exc))
+            return
+        if not messages:
+            return
+        link = self.link
+        assert link is not None
+        writer = link.writer
+        mark = self.mark
+        seq = self.seq
+        total = 0
+        for msg in messages:
+            seq += 1
+            f = writer.frame()
+            f.mark = mark
+            d = f.data
+            d.seq = seq
+            d.payload = msg
+            total += len(msg)
+        self.seq = seq
+        writer.add_payload(total)
+        writer.kick()
+        n = len(messages)
+        self.frames_in += n
+        self.bytes_in += total
+        stats = self.plane.stats
+        stats.frames_in += n
+        stats.bytes_in += total
+        self.credit -= total
+        if writer.pending_bytes > self.plane.config.link_buffer:
+            link.check_congestion()
+        if self.credit <= 0 or link.congested:
+            self._pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.state == BOUND:
+            # Half-close: tell the upstream, keep our write side open so its
+            # last replies still reach the client, bounded by close_linger.
+            self._send_close(wire.CLIENT_CLOSED, "")
+            self.state = CLIENT_EOF
+            self.close_reason = wire.CLIENT_CLOSED
+            self._detach()
+            self._arm(self.plane.config.close_linger, self._linger_expired)
+            return True
+        if self.state == WAITING:
+            self.close(wire.CLIENT_CLOSED, "client closed before an upstream was bound")
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.owed:
+            self._grant()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state in (WAITING, BOUND):
+            reason = wire.CLIENT_RESET if exc is not None else wire.CLIENT_CLOSED
+            self.close_reason = reason
+            if self.state == BOUND:
+                self._send_close(reason, "")
+                self._detach()
+            else:
+                self.plane.unwait(self)
+        self.state = CLOSED
+        self._disarm()
+        self.plane.forget(self)
+
+    # -- called by the plane and links ------------------------------------
+
+    def bind(self, link: Link) -> None:
+        """Bind this (waiting) mark to ``link`` and send its Open."""
+        self._disarm()
+        self.link = link
+        self.binds += 1
+        self.state = BOUND
+        self.credit = link.peer_window
+        link.attach(self)
+        cfg = self.plane.config
+        writer = link.writer
+        f = writer.frame()
+        f.mark = self.mark
+        o = f.open
+        o.service = cfg.service
+        o.client_addr = self.client_addr
+        o.client_port = self.client_port
+        o.node_id = cfg.node_id
+        o.next_seq = self.seq + 1
+        o.framing = cfg.framing
+        o.listener = self.plane.listener_name
+        o.accepted_at_unix_ms = self.accepted_ms
+        o.resumed = self.binds > 1
+        if self.meta:
+            o.metadata.update(self.meta)
+        writer.kick()
+        if self.read_paused:
+            self._maybe_resume()
+        log.debug("mark=%s bound upstream=%s", self.mark, link.id)
+
+    def wait_for_upstream(self, timeout: float) -> None:
+        self._pause_reading()
+        self._arm(timeout, self._no_upstream)
+
+    def deliver(self, payload: bytes, link: Link) -> None:
+        """Upstream data for the client."""
+        transport = self.transport
+        if self.state >= CLOSING or transport is None:
+            return
+        try:
+            out = self.plane.encode(payload)
+        except FrameTooLarge as exc:
+            self.plane.stats.bad_frames_from_upstream += 1
+            log.warning(
+                "mark=%s upstream %s sent a payload the framing cannot carry: %s",
+                self.mark,
+                link.id,
+                exc,
+            )
+            self.close(wire.PROTOCOL_ERROR, f"upstream payload too large: {exc}")
+            return
+        transport.write(out)
+        n = len(payload)
+        self.bytes_out += n
+        self.frames_out += 1
+        if link is self.link:
+            self.owed += n
+            if not self.write_paused:
+                if self.owed >= self.plane.grant_threshold:
+                    self._grant()
+                return
+        if self.write_paused and transport.get_write_buffer_size() > self.plane.write_hard_limit:
+            self.plane.stats.write_overflows += 1
+            log.warning(
+                "mark=%s client is not reading; %d bytes buffered, closing",
+                self.mark,
+                transport.get_write_buffer_size(),
+            )
+            self.close(wire.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
+
+    def on_flow(self, credit: int, link: Link) -> None:
+        if link is not self.link:
+            return
+        was_blocked = self.credit <= 0
+        self.credit += credit
+        if was_blocked and self.credit > 0:
+            self._maybe_resume()
+
+    def on_meta(self, meta: pb.Meta, max_bytes: int) -> bool:
+        """Apply an upstream's metadata change; False when it exceeds the bound."""
+        current = dict(self.meta or {})
+        current.update(meta.set)
+        for key in meta.unset:
+            current.pop(key, None)
+        if sum(len(k) + len(v) for k, v in current.items()) > max_bytes:
+            return False
+        self.meta = current or None
+        return True
+
+    def upstream_close(self, reason: str, detail: str, link: Link) -> None:
+        if self.state >= CLOSING:
+            return
+        if link is not self.link and self.state == BOUND:
+            # Closed by another upstream (push): the bound one must forget it too.
+            self._send_close(reason, detail)
+        self.close(reason, detail, notify=False)
+
+    def on_link_lost(self) -> None:
+        self.link = None
+        self.close(wire.UPSTREAM_LOST, "the link to its upstream broke", notify=False)
+
+    def close(
+        self, reason: str, detail: str = "", *, notify: bool = True, abort: bool = False
+    ) -> None:
+        """Close the client connection (flushing what it has, unless ``abort``)."""
+        if self.state >= CLOSING:
+            return
+        if self.state == WAITING:
+            self.plane.unwait(self)
+        elif self.state == BOUND and notify:
+            self._send_close(reason, detail)
+        if self.state != CLIENT_EOF or not self.close_reason:
+            self.close_reason = reason
+        self._detach()
+        self.state = CLOSING
+        self._disarm()
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # A client that does not read would keep close() pending forever.
+            self._arm(self.plane.config.close_linger, transport.abort)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mark": self.mark,
+            "client_addr": self.client_addr,
+            "client_port": self.client_port,
+            "upstream": self.link.id if self.link else "",
+            "state": _STATE_NAMES[self.state],
+            "metadata": dict(self.meta or {}),
+            "accepted_at_unix_ms": self.accepted_ms,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "binds": self.binds,
+        }
+
+    # -- internals ---------------------------------------------------------
+
+    def _send_close(self, reason: str, detail: str) -> None:
+        link = self.link
+        if link is None or not link.is_up:
+            return
+        f = link.writer.frame()
+        f.mark = self.mark
+        c = f.close
+        c.reason = reason
+        if detail:
+            c.detail = detail
+        link.writer.kick()
+
+    def _grant(self) -> None:
+        link = self.link
+        if link is None or not link.is_up:
+            return
+        f = link.writer.frame()
+        f.mark = self.mark
+        f.flow.credit = self.owed
+        self.owed = 0
+        link.writer.kick()
+
+    def _detach(self) -> None:
+        link = self.link
+        if link is not None:
+            link.detach(self)
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+            if self.state == BOUND:
+                self.plane.stats.credit_stalls += 1
+                if self.link is not None and self.link.congested:
+                    self.link.stalled.add(self)
+
+    def _maybe_resume(self) -> None:
+        """Resume reading when nothing holds it back any more."""
+        link = self.link
+        if (
+            self.read_paused
+            and self.state == BOUND
+            and self.credit > 0
+            and link is not None
+            and not link.congested
+            and self.transport is not None
+        ):
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _no_upstream(self) -> None:
+        self.timer = None
+        self.plane.stats.no_upstream += 1
+        log.warning(
+            "mark=%s client=%s:%d no routable upstream within %.1fs, closing",
+            self.mark,
+            self.client_addr,
+            self.client_port,
+            self.plane.config.connect_timeout,
+        )
+        self.close(wire.NO_UPSTREAM, "no routable upstream")
+
+    def _linger_expired(self) -> None:
+        self.timer = None
+        self.close(wire.CLIENT_CLOSED, "upstream did not close within the linger time")

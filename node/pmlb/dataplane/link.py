@@ -1,0 +1,336 @@
+"""A link: the gRPC channel and Bridge stream between this node and one upstream.
+
+One Link object lives as long as its upstream is configured; it reconnects
+with jittered exponential backoff (tenacity) whenever the stream ends. While
+connected, frames of all the marks bound to it ride one Bridge stream in
+batches (wire.BatchWriter) and received batches are dispatched to marks by
+mark string, so an upstream can also reach marks bound elsewhere (push).
+
+A link is *up* once the upstream has answered with its Hello. When the stream
+breaks, every mark bound to it is handed to the plane (``on_link_lost``) and
+the link is excluded from routing until it is up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from pmlb import __version__, wire
+from pmlb.config import UpstreamSpec
+from pmlb.errors import PmlbError
+
+if TYPE_CHECKING:
+    from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+    from pmlb.dataplane.conn import ClientConn
+    from pmlb.dataplane.plane import DataPlane
+
+log = logging.getLogger("pmlb.link")
+
+HELLO_TIMEOUT: Final = 5.0
+# Keepalive pings detect a peer that vanished without a FIN (power loss, a cut
+# cable); pmlb's own ack deadlines for hung upstreams come with failover.
+CHANNEL_OPTIONS: Final = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", wire.GRPC_MAX_MESSAGE),
+    ("grpc.max_send_message_length", wire.GRPC_MAX_MESSAGE),
+    ("grpc.enable_retries", 0),
+    # One channel per link, never shared with another Link to the same address.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+DOWN, CONNECTING, UP = "down", "connecting", "up"
+
+
+class LinkBroken(PmlbError):
+    """The Bridge stream ended or could not be established."""
+
+
+class Link:
+    def __init__(self, spec: UpstreamSpec, plane: DataPlane) -> None:
+        self.spec = spec
+        self.plane = plane
+        self.state = DOWN
+        self.marks: dict[str, ClientConn] = {}
+        self.stalled: set[ClientConn] = set()
+        self.congested = False
+        self.peer_window = wire.DEFAULT_WINDOW
+        self.retired = False
+        self.writer = wire.BatchWriter(self._no_stream)
+        self.connects = 0
+        self.last_error = ""
+        self.up_since = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
+        self._channel: grpc.aio.Channel | None = None
+        self._stopping = False
+        self._unknown_logged = 0.0
+
+    # -- what the balancer sees -----------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def weight(self) -> int:
+        return max(1, self.spec.weight)
+
+    @property
+    def load(self) -> int:
+        return len(self.marks)
+
+    @property
+    def is_up(self) -> bool:
+        return self.state == UP
+
+    @property
+    def routable(self) -> bool:
+        return self.state == UP and not self.retired and not self.spec.drain
+
+    # -- marks ------------------------------------------------------------------
+
+    def attach(self, conn: ClientConn) -> None:
+        self.marks[conn.mark] = conn
+
+    def detach(self, conn: ClientConn) -> None:
+        self.marks.pop(conn.mark, None)
+        self.stalled.discard(conn)
+        if self.retired and not self.marks:
+            self.stop()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link-{self.id}")
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def close(self, timeout: float) -> None:
+        """Flush pending frames, end the stream politely, and stop."""
+        self._stopping = True
+        if self.state == UP:
+            await self.writer.close(timeout)
+            call = self._call
+            if call is not None:
+                try:
+                    await asyncio.wait_for(call.done_writing(), timeout)
+                except Exception as exc:
+                    log.debug("link %s: done_writing failed: %r", self.id, exc)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except (asyncio.CancelledError, TimeoutError):
+                pass
+            except Exception:
+                log.exception("link %s ended with an error", self.id)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            # Backoff restarts after every session that got up, so a link that
+            # ran for an hour reconnects at once after one failure.
+            retrying = AsyncRetrying(
+                wait=wait_exponential_jitter(initial=0.05, max=5.0, jitter=0.25),
+                retry=retry_if_exception_type(LinkBroken),
+                before_sleep=self._log_retry,
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._session()
+            except LinkBroken:  # only when stopping
+                return
+
+    def _log_retry(self, state: object) -> None:
+        outcome = getattr(state, "outcome", None)
+        attempt = getattr(state, "attempt_number", 0)
+        exc = outcome.exception() if outcome is not None else None
+        sleep = getattr(getattr(state, "next_action", None), "sleep", 0.0)
+        level = logging.INFO if attempt <= 1 else logging.DEBUG
+        log.log(
+            level,
+            "link %s (%s) down: %s; retry %d in %.2fs",
+            self.id,
+            self.spec.addr,
+            exc,
+            attempt,
+            sleep,
+        )
+
+    async def _session(self) -> None:
+        self.state = CONNECTING
+        channel = grpc.aio.insecure_channel(self.spec.addr, options=CHANNEL_OPTIONS)
+        self._channel = channel
+        call = channel.stream_stream(
+            wire.BRIDGE_METHOD,
+            request_serializer=wire.serialize_batch,
+            response_deserializer=wire.parse_batch_lenient,
+        )()  # type: ignore[call-arg]  # no request iterator: we write() explicitly
+        self._call = call
+        writer = wire.BatchWriter(call.write, on_drain=self._on_drain)
+        self.writer = writer
+        hello = writer.current.hello
+        cfg = self.plane.config
+        hello.id = cfg.node_id
+        hello.protocol = wire.PROTOCOL_VERSION
+        hello.initial_window = cfg.window
+        hello.service = cfg.service
+        hello.software = f"pmlb/{__version__}"
+        writer_task = writer.start()
+        writer_task.add_done_callback(lambda t: t.cancelled() or (t.exception() and call.cancel()))
+        writer.kick()
+        try:
+            first = await asyncio.wait_for(wire.read_batch(call.read), HELLO_TIMEOUT)
+            if first is None or not first.HasField("hello"):
+                raise LinkBroken("upstream did not answer with a Hello")
+            self.peer_window = first.hello.initial_window or wire.DEFAULT_WINDOW
+            self.state = UP
+            self.up_since = time.monotonic()
+            self.connects += 1
+            log.info(
+                "link %s (%s) up: upstream says %r, window %d",
+                self.id,
+                self.spec.addr,
+                first.hello.id,
+                self.peer_window,
+            )
+            self.plane.link_up(self)
+            self._dispatch(first)
+            while True:
+                batch = await wire.read_batch(call.read)
+                if batch is None:
+                    self.plane.stats.garbage_batches += 1
+                    log.warning("link %s: dropped a batch that is not a pmlb.v1.Batch", self.id)
+                    continue
+                self._dispatch(batch)
+        except wire.StreamEnded:
+            self.last_error = "upstream ended the stream"
+            raise LinkBroken(self.last_error) from None
+        except grpc.aio.AioRpcError as exc:
+            self.last_error = f"{exc.code().name}: {exc.details()}"
+            raise LinkBroken(self.last_error) from None
+        except TimeoutError:
+            self.last_error = f"no Hello within {HELLO_TIMEOUT:.0f}s"
+            raise LinkBroken(self.last_error) from None
+        except LinkBroken as exc:
+            self.last_error = str(exc)
+            raise
+        finally:
+            was_up = self.state == UP
+            self.state = DOWN
+            writer.cancel()
+            call.cancel()
+            await channel.close(grace=None)
+            self._call = None
+            self._channel = None
+            self.congested = False
+            self.stalled.clear()
+            if was_up:
+                self.plane.stats.link_breaks += 1
+                log.warning(
+                    "link %s (%s) lost: %s; %d marks affected",
+                    self.id,
+                    self.spec.addr,
+                    self.last_error or "stopped",
+                    len(self.marks),
+                )
+                self.plane.link_down(self)
+            if self._stopping:
+                raise LinkBroken("stopping")
+
+    async def _no_stream(self, batch: pb.Batch) -> None:
+        raise LinkBroken("link is not connected")
+
+    # -- data ---------------------------------------------------------------------
+
+    def _on_drain(self) -> None:
+        """The writer caught up: lift link-level backpressure."""
+        if self.congested and self.writer.pending_bytes < self.plane.config.link_buffer // 2:
+            self.congested = False
+            stalled, self.stalled = self.stalled, set()
+            for conn in stalled:
+                conn._maybe_resume()
+
+    def check_congestion(self) -> None:
+        if not self.congested and self.writer.pending_bytes > self.plane.config.link_buffer:
+            self.congested = True
+            log.info("link %s congested: %d bytes queued", self.id, self.writer.pending_bytes)
+
+    def _dispatch(self, batch: pb.Batch) -> None:
+        plane = self.plane
+        stats = plane.stats
+        stats.batches_in += 1
+        marks = plane.marks
+        unknown: list[str] = []
+        for f in batch.frames:
+            kind = f.WhichOneof("kind")
+            conn = marks.get(f.mark)
+            if conn is None:
+                if kind != "close":
+                    stats.unknown_mark_frames += 1
+                    unknown.append(f.mark)
+                continue
+            if kind == "data":
+                d = f.data
+                payload = d.payload
+                if len(payload) > plane.max_frame:
+                    stats.bad_frames_from_upstream += 1
+                    conn.close(wire.PROTOCOL_ERROR, "upstream payload over the maximum frame size")
+                    continue
+                stats.frames_out += 1
+                stats.bytes_out += len(payload)
+                conn.deliver(payload, self)
+            elif kind == "flow":
+                conn.on_flow(f.flow.credit, self)
+            elif kind == "close":
+                c = f.close
+                conn.upstream_close(c.reason or wire.UPSTREAM_CLOSED, c.detail, self)
+            elif kind == "meta":
+                if not conn.on_meta(f.meta, plane.max_meta):
+                    stats.bad_frames_from_upstream += 1
+                    log.warning(
+                        "mark=%s upstream %s metadata over %d bytes, ignored",
+                        conn.mark,
+                        self.id,
+                        plane.max_meta,
+                    )
+            else:
+                stats.bad_frames_from_upstream += 1
+                log.warning(
+                    "mark=%s upstream %s sent an unexpected frame kind %s", f.mark, self.id, kind
+                )
+        if unknown:
+            self._reject_unknown(unknown)
+
+    def _reject_unknown(self, marks: list[str]) -> None:
+        """Tell the upstream these marks are gone; log at most once a second."""
+        writer = self.writer
+        for mark in dict.fromkeys(marks):
+            f = writer.frame()
+            f.mark = mark
+            f.close.reason = wire.UNKNOWN_MARK
+        writer.kick()
+        now = time.monotonic()
+        if now - self._unknown_logged > 1.0:
+            self._unknown_logged = now
+            log.warning(
+                "link %s: %d frames for marks this node does not hold (e.g. %r)",
+                self.id,
+                len(marks),
+                marks[0],
+            )

@@ -1,0 +1,32 @@
+"""The exception hierarchy: every error pmlb raises on purpose derives from PmlbError."""
+
+from __future__ import annotations
+
+
+class PmlbError(Exception):
+    """Root of pmlb's own errors."""
+
+
+class ConfigError(PmlbError):
+    """A flag, environment variable or config file value is invalid (CLI exit 2)."""
+
+
+class FrameTooLarge(PmlbError):
+    """A client message is larger than the service's maximum frame size."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class InvalidMark(PmlbError):
+    """A string is not a well-formed mark."""
+
+
+class BackpressureError(PmlbError):
+    """An upstream handler sent more than the SDK may buffer for one mark."""
+
+
+class MarkGone(PmlbError):
+    """The mark is not open (any more) on the node that owns it."""

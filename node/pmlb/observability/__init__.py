@@ -1,0 +1,1 @@
+"""Counters, logs, the admin HTTP endpoint and (later) tracing."""

@@ -1,0 +1,456 @@
+"""The Python SDK for writing a pmlb upstream.
+
+An upstream is a handful of handlers::
+
+    class Chat(Handler):
+        def on_open(self, conn):            # a mark was bound here
+            conn.send(b"welcome")
+        def on_message(self, conn, data):   # one client message (or raw read)
+            conn.send(conn.mark.encode() + b" " + data)
+        def on_close(self, conn, reason):   # the mark is gone
+            ...
+
+    server = UpstreamServer(Chat(), upstream_id="u1", listen="127.0.0.1:7001")
+    await server.start()
+
+Handlers may be plain functions or coroutines; within one node's stream they
+run one at a time, in frame order. The SDK implements ``pmlb.v1.Upstream``
+and serves ``grpc.health.v1.Health`` (``set_serving`` flips it). It handles
+the protocol for you: flow control both ways (``send`` queues, bounded, when
+the node has no credit for the mark; credit is granted back to the node only
+while the mark's outgoing queue is short, so a client that does not read
+slows its own sender and nobody else), acknowledgements riding on replies,
+and de-duplication of replayed frames by sequence number.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pmlb import __version__, wire
+from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.errors import BackpressureError, MarkGone
+from pmlb.ids import node_of
+
+log = logging.getLogger("pmlb.upstream")
+
+SERVICE_NAME: Final = "pmlb.v1.Upstream"
+DEFAULT_MAX_QUEUE: Final = 4 << 20
+
+
+class Handler:
+    """Override what you need; every handler may be sync or async."""
+
+    def on_open(self, conn: Conn) -> Awaitable[None] | None:
+        return None
+
+    def on_message(self, conn: Conn, data: bytes) -> Awaitable[None] | None:
+        return None
+
+    def on_close(self, conn: Conn, reason: str) -> Awaitable[None] | None:
+        return None
+
+
+class Conn:
+    """One mark, as this upstream sees it while the mark is bound here."""
+
+    __slots__ = (
+        "_acked_sent",
+        "_credit",
+        "_owed",
+        "_queue",
+        "_queued_bytes",
+        "_session",
+        "_stamp",
+        "accepted_at_unix_ms",
+        "client_addr",
+        "client_port",
+        "closed",
+        "framing",
+        "last_seq",
+        "mark",
+        "metadata",
+        "node_id",
+        "resumed",
+        "service",
+        "state",
+        "trace_context",
+    )
+
+    def __init__(self, session: _Session, mark: str, o: pb.Open) -> None:
+        self._session = session
+        self.mark = mark
+        self.service = o.service
+        self.client_addr = o.client_addr
+        self.client_port = o.client_port
+        self.node_id = o.node_id
+        self.metadata: dict[str, str] = dict(o.metadata)
+        self.resumed = o.resumed
+        self.trace_context: dict[str, str] = dict(o.trace_context)
+        self.framing = o.framing
+        self.accepted_at_unix_ms = o.accepted_at_unix_ms
+        self.last_seq = max(0, o.next_seq - 1)
+        self.closed = False
+        self.state: Any = None  # free for the application
+        self._credit = session.peer_window
+        self._owed = 0
+        self._acked_sent = self.last_seq
+        self._queue: deque[tuple[bytes, int]] = deque()
+        self._queued_bytes = 0
+        self._stamp = 0
+
+    def send(self, payload: bytes) -> None:
+        """Send one message (raw framing: bytes) to the mark's client.
+
+        Never blocks. When the node has no credit left for this mark the
+        message waits in a queue bounded by the server's ``max_queue``;
+        past it BackpressureError is raised (the client is not reading).
+        """
+        if self.closed:
+            raise MarkGone(f"mark {self.mark} is closed")
+        if self._queue or self._credit <= 0:
+            self._queued_bytes += len(payload)
+            if self._queued_bytes > self._session.server.max_queue:
+                self._queued_bytes -= len(payload)
+                raise BackpressureError(f"mark {self.mark}: outgoing queue full")
+            self._queue.append((payload, self.last_seq))
+            return
+        self._emit(payload, self.last_seq)
+
+    def _emit(self, payload: bytes, acked: int) -> None:
+        self._credit -= len(payload)
+        writer = self._session.writer
+        f = writer.frame()
+        f.mark = self.mark
+        d = f.data
+        d.payload = payload
+        if acked:
+            d.acked = acked
+            self._acked_sent = acked
+        writer.add_payload(len(payload))
+        writer.kick()
+
+    def close(self, reason: str = wire.UPSTREAM_CLOSED, detail: str = "") -> None:
+        """Close the mark: the node flushes what it has to the client, then closes it."""
+        if self.closed:
+            return
+        self._flush_queue(force=True)
+        self._session.send_close(self.mark, reason, detail)
+        self._session.forget(self)
+
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        """Set metadata on the mark; the node hands it to every later upstream."""
+        self.metadata.update(values)
+        f = self._session.writer.frame()
+        f.mark = self.mark
+        f.meta.set.update(values)
+        self._session.writer.kick()
+
+    def unset_meta(self, *keys: str) -> None:
+        for k in keys:
+            self.metadata.pop(k, None)
+        f = self._session.writer.frame()
+        f.mark = self.mark
+        f.meta.unset.extend(keys)
+        self._session.writer.kick()
+
+    # -- flow control ---------------------------------------------------------
+
+    def _on_credit(self, credit: int) -> None:
+        self._credit += credit
+        self._flush_queue()
+
+    def _flush_queue(self, force: bool = False) -> None:
+        q = self._queue
+        while q and (force or self._credit > 0):
+            payload, acked = q.popleft()
+            self._queued_bytes -= len(payload)
+            self._emit(payload, acked)
+
+    def _settle(self) -> None:
+        """After a batch: acknowledge and return credit, unless our queue is long."""
+        session = self._session
+        if self.closed or self._queued_bytes >= session.peer_window:
+            return  # hold the node's credit: this mark's client is not keeping up
+        ack_due = not self._queue and self._acked_sent < self.last_seq
+        if self._owed >= session.grant_threshold or (ack_due and self._owed):
+            f = session.writer.frame()
+            f.mark = self.mark
+            fl = f.flow
+            fl.credit = self._owed
+            self._owed = 0
+            if not self._queue:
+                fl.acked = self.last_seq
+                self._acked_sent = self.last_seq
+            session.writer.kick()
+
+
+class _Session:
+    """One Bridge stream, from one node."""
+
+    def __init__(
+        self, server: UpstreamServer, node_id: str, peer_window: int, writer: wire.BatchWriter
+    ) -> None:
+        self.server = server
+        self.node_id = node_id
+        self.peer_window = peer_window
+        self.grant_threshold = max(1, server.window // 2)
+        self.writer = writer
+        self.conns: dict[str, Conn] = {}
+        self.stamp = 0
+
+    def send_close(self, mark: str, reason: str, detail: str) -> None:
+        f = self.writer.frame()
+        f.mark = mark
+        c = f.close
+        c.reason = reason
+        if detail:
+            c.detail = detail
+        self.writer.kick()
+
+    def forget(self, conn: Conn) -> None:
+        conn.closed = True
+        if self.conns.get(conn.mark) is conn:
+            del self.conns[conn.mark]
+        self.server._marks.pop(conn.mark, None)
+
+    async def process(self, batch: pb.Batch) -> None:
+        handler = self.server.handler
+        conns = self.conns
+        self.stamp += 1
+        stamp = self.stamp
+        touched: list[Conn] = []
+        for f in batch.frames:
+            kind = f.WhichOneof("kind")
+            mark = f.mark
+            if kind == "data":
+                conn = conns.get(mark)
+                if conn is None:
+                    self.server.stats["frames_for_unknown_marks"] += 1
+                    continue
+                d = f.data
+                payload = d.payload
+                conn._owed += len(payload)
+                if conn._stamp != stamp:
+                    conn._stamp = stamp
+                    touched.append(conn)
+                if d.seq:
+                    if d.seq <= conn.last_seq:
+                        self.server.stats["duplicates_skipped"] += 1
+                        continue
+                    conn.last_seq = d.seq
+                result = handler.on_message(conn, payload)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            elif kind == "open":
+                old = conns.get(mark)
+                if old is not None:
+                    self.forget(old)
+                conn = Conn(self, mark, f.open)
+                conns[mark] = conn
+                self.server._marks[mark] = conn
+                result = handler.on_open(conn)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            elif kind == "flow":
+                conn = conns.get(mark)
+                if conn is not None and f.flow.credit:
+                    conn._on_credit(f.flow.credit)
+                    if conn._stamp != stamp:
+                        conn._stamp = stamp
+                        touched.append(conn)
+            elif kind == "close":
+                conn = conns.get(mark)
+                if conn is None:
+                    continue
+                reason = f.close.reason
+                self.forget(conn)
+                result = handler.on_close(conn, reason)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+                if reason != wire.UNKNOWN_MARK:
+                    self.send_close(mark, wire.UPSTREAM_CLOSED, "close acknowledged")
+            else:
+                self.server.stats["unexpected_frames"] += 1
+        for conn in touched:
+            conn._settle()
+
+    async def end(self, reason: str) -> None:
+        handler = self.server.handler
+        for conn in list(self.conns.values()):
+            self.forget(conn)
+            try:
+                result = handler.on_close(conn, reason)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("on_close handler failed for mark %s", conn.mark)
+
+
+class UpstreamServer:
+    """A gRPC server implementing pmlb.v1.Upstream with ``handler``, plus health."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        upstream_id: str,
+        listen: str = "127.0.0.1:0",
+        window: int = wire.DEFAULT_WINDOW,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> None:
+        self.handler = handler
+        self.upstream_id = upstream_id
+        self.listen = listen
+        self.window = window
+        self.max_queue = max_queue
+        self.port = 0
+        self.stats: dict[str, int] = {
+            "streams": 0,
+            "garbage_batches": 0,
+            "frames_for_unknown_marks": 0,
+            "duplicates_skipped": 0,
+            "unexpected_frames": 0,
+        }
+        self._sessions: dict[str, set[_Session]] = {}
+        self._marks: dict[str, Conn] = {}
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._server: grpc.aio.Server | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> int:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", wire.GRPC_MAX_MESSAGE),
+                ("grpc.max_send_message_length", wire.GRPC_MAX_MESSAGE),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        handler = grpc.stream_stream_rpc_method_handler(
+            self._bridge,
+            request_deserializer=wire.parse_batch_lenient,
+            response_serializer=wire.serialize_batch,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Bridge": handler}),)
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.port = server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        await server.start()
+        self._server = server
+        await self.set_serving(True)
+        log.info("upstream %s serving pmlb.v1.Upstream on port %d", self.upstream_id, self.port)
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip what grpc.health.v1 reports (checkers stop routing to NOT_SERVING)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+
+    # -- reaching marks -----------------------------------------------------
+
+    def conn(self, mark: str) -> Conn | None:
+        """The Conn of a mark bound to this upstream, if any."""
+        return self._marks.get(mark)
+
+    def push(self, mark: str, payload: bytes) -> None:
+        """Send to any mark of a node this upstream has a link with."""
+        conn = self._marks.get(mark)
+        if conn is not None:
+            conn.send(payload)
+            return
+        session = self._session_for(mark)
+        f = session.writer.frame()
+        f.mark = mark
+        f.data.payload = payload
+        session.writer.add_payload(len(payload))
+        session.writer.kick()
+
+    def close_mark(self, mark: str, reason: str = wire.UPSTREAM_CLOSED) -> None:
+        """Close any mark of a node this upstream has a link with."""
+        conn = self._marks.get(mark)
+        if conn is not None:
+            conn.close(reason)
+            return
+        self._session_for(mark).send_close(mark, reason, "")
+
+    def _session_for(self, mark: str) -> _Session:
+        sessions = self._sessions.get(node_of(mark))
+        if not sessions:
+            raise MarkGone(f"no link to the node owning {mark}")
+        return next(iter(sessions))
+
+    # -- the Bridge stream ---------------------------------------------------
+
+    async def _bridge(
+        self,
+        request_iterator: AsyncIterator[pb.Batch],
+        context: grpc.aio.ServicerContext[pb.Batch, pb.Batch],
+    ) -> None:
+        try:
+            first = await wire.read_batch(context.read)
+        except wire.StreamEnded:
+            return
+        if first is None or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first Batch must carry hello")
+            return
+        hello = first.hello
+        writer = wire.BatchWriter(context.write)
+        reply = writer.current.hello
+        reply.id = self.upstream_id
+        reply.protocol = wire.PROTOCOL_VERSION
+        reply.initial_window = self.window
+        reply.software = f"pmlb-upstream-python/{__version__}"
+        session = _Session(self, hello.id, hello.initial_window or wire.DEFAULT_WINDOW, writer)
+        self.stats["streams"] += 1
+        self._sessions.setdefault(hello.id, set()).add(session)
+        writer.start()
+        writer.kick()
+        log.info("node %s connected (protocol %d, %s)", hello.id, hello.protocol, hello.software)
+        reason = "node_lost"
+        try:
+            await session.process(first)
+            while True:
+                try:
+                    batch = await wire.read_batch(context.read)
+                except wire.StreamEnded:
+                    reason = "node_closed"
+                    break
+                if batch is None:
+                    self.stats["garbage_batches"] += 1
+                    log.warning("node %s sent a batch that is not a pmlb.v1.Batch", hello.id)
+                    continue
+                await session.process(batch)
+        finally:
+            self._sessions.get(hello.id, set()).discard(session)
+            log.info(
+                "node %s stream ended (%s); %d marks released", hello.id, reason, len(session.conns)
+            )
+            await session.end(reason)
+            await writer.close(1.0)
