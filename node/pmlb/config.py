@@ -90,7 +90,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
     Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
     Option("framing", "client framing", "raw", choices=FRAMINGS),
-    Option("max-frame", "maximum message size in bytes", 65536, _positive_int),
+    Option("max-frame", "maximum message size in bytes", 65535, _positive_int),
     Option("balancer", "how new marks pick an upstream", "round-robin", choices=BALANCERS),
     Option("window", "per-mark flow-control window in bytes, each way", 262144, _positive_int),
     Option(
@@ -249,7 +249,7 @@ class NodeConfig:
     control: tuple[str, int] | None = None
     admin: tuple[str, int] | None = None
     framing: str = "raw"
-    max_frame: int = 65536
+    max_frame: int = 65535
     balancer: str = "round-robin"
     window: int = 262144
     client_buffer: int = 65536

@@ -146,6 +146,7 @@ class Link:
             retrying = AsyncRetrying(
                 wait=wait_exponential_jitter(initial=0.05, max=5.0, jitter=0.25),
                 retry=retry_if_exception_type(LinkBroken),
+                stop=lambda _state: self._stopping,
                 before_sleep=self._log_retry,
                 reraise=True,
             )
@@ -153,7 +154,7 @@ class Link:
                 async for attempt in retrying:
                     with attempt:
                         await self._session()
-            except LinkBroken:  # only when stopping
+            except LinkBroken:  # raised only once stopping
                 return
 
     def _log_retry(self, state: object) -> None:
@@ -240,7 +241,9 @@ class Link:
             self._channel = None
             self.congested = False
             self.stalled.clear()
-            if was_up:
+            if was_up and self._stopping:
+                log.info("link %s (%s) closed", self.id, self.spec.addr)
+            elif was_up:
                 self.plane.stats.link_breaks += 1
                 log.warning(
                     "link %s (%s) lost: %s; %d marks affected",
@@ -250,8 +253,6 @@ class Link:
                     len(self.marks),
                 )
                 self.plane.link_down(self)
-            if self._stopping:
-                raise LinkBroken("stopping")
 
     async def _no_stream(self, batch: pb.Batch) -> None:
         raise LinkBroken("link is not connected")

@@ -1,0 +1,236 @@
+"""The data plane end to end: real node and upstream processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.support import async_wait_until, chunks, encode, http_get, read_message
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+CLIENTS = 1000
+
+
+async def _converse(
+    port: int, framing: str, idx: int, seed: int
+) -> tuple[list[bytes], list[bytes] | bytes]:
+    """One client: send numbered messages in random pieces while reading replies."""
+    rng = random.Random(seed)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    msgs = [f"c{idx}-m{i}-".encode() + b"x" * rng.randrange(0, 200) for i in range(10)]
+    stream = b"".join(encode(framing, m) for m in msgs)
+
+    async def send() -> None:
+        for piece in chunks(stream, iter(lambda: rng.randrange(1, 64), None)):
+            writer.write(piece)
+            await writer.drain()
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)  # let other clients interleave
+
+    async def receive() -> list[bytes] | bytes:
+        if framing == "raw":
+            return await reader.readexactly(len(stream))
+        return [await read_message(reader, framing) for _ in msgs]
+
+    _, result = await asyncio.gather(send(), receive())
+    writer.close()
+    return msgs, result
+
+
+@pytest.mark.parametrize("framing", ["line", "len16", "len32", "raw"])
+async def test_1000_clients_get_their_own_bytes_and_distinct_marks(
+    cluster: Cluster, framing: str
+) -> None:
+    plain = framing == "raw"  # raw has no message boundaries to prefix
+    u1, u2 = cluster.echo("u1", plain=plain), cluster.echo("u2", plain=plain)
+    node = cluster.node([f"u1={u1.addr}", f"u2={u2.addr}"], framing=framing)
+    accepted_before = node.metrics()["pmlb_connections_accepted_total"]
+
+    async with asyncio.timeout(90):
+        results = await asyncio.gather(
+            *(_converse(node.port, framing, i, seed=i) for i in range(CLIENTS))
+        )
+
+    marks: set[bytes] = set()
+    upstreams: set[bytes] = set()
+    for i, (msgs, got) in enumerate(results):
+        sent = msgs
+        if framing == "raw":
+            stream = b"".join(sent)
+            assert got == stream, f"client {i} got other bytes back"
+            continue
+        replies = got
+        assert len(replies) == len(sent)
+        client_marks = {r.split(b" ", 2)[0] for r in replies}
+        assert len(client_marks) == 1, f"client {i} saw several marks: {client_marks}"
+        assert [r.split(b" ", 2)[2] for r in replies] == sent, f"client {i}: wrong bytes/order"
+        mark = client_marks.pop()
+        assert mark.startswith(b"n1."), "the mark names its node"
+        marks.add(mark)
+        upstreams |= {r.split(b" ", 2)[1] for r in replies}
+    if framing != "raw":
+        assert len(marks) == CLIENTS, "every connection has its own mark"
+        assert upstreams == {b"u1", b"u2"}, "both upstreams served"
+    m = node.metrics()
+    assert m["pmlb_connections_accepted_total"] - accepted_before == CLIENTS
+    assert m["pmlb_frames_in_total"] >= CLIENTS * (10 if framing != "raw" else 1)
+
+
+async def test_client_that_never_reads_stalls_only_itself(cluster: Cluster) -> None:
+    up = cluster.echo("u1", plain=True)
+    node = cluster.node(
+        [f"u1={up.addr}"], framing="raw", extra=["--window", "65536", "--client-buffer", "65536"]
+    )
+    rss_before = node.proc.rss_bytes()
+
+    # The hog writes as fast as it can and never reads its echoes.
+    hog = socket.create_connection(("127.0.0.1", node.port))
+    hog.setblocking(False)
+    block = b"h" * 65536
+    sent = 0
+    target = 256 << 20
+    loop = asyncio.get_running_loop()
+    stalled_since = None
+    async with asyncio.timeout(60):
+        while sent < target:
+            try:
+                sent += hog.send(block)
+                stalled_since = None
+            except BlockingIOError:
+                now = loop.time()
+                stalled_since = stalled_since or now
+                if now - stalled_since > 1.5:
+                    break  # the node stopped reading us: backpressure reached the client
+                await asyncio.sleep(0.01)
+
+        assert sent < target, "a client that never reads could push without bound"
+
+        # Everyone else is unaffected while the hog is stuck.
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        for i in range(50):
+            msg = f"ping {i}".encode()
+            writer.write(msg)
+            assert await reader.readexactly(len(msg)) == msg
+        writer.close()
+
+    grown = node.proc.rss_bytes() - rss_before
+    # client_buffer + 2 x window is the configured bound for the hog's mark
+    # (192 KiB); allow the interpreter's own growth on top.
+    assert grown < 8 << 20, f"node RSS grew by {grown} bytes for one non-reading client"
+    assert node.metrics()["pmlb_credit_stalls_total"] >= 1
+    hog.close()
+
+
+async def test_oversized_frame_and_reset_close_only_their_own_mark(cluster: Cluster) -> None:
+    from pmlb.upstream import Conn, Handler, UpstreamServer
+
+    closes: dict[str, str] = {}
+
+    class Recorder(Handler):
+        def on_message(self, conn: Conn, data: bytes) -> None:
+            conn.send(conn.mark.encode() + b" " + data)
+
+        def on_close(self, conn: Conn, reason: str) -> None:
+            closes[conn.mark] = reason
+
+    server = UpstreamServer(Recorder(), upstream_id="rec", listen="127.0.0.1:0")
+    port = await server.start()
+    try:
+        node = await asyncio.to_thread(
+            cluster.node,
+            [f"rec=127.0.0.1:{port}"],
+            framing="line",
+            extra=["--max-frame", "1024"],
+        )
+        async with asyncio.timeout(30):
+            bystanders = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(5)]
+            marks = []
+            for r, w in bystanders:
+                w.write(b"hi\n")
+                marks.append((await r.readuntil(b"\n")).split(b" ")[0].decode())
+
+            # An oversized line: that client, and only it, is closed.
+            r_big, w_big = await asyncio.open_connection("127.0.0.1", node.port)
+            w_big.write(b"ok\n")
+            big_mark = (await r_big.readuntil(b"\n")).split(b" ")[0].decode()
+            w_big.write(b"x" * 5000)
+            assert await r_big.read() == b"", "the oversized client is closed"
+
+            # A reset mid-frame: half a line, then RST.
+            r_rst, w_rst = await asyncio.open_connection("127.0.0.1", node.port)
+            w_rst.write(b"ok\n")
+            reset_mark = (await r_rst.readuntil(b"\n")).split(b" ")[0].decode()
+            w_rst.write(b"half a li")
+            await w_rst.drain()
+            sock = w_rst.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w_rst.transport.abort()  # with SO_LINGER 0 the close is a RST
+
+            await async_wait_until(
+                lambda: big_mark in closes and reset_mark in closes,
+                10,
+                "the upstream to see both closes",
+            )
+            assert closes[big_mark] == "frame_too_large"
+            assert closes[reset_mark] == "client_reset"
+            for (r, w), mark in zip(bystanders, marks, strict=True):
+                w.write(b"still here\n")
+                assert await r.readuntil(b"\n") == f"{mark} still here\n".encode()
+                assert mark not in closes
+        m = node.metrics()
+        assert m["pmlb_frames_too_large_total"] == 1
+        assert m['pmlb_connections_closed_total{reason="frame_too_large"}'] == 1
+        assert m['pmlb_connections_closed_total{reason="client_reset"}'] == 1
+        assert "oversized frame" in node.proc.log()
+        for _, w in bystanders:
+            w.close()
+    finally:
+        await server.stop(0)
+
+
+async def test_upstream_sigkill_closes_its_marks_and_is_used_again_when_back(
+    cluster: Cluster,
+) -> None:
+    u1, u2 = cluster.echo("u1"), cluster.echo("u2")
+    node = cluster.node([f"u1={u1.addr}", f"u2={u2.addr}"], framing="line")
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(b"who\n")
+        upstream = (await r.readuntil(b"\n")).split(b" ")[1]
+        return r, w, upstream
+
+    async with asyncio.timeout(60):
+        clients = [await connect() for _ in range(20)]
+        on_u1 = [c for c in clients if c[2] == b"u1"]
+        on_u2 = [c for c in clients if c[2] == b"u2"]
+        assert len(on_u1) == len(on_u2) == 10
+
+        u1.proc.kill()
+        for r, _, _ in on_u1:
+            assert await r.read() == b"", "marks on the killed upstream are closed"
+        for r, w, _ in on_u2:
+            w.write(b"fine?\n")
+            assert (await r.readuntil(b"\n")).endswith(b" u2 fine?\n")
+        fresh = [await connect() for _ in range(6)]
+        assert {c[2] for c in fresh} == {b"u2"}, "new clients avoid the dead upstream"
+        m = node.metrics()
+        assert m['pmlb_connections_closed_total{reason="upstream_lost"}'] == 10
+        assert m['pmlb_upstream_up{upstream="u1"}'] == 0
+
+        cluster.echo("u1", port=u1.port)  # back on the same address
+        await async_wait_until(
+            lambda: node.metrics()['pmlb_upstream_up{upstream="u1"}'] == 1, 15, "u1 retried"
+        )
+        again = [await connect() for _ in range(6)]
+        assert b"u1" in {c[2] for c in again}, "the revived upstream is used again"
+        for r, w, _ in on_u2 + fresh + again:
+            w.close()
+    status, body = http_get(f"http://127.0.0.1:{node.admin}/healthz")
+    assert status == 200

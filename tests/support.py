@@ -1,0 +1,183 @@
+"""Test support: free ports, pmlb processes, polling with deadlines, framing.
+
+Everything here drives real processes and sockets; the only "waiting" is
+polling a condition against a deadline, never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02) -> object:
+    """Poll ``cond`` until it is truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:  # the condition may race with start-up
+            last_exc = exc
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+async def async_wait_until(
+    cond: Callable[[], Awaitable[object] | object], timeout: float, what: str, step: float = 0.02
+) -> object:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return value
+        except Exception as exc:
+            last_exc = exc
+        await asyncio.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+class Proc:
+    """A pmlb child process with its log in a file; stopped by PID."""
+
+    def __init__(
+        self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pmlb", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+def tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+def scrape(admin_port: int) -> dict[str, float]:
+    """Metrics as {'name{labels}': value}."""
+    _, text = http_get(f"http://127.0.0.1:{admin_port}/metrics")
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+# -- framing, written independently of pmlb's codecs ----------------------------
+
+
+def encode(framing: str, msg: bytes) -> bytes:
+    if framing == "line":
+        return msg + b"\n"
+    if framing == "len16":
+        return struct.pack(">H", len(msg)) + msg
+    if framing == "len32":
+        return struct.pack(">I", len(msg)) + msg
+    return msg
+
+
+async def read_message(reader: asyncio.StreamReader, framing: str) -> bytes:
+    if framing == "line":
+        return (await reader.readuntil(b"\n"))[:-1]
+    if framing == "len16":
+        (n,) = struct.unpack(">H", await reader.readexactly(2))
+        return await reader.readexactly(n)
+    if framing == "len32":
+        (n,) = struct.unpack(">I", await reader.readexactly(4))
+        return await reader.readexactly(n)
+    raise ValueError(framing)
+
+
+def chunks(data: bytes, sizes: Iterator[int]) -> Iterator[bytes]:
+    i = 0
+    while i < len(data):
+        n = next(sizes)
+        yield data[i : i + n]
+        i += n

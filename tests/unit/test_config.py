@@ -1,0 +1,108 @@
+"""Configuration: flags, PMLB_* variables and TOML agree; bad values are one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pmlb.cli import build_parser
+from pmlb.config import NODE_OPTIONS, node_config, resolve
+from pmlb.errors import ConfigError
+
+
+def _cfg(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    args = build_parser().parse_args(["node", *argv])
+    return node_config(resolve(NODE_OPTIONS, args, env or {}))
+
+
+def test_flags() -> None:
+    c = _cfg(
+        [
+            "--listen",
+            "127.0.0.1:9000",
+            "--upstream",
+            "u1=127.0.0.1:7001",
+            "--upstream",
+            "127.0.0.1:7002",
+            "--framing",
+            "len16",
+            "--node-id",
+            "n1",
+        ]
+    )
+    assert c.listen == (("127.0.0.1", 9000),)
+    assert [(u.id, u.addr) for u in c.upstreams] == [
+        ("u1", "127.0.0.1:7001"),
+        ("127.0.0.1:7002", "127.0.0.1:7002"),
+    ]
+    assert c.framing == "len16"
+    assert c.node_id == "n1"
+
+
+def test_env_and_file_with_precedence(tmp_path: Path) -> None:
+    f = tmp_path / "pmlb.toml"
+    f.write_text(
+        'listen = "127.0.0.1:9000"\nupstream = ["127.0.0.1:7001"]\n'
+        'max-frame = 1000\nframing = "line"\nwindow = 4096\n'
+    )
+    env = {"PMLB_CONFIG": str(f), "PMLB_MAX_FRAME": "2000"}
+    c = _cfg(["--window", "8192"], env)
+    assert c.framing == "line"  # file
+    assert c.max_frame == 2000  # env beats file
+    assert c.window == 8192  # flag beats all
+    assert c.listen == (("127.0.0.1", 9000),)
+
+
+def test_env_lists_are_comma_separated() -> None:
+    c = _cfg([], {"PMLB_LISTEN": "127.0.0.1:1,127.0.0.1:2", "PMLB_UPSTREAM": "a=h:1, b=h:2"})
+    assert len(c.listen) == 2
+    assert [u.id for u in c.upstreams] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--upstream", "h:1"], "--listen HOST:PORT is required"),
+        (["--listen", "nope", "--upstream", "h:1"], "HOST:PORT"),
+        (["--listen", "h:1"], "at least one --upstream"),
+        (["--listen", "h:1", "--upstream", "h:1", "--max-frame", "-3"], "--max-frame"),
+        (["--listen", "h:1", "--upstream", "h:1", "--framing", "xml"], "not one of"),
+        (["--listen", "h:1", "--upstream", "h:1", "--node-id", "a b"], "--node-id"),
+        (
+            ["--listen", "h:1", "--upstream", "h:1", "--framing", "len16", "--max-frame", "99999"],
+            "65535",
+        ),
+    ],
+)
+def test_bad_values_name_the_option(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cfg(argv)
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("lisen = 'x'\n")
+    with pytest.raises(ConfigError, match="unknown option 'lisen'"):
+        _cfg(["--config", str(f)])
+
+
+def test_cli_exits_2_with_one_line() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pmlb", "node", "--listen", "bad"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1
+    assert "HOST:PORT" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "pmlb", "node", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1
