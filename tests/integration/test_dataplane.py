@@ -230,7 +230,7 @@ async def test_upstream_sigkill_closes_its_marks_and_is_used_again_when_back(
         )
         again = [await connect() for _ in range(6)]
         assert b"u1" in {c[2] for c in again}, "the revived upstream is used again"
-        for r, w, _ in on_u2 + fresh + again:
+        for _r, w, _ in on_u2 + fresh + again:
             w.close()
-    status, body = http_get(f"http://127.0.0.1:{node.admin}/healthz")
+    status, _body = http_get(f"http://127.0.0.1:{node.admin}/healthz")
     assert status == 200
