@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(echo, ECHO_OPTIONS)
     demo = sub.add_parser("demo", help="run a local cluster: two echo upstreams and a node")
     demo.add_argument("--port", type=int, default=9000, help="client port of the node")
+    demo.add_argument(
+        "--upstream-port", type=int, default=7001, help="port of the first echo upstream"
+    )
     return parser
 
 
@@ -46,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from pmlb.demo import run_demo
 
-            return run_demo(args.port)
+            return run_demo(args.port, args.upstream_port)
     except ConfigError as exc:
         print(f"pmlb {args.command}: error: {exc}", file=sys.stderr)
         return 2

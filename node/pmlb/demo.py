@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 from pmlb.errors import PmlbError
@@ -44,6 +45,25 @@ def wait_port(host: str, port: int, timeout: float, children: list[Child]) -> No
     raise PmlbError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
+def wait_links_up(admin_url: str, count: int, timeout: float, children: list[Child]) -> None:
+    """Wait until the node reports ``count`` upstream links up on /metrics."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.proc.poll() is not None:
+                raise PmlbError(f"{child.name} exited with status {child.proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{admin_url}/metrics", timeout=1) as resp:
+                text = resp.read().decode()
+            up = [ln for ln in text.splitlines() if ln.startswith("pmlb_upstream_up{")]
+            if sum(ln.endswith(" 1") for ln in up) >= count:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise PmlbError(f"the node's links to its upstreams are not up after {timeout:.0f}s")
+
+
 def stop_children(children: list[Child], timeout: float = 10.0) -> None:
     for child in children:
         if child.proc.poll() is None:
@@ -57,7 +77,7 @@ def stop_children(children: list[Child], timeout: float = 10.0) -> None:
             child.proc.wait()
 
 
-def run_demo(port: int) -> int:
+def run_demo(port: int, upstream_port: int = 7001) -> int:
     host = "127.0.0.1"
     children: list[Child] = []
     stopping = False
@@ -69,7 +89,8 @@ def run_demo(port: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for i, up_port in ((1, 7001), (2, 7002)):
+        ups = ((1, upstream_port), (2, upstream_port + 1))
+        for i, up_port in ups:
             children.append(
                 _spawn(
                     f"upstream u{i}",
@@ -94,15 +115,16 @@ def run_demo(port: int) -> int:
                 "--admin",
                 f"{host}:{admin}",
                 "--upstream",
-                f"u1={host}:7001",
+                f"u1={host}:{ups[0][1]}",
                 "--upstream",
-                f"u2={host}:7002",
+                f"u2={host}:{ups[1][1]}",
             )
         )
         wait_port(host, port, 20.0, children)
+        wait_links_up(f"http://{host}:{admin}", 2, 20.0, children)
         print(
             f"\npmlb demo is up: node n1 on {host}:{port} (line framing), "
-            f"echo upstreams u1 on :7001 and u2 on :7002.\n"
+            f"echo upstreams u1 on :{ups[0][1]} and u2 on :{ups[1][1]}.\n"
             f"  connect:  nc {host} {port}     then type: hello\n"
             f"            -> '<mark> u1 hello' (the upstream knows who is talking)\n"
             f"  metrics:  curl http://{host}:{admin}/metrics\n"

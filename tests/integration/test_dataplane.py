@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from tests.conftest import Cluster
-from tests.support import async_wait_until, chunks, encode, http_get, read_message
+from tests.support import async_wait_until, chunks, encode, free_port, http_get, read_message
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -234,3 +234,43 @@ async def test_upstream_sigkill_closes_its_marks_and_is_used_again_when_back(
             w.close()
     status, _body = http_get(f"http://127.0.0.1:{node.admin}/healthz")
     assert status == 200
+
+
+async def test_clients_wait_bounded_for_an_upstream(cluster: Cluster) -> None:
+    port = free_port()
+    node = cluster.node(
+        [f"u1=127.0.0.1:{port}"],
+        framing="line",
+        wait_links=[],
+        extra=["--connect-timeout", "8"],
+    )
+    async with asyncio.timeout(40):
+        # Sent and half-closed before any upstream exists: nothing is lost.
+        r1, w1 = await asyncio.open_connection("127.0.0.1", node.port)
+        w1.write(b"early bird\n")
+        w1.write_eof()
+        await async_wait_until(
+            lambda: "waiting for a routable upstream" in node.proc.log(),
+            10,
+            "the node to park the client",
+        )
+        await asyncio.to_thread(cluster.echo, "u1", port=port)
+        reply = await r1.read()
+        assert reply.endswith(b" u1 early bird\n"), reply
+        w1.close()
+
+    node2 = cluster.node(
+        [f"u9=127.0.0.1:{free_port()}"],
+        framing="line",
+        node_id="n2",
+        wait_links=[],
+        extra=["--connect-timeout", "0.5"],
+    )
+    async with asyncio.timeout(20):
+        r2, w2 = await asyncio.open_connection("127.0.0.1", node2.port)
+        w2.write(b"anyone?\n")
+        assert await r2.read() == b"", "closed after the connect timeout"
+        w2.close()
+    m = node2.metrics()
+    assert m["pmlb_no_upstream_total"] == 1
+    assert m['pmlb_connections_closed_total{reason="no_upstream"}'] == 1

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
+
 from pmlb.dataplane.balancer import ClientHash, LeastMarks, PowerOfTwo, RoundRobin, make_balancer
 from pmlb.errors import ConfigError
 

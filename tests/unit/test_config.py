@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from pmlb.cli import build_parser
 from pmlb.config import NODE_OPTIONS, node_config, resolve
 from pmlb.errors import ConfigError

@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from pmlb.dataplane.framing import encoder_for, make_decoder
 from pmlb.errors import ConfigError, FrameTooLarge
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pmlb.errors import InvalidMark
 from pmlb.ids import MarkFactory, node_of, parse_mark
 

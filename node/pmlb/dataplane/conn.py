@@ -53,6 +53,7 @@ class ClientConn(asyncio.Protocol):
         "close_reason",
         "credit",
         "decoder",
+        "early",
         "frames_in",
         "frames_out",
         "link",
@@ -83,6 +84,11 @@ class ClientConn(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.meta: dict[str, str] | None = None
+        # Reads (and EOF) that arrived before a bind. uvloop ignores a
+        # pause_reading() made inside connection_made, so a waiting client's
+        # first read can still arrive; it is kept (at most one read per pause)
+        # and forwarded after the Open. b"" marks an EOF.
+        self.early: list[bytes] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.close_reason = ""
         self.client_addr = ""
@@ -102,7 +108,11 @@ class ClientConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.state != BOUND:
-            return  # after EOF or while closing; nothing more is forwarded
+            if self.state == WAITING and data:
+                self.read_paused = False  # the earlier pause did not take
+                self._pause_reading()
+                (self.early or self._start_early()).append(data)
+            return  # after EOF or while closing nothing more is forwarded
         try:
             messages = self.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -152,7 +162,12 @@ class ClientConn(asyncio.Protocol):
             self._arm(self.plane.config.close_linger, self._linger_expired)
             return True
         if self.state == WAITING:
-            self.close(wire.CLIENT_CLOSED, "client closed before an upstream was bound")
+            if not self.early:
+                self.close(wire.CLIENT_CLOSED, "client left before an upstream was bound")
+                return False
+            # Keep waiting: what the client sent before its EOF still goes out.
+            self.early.append(b"")
+            return True
         return False
 
     def pause_writing(self) -> None:
@@ -203,9 +218,15 @@ class ClientConn(asyncio.Protocol):
         if self.meta:
             o.metadata.update(self.meta)
         writer.kick()
+        log.debug("mark=%s bound upstream=%s", self.mark, link.id)
+        early, self.early = self.early, None
+        for data in early or ():
+            if data:
+                self.data_received(data)
+            elif self.eof_received() is False and self.transport is not None:
+                self.transport.close()
         if self.read_paused:
             self._maybe_resume()
-        log.debug("mark=%s bound upstream=%s", self.mark, link.id)
 
     def wait_for_upstream(self, timeout: float) -> None:
         self._pause_reading()
@@ -371,6 +392,10 @@ class ClientConn(asyncio.Protocol):
         ):
             self.read_paused = False
             self.transport.resume_reading()
+
+    def _start_early(self) -> list[bytes]:
+        self.early = []
+        return self.early
 
     def _arm(self, delay: float, callback: Any) -> None:
         self._disarm()

@@ -1,0 +1,70 @@
+"""`pmlb demo` (what `make demo` runs) answers nc-style clients and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT, free_port, tcp_open, wait_until
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(status.parent.name))
+    return out
+
+
+def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port, up = free_port(), free_port()
+    while up + 1 == port or tcp_open("127.0.0.1", up + 1):
+        up = free_port()
+    log = (tmp_path / "demo.log").open("wb")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "pmlb", "demo", "--port", str(port), "--upstream-port", str(up)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        wait_until(
+            lambda: b"pmlb demo is up" in (tmp_path / "demo.log").read_bytes(),
+            30,
+            "the demo banner",
+        )
+        children = _children(demo.pid)
+        assert len(children) == 3, "two upstreams and a node"
+        seen = set()
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"hello\n")
+                s.shutdown(socket.SHUT_WR)  # like `printf 'hello\n' | nc -N`
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            mark, upstream, text = data.decode().rstrip("\n").split(" ", 2)
+            assert text == "hello"
+            assert mark.startswith("n1.")
+            seen.add(upstream)
+        assert seen == {"u1", "u2"}
+        assert f"nc 127.0.0.1 {port}" in (tmp_path / "demo.log").read_text()
+
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0
+        for pid in children:
+            wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, f"child {pid} gone")
+        assert not tcp_open("127.0.0.1", port)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        log.close()

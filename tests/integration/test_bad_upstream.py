@@ -1,0 +1,109 @@
+"""An upstream that breaks the contract hurts only what it must.
+
+The rogue here is a real gRPC server speaking raw bytes on the Bridge method,
+so it can send what no SDK would: unparseable messages, frames for marks the
+node does not hold, frames of the wrong kind, payloads over the frame limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from tests.conftest import Cluster
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+GHOST = "n1.aaaaaaaaaaaaa.zz"
+
+
+class Rogue:
+    def __init__(self) -> None:
+        self.closes_seen: dict[str, str] = {}
+
+    async def bridge(self, _it: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        await context.read()  # the node's hello
+        hello = pb.Batch()
+        hello.hello.id = "rogue"
+        hello.hello.protocol = 1
+        hello.hello.initial_window = 1 << 20
+        await context.write(hello.SerializeToString())
+        while True:
+            raw = await context.read()
+            if not isinstance(raw, bytes):
+                return
+            out = pb.Batch()
+            for f in pb.Batch.FromString(raw).frames:
+                if f.HasField("close"):
+                    self.closes_seen[f.mark] = f.close.reason
+                if not f.HasField("data"):
+                    continue
+                payload = f.data.payload
+                if payload == b"garbage":
+                    await context.write(b"\xff\xff\xff\xff this is not a Batch")
+                    out.frames.add(mark=GHOST, data=pb.Data(payload=b"to nobody"))
+                    out.frames.add(mark=f.mark, open=pb.Open(service="wrong way"))
+                if payload == b"oversize":
+                    out.frames.add(mark=f.mark, data=pb.Data(payload=b"o" * 5000))
+                    continue
+                out.frames.add(mark=f.mark, data=pb.Data(payload=b"echo " + payload))
+            await context.write(out.SerializeToString())
+
+
+async def test_garbage_unknown_marks_and_bad_frames_are_contained(cluster: Cluster) -> None:
+    rogue = Rogue()
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(rogue.bridge)  # raw bytes both ways
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("pmlb.v1.Upstream", {"Bridge": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        node = await asyncio.to_thread(
+            cluster.node,
+            [f"rogue=127.0.0.1:{port}"],
+            framing="line",
+            extra=["--max-frame", "1024"],
+        )
+
+        async def client() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", node.port)
+
+        async def ask(c: tuple[asyncio.StreamReader, asyncio.StreamWriter], msg: bytes) -> bytes:
+            c[1].write(msg + b"\n")
+            return await c[0].readuntil(b"\n")
+
+        async with asyncio.timeout(30):
+            bystanders = [await client() for _ in range(10)]
+            for c in bystanders:
+                assert await ask(c, b"before") == b"echo before\n"
+
+            g = await client()
+            assert await ask(g, b"garbage") == b"echo garbage\n", "the link survived garbage"
+
+            x = await client()
+            x[1].write(b"oversize\n")
+            assert await x[0].read() == b"", "the mark fed an oversized payload is closed"
+
+            for c in [*bystanders, g]:
+                assert await ask(c, b"after") == b"echo after\n"
+            for c in [*bystanders, g]:
+                c[1].close()
+
+        m = await asyncio.to_thread(node.metrics)
+        assert m["pmlb_garbage_batches_total"] == 1
+        assert m["pmlb_unknown_mark_frames_total"] == 1
+        assert m["pmlb_bad_upstream_frames_total"] == 2  # the open, the oversized payload
+        assert m['pmlb_connections_closed_total{reason="protocol_error"}'] == 1
+        assert m['pmlb_upstream_up{upstream="rogue"}'] == 1
+        assert rogue.closes_seen.get(GHOST) == "unknown_mark", "the rogue is told the mark is gone"
+        log = node.proc.log()
+        assert "not a pmlb.v1.Batch" in log
+        assert "unexpected frame kind open" in log
+    finally:
+        await server.stop(0)
