@@ -1,0 +1,91 @@
+"""The upstream SDK against a real node: health, metadata, upstream close, push."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pmlb.upstream import Conn, Handler, UpstreamServer
+from tests.conftest import Cluster
+from tests.support import http_get
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+
+class App(Handler):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server: UpstreamServer | None = None
+
+    def on_open(self, conn: Conn) -> None:
+        conn.send(f"hello from {self.name}".encode())
+
+    async def on_message(self, conn: Conn, data: bytes) -> None:
+        await asyncio.sleep(0)  # handlers may be coroutines
+        cmd, _, arg = data.decode().partition(" ")
+        if cmd == "meta":
+            conn.set_meta({"user": arg})
+            conn.send(b"ok")
+        elif cmd == "bye":
+            conn.send(b"goodbye")
+            conn.close()
+        elif cmd == "push":  # arg: a mark bound to the other upstream
+            assert self.server is not None
+            self.server.push(arg, f"pushed by {self.name}".encode())
+            conn.send(b"pushed")
+
+
+async def test_health_meta_close_and_push(cluster: Cluster) -> None:
+    apps = [App("a"), App("b")]
+    servers = []
+    for app in apps:
+        server = UpstreamServer(app, upstream_id=app.name, listen="127.0.0.1:0")
+        app.server = server
+        await server.start()
+        servers.append(server)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{servers[0].port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest(service="pmlb.v1.Upstream")
+            resp = await stub.Check(req, timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            await servers[0].set_serving(False)
+            resp = await stub.Check(req, timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await servers[0].set_serving(True)
+
+        node = await asyncio.to_thread(
+            cluster.node, [f"a=127.0.0.1:{servers[0].port}", f"b=127.0.0.1:{servers[1].port}"]
+        )
+        async with asyncio.timeout(30):
+            conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(2)]
+            greetings = [(await r.readuntil(b"\n")).decode() for r, _ in conns]
+            assert sorted(greetings) == ["hello from a\n", "hello from b\n"]
+            (ra, wa), (rb, wb) = conns if greetings[0].endswith("a\n") else conns[::-1]
+
+            wa.write(b"meta alice\n")
+            assert await ra.readuntil(b"\n") == b"ok\n"
+            _, body = await asyncio.to_thread(
+                http_get, f"http://127.0.0.1:{node.admin}/connections"
+            )
+            marks = {m["upstream"]: m for m in json.loads(body)["marks"]}
+            assert marks["a"]["metadata"] == {"user": "alice"}
+            mark_b = marks["b"]["mark"]
+
+            wa.write(f"push {mark_b}\n".encode())
+            assert await ra.readuntil(b"\n") == b"pushed\n"
+            assert await rb.readuntil(b"\n") == b"pushed by a\n", "a reached b's mark"
+
+            wb.write(b"bye\n")
+            assert await rb.readuntil(b"\n") == b"goodbye\n"
+            assert await rb.read() == b"", "the upstream closed the mark"
+            wa.close()
+        m = await asyncio.to_thread(node.metrics)
+        assert m['pmlb_connections_closed_total{reason="upstream_closed"}'] == 1
+    finally:
+        for server in servers:
+            await server.stop(0)
