@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format proto bench clean
+BENCH_BIN := $(VENV)/bench-bin
+BENCH_ARGS ?=
+
+.PHONY: install demo test lint format proto bench bench-quick bench-deps clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -33,6 +36,26 @@ format: install
 
 proto: install
 	$(PY) scripts/gen_proto.py
+
+$(BENCH_BIN)/loadgen: scripts/bench/loadgen.c
+	@mkdir -p $(BENCH_BIN)
+	cc -O2 -Wall -o $@ $<
+
+$(BENCH_BIN)/echo_server: scripts/bench/echo_server.c
+	@mkdir -p $(BENCH_BIN)
+	cc -O2 -Wall -o $@ $<
+
+bench-deps: install $(BENCH_BIN)/loadgen $(BENCH_BIN)/echo_server
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy)
+	@$(PY) -c 'import matplotlib' 2>/dev/null || \
+		$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+
+bench: bench-deps
+	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-results
