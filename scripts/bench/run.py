@@ -319,6 +319,15 @@ def main() -> int:
                 t.name: bench.echo_case(t, conns, inflight, size, warmup, measure) for t in targets
             }
             print(f"bench: {key} done", file=sys.stderr, flush=True)
+        floor = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "grpc_floor.py")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if floor.returncode == 0:
+            report["grpc_floor"] = json.loads(floor.stdout.strip().splitlines()[-1])
         conns, inflight, size = BULK_CASE
         report["bulk"] = {
             t.name: bench.echo_case(t, conns, inflight, size, warmup, measure) for t in targets
@@ -385,6 +394,15 @@ def render_table(r: dict[str, Any]) -> str:
                 f"{str(m.get('proxy_cpu_pct', '-')) + '%' if cpu else '-'} | "
                 f"{m['loadgen_cpu_pct']:.0f}% |"
             )
+    floor = r.get("grpc_floor")
+    if floor:
+        lines += [
+            "",
+            "grpc.aio floor (scripts/bench/grpc_floor.py): a 64-byte write + read on one bidi "
+            f"stream takes p50 {floor['p50_us']} µs, p99 {floor['p99_us']} µs and "
+            f"{floor['cpu_per_round_trip_us']} µs of CPU per side; pmlb's 1x1x64 echo crosses "
+            "two such streams (node and upstream).",
+        ]
     lines += [
         "",
         "| bulk 8 conns x 64 KiB | MB/s each way | proxy CPU per MB | vs HAProxy |",
