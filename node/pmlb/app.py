@@ -10,14 +10,21 @@ accepting -> close every mark with ``node_shutdown`` (the upstreams are told)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 
 from pmlb import __version__
-from pmlb.config import NodeConfig
+from pmlb.cluster.checker import Checker, CheckSettings
+from pmlb.cluster.discovery import ServiceView
+from pmlb.cluster.session import Session
+from pmlb.config import NodeConfig, format_hostport
 from pmlb.dataplane.plane import DataPlane
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.stats import NodeStats
+from pmlb.store.etcd import EtcdSettings, EtcdStore
+from pmlb.store.keys import Keys, format_node, now_rfc3339
 from pmlb.upstream.echo import EchoHandler
 from pmlb.upstream.sdk import UpstreamServer
 
@@ -33,23 +40,79 @@ class NodeApp:
         if config.admin is not None:
             self.admin = AdminServer(*config.admin)
             self._routes(self.admin)
+        self.store: EtcdStore | None = None
+        self.session: Session | None = None
+        self.view: ServiceView | None = None
+        self.checker: Checker | None = None
+        self.started_at = now_rfc3339()
+        if config.etcd:
+            self.store = EtcdStore(
+                EtcdSettings(
+                    endpoints=config.etcd,
+                    user=config.etcd_user,
+                    password=config.etcd_password,
+                    ca_file=config.etcd_ca,
+                    cert_file=config.etcd_cert,
+                    key_file=config.etcd_key,
+                )
+            )
+            self.keys = Keys(config.etcd_prefix)
+            self.session = Session(self.store, config.lease_ttl)
+            self.session.on_new_lease(self._register)
+            self.view = ServiceView(self.store, self.keys, config.service, self.plane.set_upstreams)
+            self.checker = Checker(
+                self.store,
+                self.keys,
+                self.session,
+                self.view,
+                config.node_id,
+                CheckSettings(
+                    config.check_interval,
+                    config.check_timeout,
+                    config.check_rise,
+                    config.check_fall,
+                ),
+            )
 
     async def start(self) -> None:
         self.plane.set_upstreams(self.config.upstreams)
+        if self.store is not None and self.view is not None:
+            await self.store.connect()
+            self.view.start()
+            # Listen once the first view is in, so early clients are not parked;
+            # if etcd is down, start anyway (clients wait up to --connect-timeout).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.view.synced.wait(), 5.0)
+            if not self.view.synced.is_set():
+                log.warning("etcd not reachable yet: listening without an upstream view")
         await self.plane.start()
         if self.admin is not None:
             await self.admin.start()
+        if self.session is not None and self.checker is not None:
+            self.session.start()  # registers once the listeners are bound
+            self.checker.start()
         log.info(
-            "node %s (pmlb %s) ready: service %r, %d upstreams",
+            "node %s (pmlb %s) ready: service %r, %d upstreams (%s)",
             self.config.node_id,
             __version__,
             self.config.service,
-            len(self.config.upstreams),
+            len(self.plane.links),
+            "from etcd" if self.store else "static",
         )
 
     async def stop(self) -> None:
         log.info("node %s stopping", self.config.node_id)
+        # Leave the cluster first: give up the checker role and revoke the lease,
+        # so other nodes take over and stop seeing us before we stop serving.
+        if self.checker is not None:
+            await self.checker.stop()
+        if self.session is not None:
+            await self.session.stop(revoke=True)
+        if self.view is not None:
+            await self.view.stop()
         await self.plane.stop(self.config.shutdown_timeout)
+        if self.store is not None:
+            await self.store.close()
         if self.admin is not None:
             await self.admin.stop()
         log.info("node %s stopped", self.config.node_id)
@@ -60,6 +123,69 @@ class NodeApp:
         await self.stop()
         return 0
 
+    async def _register(self, lease: int) -> None:
+        assert self.store is not None
+        cfg = self.config
+        info = {
+            "listen": [format_hostport(h, p) for h, p in self.plane.bound_addresses],
+            "control": format_hostport(*cfg.control) if cfg.control else "",
+            "admin": format_hostport(self.admin.host, self.admin.port) if self.admin else "",
+            "services": [cfg.service],
+            "version": __version__,
+            "started_at": self.started_at,
+        }
+        await self.store.put(self.keys.node(cfg.node_id), format_node(info), lease=lease)
+        log.info("registered %s under lease %x", self.keys.node(cfg.node_id), lease)
+
+    def cluster_metrics(self) -> list[tuple[str, str, str, float]]:
+        if self.session is None or self.view is None or self.checker is None:
+            return []
+        age = time.monotonic() - self.session.last_ok if self.session.last_ok else -1.0
+        return [
+            (
+                "pmlb_etcd_session_up",
+                "gauge",
+                "1 while the etcd lease is kept alive.",
+                float(self.session.healthy),
+            ),
+            (
+                "pmlb_etcd_lease_grants_total",
+                "counter",
+                "Leases granted (re-registrations).",
+                float(self.session.grants),
+            ),
+            (
+                "pmlb_etcd_last_keepalive_age_seconds",
+                "gauge",
+                "Seconds since the last successful keepalive.",
+                age,
+            ),
+            (
+                "pmlb_etcd_view_resyncs_total",
+                "counter",
+                "Full re-lists of the service view.",
+                float(self.view.resyncs),
+            ),
+            (
+                "pmlb_etcd_malformed_values",
+                "gauge",
+                "etcd values ignored as malformed.",
+                float(self.view.malformed),
+            ),
+            (
+                "pmlb_checker",
+                "gauge",
+                "1 while this node is the service's checker.",
+                float(self.checker.is_checker),
+            ),
+            (
+                "pmlb_health_writes_total",
+                "counter",
+                "Health transitions written as checker.",
+                float(self.checker.writes),
+            ),
+        ]
+
     # -- admin --------------------------------------------------------------------
 
     def _routes(self, admin: AdminServer) -> None:
@@ -69,12 +195,14 @@ class NodeApp:
             return 200, "text/plain", b"ok\n"
 
         async def readyz(query: str) -> tuple[int, str, bytes]:
-            ready = plane.accepting and bool(plane.routable())
+            registered = self.session is None or bool(self.session.lease)
+            ready = plane.accepting and registered and bool(plane.routable())
             return (200 if ready else 503), "text/plain", b"ready\n" if ready else b"not ready\n"
 
         async def metrics_(query: str) -> tuple[int, str, bytes]:
             links = [(lk.id, lk.state, lk.load, lk.routable) for lk in plane.links.values()]
-            return 200, "text/plain; version=0.0.4", metrics.render(self.stats, links)
+            body = metrics.render(self.stats, links, self.cluster_metrics())
+            return 200, "text/plain; version=0.0.4", body
 
         async def connections(query: str) -> tuple[int, str, bytes]:
             return (

@@ -85,8 +85,18 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "static upstream HOST:PORT or ID=HOST:PORT, no etcd (repeatable)",
         repeated=True,
     ),
-    Option("etcd", "etcd endpoints URL[,URL] (not yet supported: use --upstream)", repeated=True),
+    Option("etcd", "etcd endpoints URL[,URL]; upstreams then come from etcd", repeated=True),
     Option("etcd-prefix", "etcd key prefix", "/pmlb"),
+    Option("etcd-user", "etcd user name (password from --etcd-password)"),
+    Option("etcd-password", "etcd password (prefer PMLB_ETCD_PASSWORD)"),
+    Option("etcd-ca", "CA bundle (PEM) to verify etcd"),
+    Option("etcd-cert", "client certificate (PEM) for etcd"),
+    Option("etcd-key", "client key (PEM) for etcd"),
+    Option("lease-ttl", "seconds the node's etcd lease lives without keepalive", 10, _positive_int),
+    Option("check-interval", "seconds between health checks (checker only)", 1.0, _positive_float),
+    Option("check-timeout", "seconds one health check may take", 0.5, _positive_float),
+    Option("check-rise", "successes in a row to turn SERVING", 2, _positive_int),
+    Option("check-fall", "failures in a row to turn NOT_SERVING", 2, _positive_int),
     Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
     Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
     Option("framing", "client framing", "raw", choices=FRAMINGS),
@@ -236,6 +246,9 @@ class UpstreamSpec:
     addr: str
     weight: int = 1
     drain: bool = False
+    # SERVING / NOT_SERVING as written by the service's checker, UNKNOWN when
+    # there is no health entry (and always in static mode).
+    health: str = "UNKNOWN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +259,16 @@ class NodeConfig:
     upstreams: tuple[UpstreamSpec, ...]
     etcd: tuple[str, ...] = ()
     etcd_prefix: str = "/pmlb"
+    etcd_user: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)  # never logged
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    lease_ttl: int = 10
+    check_interval: float = 1.0
+    check_timeout: float = 0.5
+    check_rise: int = 2
+    check_fall: int = 2
     control: tuple[str, int] | None = None
     admin: tuple[str, int] | None = None
     framing: str = "raw"
@@ -278,11 +301,18 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
     listen = tuple(parse_hostport(v, "--listen") for v in values["listen"])
     if not listen:
         raise ConfigError("--listen HOST:PORT is required")
-    if values["etcd"]:
-        raise ConfigError("--etcd is not supported yet in this version; use --upstream HOST:PORT")
     ups = tuple(parse_static_upstream(v) for v in values["upstream"])
-    if not ups:
-        raise ConfigError("give at least one --upstream HOST:PORT")
+    etcd = tuple(p.strip() for v in values["etcd"] for p in v.split(",") if p.strip())
+    if etcd and ups:
+        raise ConfigError(
+            "use either --etcd (upstreams from etcd) or --upstream (static), not both"
+        )
+    if not ups and not etcd:
+        raise ConfigError("give --etcd URL (cluster mode) or at least one --upstream HOST:PORT")
+    if values["etcd_user"] and not values["etcd_password"]:
+        raise ConfigError("--etcd-user needs --etcd-password (or PMLB_ETCD_PASSWORD)")
+    if not values["service"] or "/" in values["service"]:
+        raise ConfigError(f"--service {values['service']!r}: a non-empty name without '/'")
     if len({u.id for u in ups}) != len(ups):
         raise ConfigError("--upstream ids must be unique")
     node_id = values["node_id"] or _default_node_id(listen[0][1])
@@ -300,8 +330,18 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         service=values["service"],
         node_id=node_id,
         upstreams=ups,
-        etcd=tuple(values["etcd"]),
+        etcd=etcd,
         etcd_prefix=values["etcd_prefix"],
+        etcd_user=values["etcd_user"],
+        etcd_password=values["etcd_password"],
+        etcd_ca=values["etcd_ca"],
+        etcd_cert=values["etcd_cert"],
+        etcd_key=values["etcd_key"],
+        lease_ttl=values["lease_ttl"],
+        check_interval=values["check_interval"],
+        check_timeout=values["check_timeout"],
+        check_rise=values["check_rise"],
+        check_fall=values["check_fall"],
         control=parse_hostport(values["control"]) if values["control"] else None,
         admin=parse_hostport(values["admin"]) if values["admin"] else None,
         framing=values["framing"],

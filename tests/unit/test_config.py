@@ -68,6 +68,7 @@ def test_env_lists_are_comma_separated() -> None:
         (["--upstream", "h:1"], "--listen HOST:PORT is required"),
         (["--listen", "nope", "--upstream", "h:1"], "HOST:PORT"),
         (["--listen", "h:1"], "at least one --upstream"),
+        (["--listen", "h:1", "--upstream", "h:1", "--etcd", "http://e:1"], "not both"),
         (["--listen", "h:1", "--upstream", "h:1", "--max-frame", "-3"], "--max-frame"),
         (["--listen", "h:1", "--upstream", "h:1", "--framing", "xml"], "not one of"),
         (["--listen", "h:1", "--upstream", "h:1", "--node-id", "a b"], "--node-id"),

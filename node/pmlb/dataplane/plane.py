@@ -35,6 +35,8 @@ from pmlb.observability.stats import NodeStats
 log = logging.getLogger("pmlb.plane")
 
 MAX_META_BYTES: Final = 16_384
+SERVING: Final = "SERVING"
+UNKNOWN: Final = "UNKNOWN"
 
 
 class DataPlane:
@@ -112,12 +114,14 @@ class DataPlane:
                 )
             elif existing.spec != spec:
                 log.info(
-                    "upstream %s changed: weight %d -> %d, drain %s -> %s",
+                    "upstream %s changed: weight %d -> %d, drain %s -> %s, health %s -> %s",
                     uid,
                     existing.spec.weight,
                     spec.weight,
                     existing.spec.drain,
                     spec.drain,
+                    existing.spec.health,
+                    spec.health,
                 )
                 existing.spec = spec
         self._bind_waiting()
@@ -137,7 +141,12 @@ class DataPlane:
             link.stop()
 
     def routable(self) -> list[Link]:
-        return [link for link in self.links.values() if link.routable]
+        """The routing rule: up, registered, not draining, and SERVING; when none
+        is SERVING, those with no health entry (UNKNOWN); never NOT_SERVING.
+        A link that is down is out at once (the passive check)."""
+        usable = [link for link in self.links.values() if link.routable]
+        serving = [link for link in usable if link.spec.health == SERVING]
+        return serving or [link for link in usable if link.spec.health == UNKNOWN]
 
     # -- marks -----------------------------------------------------------------------
 

@@ -28,7 +28,11 @@ _COUNTERS = (
 )
 
 
-def render(stats: NodeStats, links: Iterable[tuple[str, str, int, bool]]) -> bytes:
+def render(
+    stats: NodeStats,
+    links: Iterable[tuple[str, str, int, bool]],
+    extra: Iterable[tuple[str, str, str, float]] = (),
+) -> bytes:
     """``links`` yields (upstream id, state, marks bound, routable)."""
     out: list[str] = []
     for name, attr, help_ in _COUNTERS:
@@ -63,4 +67,6 @@ def render(stats: NodeStats, links: Iterable[tuple[str, str, int, bool]]) -> byt
         up_lines.append(f'pmlb_upstream_up{{upstream="{label}"}} {int(state == "up")}')
         bound_lines.append(f'pmlb_upstream_marks{{upstream="{label}"}} {marks}')
     out += up_lines + bound_lines
+    for name, kind, help_, value in extra:
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
     return ("\n".join(out) + "\n").encode()

@@ -1,0 +1,192 @@
+"""Checker election and active health checking, one checker per service.
+
+Election: every node serving the service campaigns by creating
+``<prefix>/services/<svc>/checker`` = its node id, under its session lease,
+in a transaction that succeeds only if the key does not exist. The winner is
+the checker until its lease ends (crash: within the TTL) or it resigns
+(clean shutdown: it deletes the key if it still holds it, so another node
+takes over at once). Losers wait for the key to change, then campaign again.
+
+Checking: the checker probes every upstream with grpc.health.v1 Health/Check
+(service "pmlb.v1.Upstream") every ``interval``, each probe bounded by
+``timeout``. A first result is written at once; after that a status flips
+only after ``rise`` consecutive successes or ``fall`` consecutive failures.
+Only transitions are written, to ``.../health/<id>``, under the checker's
+lease, so they vanish with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pmlb.cluster.discovery import ServiceView
+from pmlb.cluster.session import Session
+from pmlb.config import UpstreamSpec
+from pmlb.store.etcd import EtcdStore, StoreError
+from pmlb.store.keys import NOT_SERVING, SERVING, Health, Keys, format_health, now_rfc3339
+
+log = logging.getLogger("pmlb.checker")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSettings:
+    interval: float = 1.0
+    timeout: float = 0.5
+    rise: int = 2
+    fall: int = 2
+
+
+@dataclass(slots=True)
+class _Probe:
+    addr: str
+    channel: grpc.aio.Channel
+    status: str = ""
+    streak: int = 0  # consecutive results that disagree with ``status``
+
+
+class Checker:
+    def __init__(
+        self,
+        store: EtcdStore,
+        keys: Keys,
+        session: Session,
+        view: ServiceView,
+        node_id: str,
+        settings: CheckSettings,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.session = session
+        self.view = view
+        self.node_id = node_id
+        self.settings = settings
+        self.is_checker = False
+        self.terms = 0
+        self.writes = 0
+        self._probes: dict[str, _Probe] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="checker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.resign()
+        for p in self._probes.values():
+            await p.channel.close(grace=None)
+        self._probes.clear()
+
+    async def resign(self) -> None:
+        """Give the checker role back at once (clean shutdown, drain)."""
+        if self.is_checker:
+            self.is_checker = False
+            try:
+                if await self.store.delete_if_value(
+                    self.keys.checker(self.view.service), self.node_id
+                ):
+                    log.info("resigned as checker of %s", self.view.service)
+            except StoreError as exc:
+                log.warning("could not resign as checker: %s (the lease will end it)", exc)
+
+    async def _run(self) -> None:
+        key = self.keys.checker(self.view.service)
+        while True:
+            lease = self.session.lease
+            if not lease or not self.session.healthy:
+                await self._wait_change(self.settings.interval)
+                continue
+            try:
+                won = await self.store.put_if_absent(key, self.node_id, lease)
+            except StoreError as exc:
+                log.debug("campaign failed: %s", exc)
+                await self._wait_change(self.settings.interval)
+                continue
+            if not won:
+                # Someone holds it; wait for the key to change (or a periodic retry).
+                self.view.checker_changed.clear()
+                await self._wait_change(max(self.settings.interval, self.session.ttl / 2))
+                continue
+            self.is_checker = True
+            self.terms += 1
+            log.info("elected checker of service %s (term %d)", self.view.service, self.terms)
+            try:
+                await self._check_while_leader(key, lease)
+            finally:
+                self.is_checker = False
+                self._forget_states()
+            log.warning("no longer checker of service %s", self.view.service)
+
+    async def _wait_change(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.view.checker_changed.wait(), timeout)
+
+    async def _check_while_leader(self, key: str, lease: int) -> None:
+        while self.session.lease == lease:
+            if self.view.checker and self.view.checker != self.node_id:
+                return  # our key is gone (lease expired) and someone else won
+            started = asyncio.get_running_loop().time()
+            ups = list(self.view.upstreams.values())
+            results = await asyncio.gather(*(self._probe(u) for u in ups))
+            for spec, (ok, detail) in zip(ups, results, strict=True):
+                await self._record(spec, ok, detail, lease)
+            for gone in set(self._probes) - {u.id for u in ups}:
+                await self._probes.pop(gone).channel.close(grace=None)
+            elapsed = asyncio.get_running_loop().time() - started
+            await asyncio.sleep(max(0.0, self.settings.interval - elapsed))
+
+    def _forget_states(self) -> None:
+        for p in self._probes.values():
+            p.status, p.streak = "", 0
+
+    async def _probe(self, spec: UpstreamSpec) -> tuple[bool, str]:
+        probe = self._probes.get(spec.id)
+        if probe is None or probe.addr != spec.addr:
+            if probe is not None:
+                await probe.channel.close(grace=None)
+            probe = _Probe(spec.addr, grpc.aio.insecure_channel(spec.addr))
+            self._probes[spec.id] = probe
+        stub = health_pb2_grpc.HealthStub(probe.channel)
+        try:
+            resp = await stub.Check(
+                health_pb2.HealthCheckRequest(service="pmlb.v1.Upstream"),
+                timeout=self.settings.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return False, f"{exc.code().name}: {exc.details()}"[:200]
+        ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+        return ok, health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    async def _record(self, spec: UpstreamSpec, ok: bool, detail: str, lease: int) -> None:
+        probe = self._probes[spec.id]
+        observed = SERVING if ok else NOT_SERVING
+        if probe.status == observed:
+            probe.streak = 0
+            return
+        if probe.status:  # a flip needs rise/fall consecutive results
+            probe.streak += 1
+            needed = self.settings.rise if ok else self.settings.fall
+            if probe.streak < needed:
+                return
+        probe.status, probe.streak = observed, 0
+        current = self.view.health.get(spec.id)
+        if current is not None and current.status == observed and current.checker == self.node_id:
+            return  # already written (e.g. a watch echo after a resync)
+        health = Health(observed, now_rfc3339(), self.node_id, detail)
+        try:
+            await self.store.put(
+                self.keys.health(self.view.service, spec.id), format_health(health), lease=lease
+            )
+            self.writes += 1
+            log.info("upstream %s (%s) is %s: %s", spec.id, spec.addr, observed, detail)
+        except StoreError as exc:
+            probe.status = ""  # write again next round
+            log.warning("could not write health of %s: %s", spec.id, exc)

@@ -1,0 +1,376 @@
+"""etcd v3 behind a small asyncio interface: the only code that talks to etcd.
+
+It uses the etcd v3 gRPC API directly (the generated stubs shipped by the
+`etcd3aio` package) on one grpc.aio channel, so that every call has the same
+shape: a per-attempt timeout, retries with jittered exponential backoff, and
+an overall deadline (tenacity). Watches are raw streams that report
+compaction and cancellation as WatchReset, so callers list again (a fresh
+etcd has lower revisions; resuming from an old one would silently wait).
+
+Several endpoints are tried round-robin; TLS and user/password are supported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+import grpc
+from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2 as rpc
+from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2_grpc as rpc_grpc
+from etcd3aio.proto.etcd.api.mvccpb import kv_pb2
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from pmlb.errors import ConfigError, PmlbError
+
+log = logging.getLogger("pmlb.store")
+T = TypeVar("T")
+
+_TRANSIENT: Final = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+class StoreError(PmlbError):
+    """etcd could not be reached within the call's deadline, or refused the call."""
+
+
+class WatchReset(PmlbError):
+    """The watch cannot continue from its revision (compacted, cancelled, cluster
+    replaced): list again and watch from the new revision."""
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: str
+    value: bytes
+    mod_revision: int = 0
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str  # "put" or "delete"
+    key: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...]
+    user: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    call_timeout: float = 2.0
+    deadline: float = 6.0
+
+
+def prefix_end(prefix: str) -> bytes:
+    """The exclusive end of the key range that starts with ``prefix``."""
+    b = bytearray(prefix.encode())
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\x00"
+
+
+def _decode_key(raw: bytes) -> str:
+    # Keys are ours or typed by operators; a non-UTF-8 key must not crash us.
+    return raw.decode("utf-8", errors="replace")
+
+
+class EtcdStore:
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self._channel: grpc.aio.Channel | None = None
+        self._kv: rpc_grpc.KVStub | None = None
+        self._lease: rpc_grpc.LeaseStub | None = None
+        self._watch: rpc_grpc.WatchStub | None = None
+        self._auth: rpc_grpc.AuthStub | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self.connected = asyncio.Event()
+
+    # -- connection ------------------------------------------------------------
+
+    def _target(self) -> tuple[str, bool]:
+        hosts: list[str] = []
+        secure = False
+        for ep in self.settings.endpoints:
+            url = urlsplit(ep if "://" in ep else f"http://{ep}")
+            if url.scheme not in ("http", "https") or not url.hostname or not url.port:
+                raise ConfigError(f"--etcd: bad endpoint {ep!r} (use http://HOST:PORT)")
+            secure = secure or url.scheme == "https"
+            host = "127.0.0.1" if url.hostname == "localhost" else url.hostname
+            hosts.append(f"{host}:{url.port}")
+        if all(h.split(":")[0].replace(".", "").isdigit() for h in hosts):
+            return "ipv4:" + ",".join(hosts), secure
+        return f"dns:///{hosts[0]}", secure
+
+    async def connect(self) -> None:
+        target, secure = self._target()
+        options = [
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.keepalive_time_ms", 5_000),
+            ("grpc.keepalive_timeout_ms", 3_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        s = self.settings
+        if secure or s.ca_file:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(s.ca_file),
+                private_key=_read(s.key_file),
+                certificate_chain=_read(s.cert_file),
+            )
+            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._kv = rpc_grpc.KVStub(self._channel)
+        self._lease = rpc_grpc.LeaseStub(self._channel)
+        self._watch = rpc_grpc.WatchStub(self._channel)
+        self._auth = rpc_grpc.AuthStub(self._channel)
+        if s.user:
+            await self._authenticate()
+
+    async def _authenticate(self) -> None:
+        assert self._auth is not None
+        resp = await self._call(
+            lambda: self._auth.Authenticate(  # type: ignore[union-attr]
+                rpc.AuthenticateRequest(name=self.settings.user, password=self.settings.password),
+                timeout=self.settings.call_timeout,
+            ),
+            authenticate=False,
+        )
+        self._metadata = (("token", resp.token),)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+            self._channel = None
+
+    # -- the retry policy every call goes through --------------------------------
+
+    async def _call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        authenticate: bool = True,
+        deadline: float | None = None,
+    ) -> T:
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(self.settings.deadline if deadline is None else deadline),
+                wait=wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.1),
+                retry=retry_if_exception(retryable),
+                reraise=True,
+            ):
+                with attempt:
+                    result = await fn()
+                    self.connected.set()
+                    return result
+        except grpc.aio.AioRpcError as exc:
+            if (
+                exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                and authenticate
+                and self.settings.user
+            ):
+                await self._authenticate()  # the token expired: once more with a new one
+                return await self._call(fn, authenticate=False, deadline=deadline)
+            if exc.code() in _TRANSIENT:
+                self.connected.clear()
+            raise StoreError(f"etcd: {exc.code().name}: {exc.details()}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _kw(self) -> dict[str, Any]:
+        return {"timeout": self.settings.call_timeout, "metadata": self._metadata or None}
+
+    # -- key/value ----------------------------------------------------------------
+
+    async def get_prefix(self, prefix: str) -> tuple[int, list[KV]]:
+        """Every key under ``prefix`` and the revision they were read at."""
+        assert self._kv is not None
+        req = rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
+        resp = await self._call(lambda: self._kv.Range(req, **self._kw()))  # type: ignore[union-attr]
+        kvs = [KV(_decode_key(kv.key), kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs]
+        return resp.header.revision, kvs
+
+    async def get(self, key: str) -> KV | None:
+        assert self._kv is not None
+        req = rpc.RangeRequest(key=key.encode())
+        resp = await self._call(lambda: self._kv.Range(req, **self._kw()))  # type: ignore[union-attr]
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return KV(_decode_key(kv.key), kv.value, kv.mod_revision, kv.lease)
+
+    async def put(self, key: str, value: str | bytes, lease: int = 0) -> int:
+        assert self._kv is not None
+        data = value.encode() if isinstance(value, str) else value
+        req = rpc.PutRequest(key=key.encode(), value=data, lease=lease)
+        resp = await self._call(lambda: self._kv.Put(req, **self._kw()))  # type: ignore[union-attr]
+        return int(resp.header.revision)
+
+    async def delete(self, key: str) -> int:
+        assert self._kv is not None
+        req = rpc.DeleteRangeRequest(key=key.encode())
+        resp = await self._call(lambda: self._kv.DeleteRange(req, **self._kw()))  # type: ignore[union-attr]
+        return int(resp.deleted)
+
+    async def put_if_absent(self, key: str, value: str, lease: int) -> bool:
+        """Create ``key`` only if it does not exist (an election campaign)."""
+        assert self._kv is not None
+        req = rpc.TxnRequest(
+            compare=[
+                rpc.Compare(
+                    key=key.encode(),
+                    target=rpc.Compare.CREATE,
+                    result=rpc.Compare.EQUAL,
+                    create_revision=0,
+                )
+            ],
+            success=[
+                rpc.RequestOp(
+                    request_put=rpc.PutRequest(key=key.encode(), value=value.encode(), lease=lease)
+                )
+            ],
+        )
+        resp = await self._call(lambda: self._kv.Txn(req, **self._kw()))  # type: ignore[union-attr]
+        return bool(resp.succeeded)
+
+    async def delete_if_value(self, key: str, value: str) -> bool:
+        """Delete ``key`` only while it still holds ``value`` (resigning)."""
+        assert self._kv is not None
+        req = rpc.TxnRequest(
+            compare=[
+                rpc.Compare(
+                    key=key.encode(),
+                    target=rpc.Compare.VALUE,
+                    result=rpc.Compare.EQUAL,
+                    value=value.encode(),
+                )
+            ],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))],
+        )
+        resp = await self._call(lambda: self._kv.Txn(req, **self._kw()))  # type: ignore[union-attr]
+        return bool(resp.succeeded)
+
+    # -- leases -------------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> int:
+        assert self._lease is not None
+        req = rpc.LeaseGrantRequest(TTL=ttl)
+        resp = await self._call(lambda: self._lease.LeaseGrant(req, **self._kw()))  # type: ignore[union-attr]
+        return int(resp.ID)
+
+    async def revoke(self, lease: int) -> None:
+        assert self._lease is not None
+        req = rpc.LeaseRevokeRequest(ID=lease)
+        try:
+            await self._call(
+                lambda: self._lease.LeaseRevoke(req, **self._kw()),  # type: ignore[union-attr]
+                deadline=2.0,
+            )
+        except StoreError as exc:
+            log.warning("could not revoke lease %x: %s (it expires by its TTL)", lease, exc)
+
+    async def keepalive_once(self, lease: int) -> int:
+        """Refresh ``lease``; return its remaining TTL, 0 when etcd no longer has it."""
+        assert self._lease is not None
+
+        async def once() -> int:
+            call = self._lease.LeaseKeepAlive(  # type: ignore[union-attr]
+                iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
+                timeout=self.settings.call_timeout,
+                metadata=self._metadata or None,
+            )
+            async for resp in call:
+                return int(resp.TTL)
+            return 0
+
+        return await self._call(once)
+
+    # -- watch -------------------------------------------------------------------------
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+        """Events under ``prefix`` from ``start_revision`` on, a list per response.
+
+        Raises WatchReset when the caller must list again, StoreError when the
+        stream broke (the caller lists again after a backoff either way).
+        """
+        assert self._watch is not None
+        create = rpc.WatchCreateRequest(
+            key=prefix.encode(),
+            range_end=prefix_end(prefix),
+            start_revision=start_revision,
+            progress_notify=True,
+        )
+
+        async def requests() -> AsyncIterator[rpc.WatchRequest]:
+            yield rpc.WatchRequest(create_request=create)
+            await asyncio.Event().wait()  # keep the request side open
+
+        call = self._watch.Watch(requests(), metadata=self._metadata or None)
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise WatchReset(
+                        f"revision {start_revision} compacted (now {resp.compact_revision})"
+                    )
+                if resp.canceled:
+                    raise WatchReset(f"watch cancelled: {resp.cancel_reason or 'no reason'}")
+                if resp.created and resp.header.revision + 1 < start_revision:
+                    # The cluster is younger than our revision: it was replaced.
+                    raise WatchReset(
+                        f"etcd revision {resp.header.revision} is behind "
+                        f"{start_revision}: a new cluster"
+                    )
+                self.connected.set()
+                if resp.events:
+                    yield [
+                        Event(
+                            "put" if ev.type == kv_pb2.Event.PUT else "delete",
+                            _decode_key(ev.kv.key),
+                            ev.kv.value,
+                        )
+                        for ev in resp.events
+                    ]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _TRANSIENT:
+                self.connected.clear()
+            raise StoreError(f"etcd watch: {exc.code().name}: {exc.details()}") from None
+        finally:
+            call.cancel()
+        raise StoreError("etcd watch stream ended")
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def endpoints_from(values: Sequence[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return tuple(out)
