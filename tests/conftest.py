@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pmlb.localetcd import LocalEtcd, etcd_binary
 from tests.support import Proc, free_port, scrape, tcp_open, wait_until
 
 
@@ -58,6 +60,10 @@ class Cluster:
         node_id: str = "n1",
         extra: list[str] | None = None,
         wait_links: list[str] | None = None,
+        etcd: str | None = None,
+        prefix: str = "/pmlb",
+        service: str = "echo",
+        host: str = "127.0.0.1",
     ) -> Node:
         port, admin = free_port(), free_port()
         args = [
@@ -65,17 +71,36 @@ class Cluster:
             "--node-id",
             node_id,
             "--listen",
-            f"127.0.0.1:{port}",
+            f"{host}:{port}",
             "--admin",
             f"127.0.0.1:{admin}",
             "--framing",
             framing,
+            "--service",
+            service,
         ]
+        if etcd:
+            args += [
+                "--etcd",
+                etcd,
+                "--etcd-prefix",
+                prefix,
+                "--lease-ttl",
+                "3",
+                "--check-interval",
+                "0.3",
+                "--check-timeout",
+                "0.3",
+                "--check-rise",
+                "1",
+                "--check-fall",
+                "1",
+            ]
         for u in upstreams:
             args += ["--upstream", u]
         proc = Proc(f"node-{node_id}-{len(self.procs)}", args + (extra or []), self.log_dir)
         self.procs.append(proc)
-        wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, "node listener")
+        wait_until(lambda: tcp_open(host, port) or not proc.alive(), 15, "node listener")
         assert proc.alive(), proc.log()
         node = Node(proc, port, admin)
         ids = wait_links if wait_links is not None else [u.partition("=")[0] for u in upstreams]
@@ -90,6 +115,54 @@ class Cluster:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+class Etcd:
+    """A real etcd for one test, with a key prefix of the test's own."""
+
+    def __init__(self, server: LocalEtcd, prefix: str) -> None:
+        self.server = server
+        self.url = server.url
+        self.prefix = prefix
+
+    def ctl(self, *args: str) -> str:
+        r = subprocess.run(
+            [etcdctl_binary(), "--endpoints", self.url, *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def put(self, key: str, value: str) -> None:
+        self.ctl("put", self.prefix + key, value)
+
+    def delete(self, key: str) -> None:
+        self.ctl("del", self.prefix + key)
+
+    def get(self, key: str) -> str | None:
+        out = self.ctl("get", self.prefix + key, "--print-value-only")
+        return out.rstrip("\n") if out else None
+
+    def keys(self, under: str) -> list[str]:
+        out = self.ctl("get", "--prefix", "--keys-only", self.prefix + under)
+        return [k for k in out.splitlines() if k]
+
+
+def etcdctl_binary() -> str:
+    return str(Path(etcd_binary()).with_name("etcdctl"))
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    server = LocalEtcd(log_path=tmp_path / "etcd.log")
+    server.start()
+    try:
+        yield Etcd(server, f"/pmlb-{tmp_path.name}")
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -66,5 +67,9 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         assert not tcp_open("127.0.0.1", port)
     finally:
         if demo.poll() is None:
+            leftovers = _children(demo.pid)
             demo.kill()
+            for pid in leftovers:  # never leave the demo's children behind a failed test
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         log.close()

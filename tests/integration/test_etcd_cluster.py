@@ -1,0 +1,304 @@
+"""etcd coordination with a real etcd, real nodes and real upstream processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import Cluster, Etcd, Node
+from tests.support import ROOT, wait_until
+
+
+
+def who(node: Node, msg: bytes = b"who") -> tuple[str, str]:
+    """One short connection: (mark, upstream id) of the reply."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+        s.sendall(msg + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    mark, upstream, _ = data.decode().split(" ", 2)
+    return mark, upstream
+
+
+def routes(node: Node, n: int = 8) -> set[str]:
+    return {who(node)[1] for _ in range(n)}
+
+
+def test_put_routes_on_every_node_and_ops_follow(cluster: Cluster, etcd: Etcd) -> None:
+    u1, u2 = cluster.echo("u1"), cluster.echo("u2")
+    nodes = [
+        cluster.node([], node_id=f"n{i}", etcd=etcd.url, prefix=etcd.prefix, wait_links=[])
+        for i in (1, 2)
+    ]
+
+    t0 = time.monotonic()
+    etcd.put("/services/echo/upstreams/u1", u1.addr)
+    for node in nodes:
+        wait_until(lambda node=node: routes(node, 1) == {"u1"}, 10, "u1 routed")
+    print(f"put -> first routed mark on both nodes: {time.monotonic() - t0:.3f}s")
+
+    etcd.put("/services/echo/upstreams/u2", json.dumps({"addr": u2.addr, "weight": 3}))
+    for node in nodes:
+        wait_until(lambda node=node: routes(node) == {"u1", "u2"}, 10, "both routed")
+
+    # drain u1 with the CLI: no new marks there
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pmlb",
+            "upstream",
+            "drain",
+            "echo",
+            "u1",
+            "--etcd",
+            etcd.url,
+            "--etcd-prefix",
+            etcd.prefix,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    for node in nodes:
+        wait_until(lambda node=node: routes(node) == {"u2"}, 10, "drained u1 gets no marks")
+
+    # reweight: u1 back, weight 1 vs 3 -> u2 gets about three in four
+    etcd.put("/services/echo/upstreams/u1", json.dumps({"addr": u1.addr, "weight": 1}))
+    wait_until(lambda: "u1" in routes(nodes[0]), 10, "u1 undrained")
+    counts = {"u1": 0, "u2": 0}
+    for _ in range(40):
+        counts[who(nodes[0])[1]] += 1
+    assert counts == {"u1": 10, "u2": 30}, counts
+
+    etcd.delete("/services/echo/upstreams/u2")
+    for node in nodes:
+        wait_until(lambda node=node: routes(node) == {"u1"}, 10, "deleted u2 gets no marks")
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pmlb",
+            "upstream",
+            "ls",
+            "echo",
+            "--json",
+            "--etcd",
+            etcd.url,
+            "--etcd-prefix",
+            etcd.prefix,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    listed = json.loads(out)
+    assert [u["id"] for u in listed["upstreams"]] == ["u1"]
+    assert listed["checker"] in ("n1", "n2")
+    assert set(etcd.keys("/nodes/")) == {etcd.prefix + "/nodes/n1", etcd.prefix + "/nodes/n2"}
+
+
+@pytest.mark.asyncio
+async def test_not_serving_is_routed_around_and_back(cluster: Cluster, etcd: Etcd) -> None:
+    from pmlb.upstream import Conn, Handler, UpstreamServer
+
+    class Echo(Handler):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_message(self, conn: Conn, data: bytes) -> None:
+            conn.send(f"{conn.mark} {self.name} ".encode() + data)
+
+    servers = {}
+    for name in ("a", "b"):
+        servers[name] = UpstreamServer(Echo(name), upstream_id=name, listen="127.0.0.1:0")
+        port = await servers[name].start()
+        etcd.put(f"/services/echo/upstreams/{name}", f"127.0.0.1:{port}")
+    try:
+        nodes = [
+            await asyncio.to_thread(
+                cluster.node,
+                [],
+                node_id=f"n{i}",
+                etcd=etcd.url,
+                prefix=etcd.prefix,
+                wait_links=["a", "b"],
+            )
+            for i in (1, 2)
+        ]
+
+        async def all_route(expected: set[str]) -> None:
+            for node in nodes:
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda node=node: routes(node) == expected,
+                    10,
+                    f"routing to {expected}",
+                )
+
+        await all_route({"a", "b"})
+        await servers["a"].set_serving(False)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: '"NOT_SERVING"' in (etcd.get("/services/echo/health/a") or ""),
+            10,
+            "checker writes NOT_SERVING",
+        )
+        await all_route({"b"})
+        await servers["a"].set_serving(True)
+        await all_route({"a", "b"})
+    finally:
+        for s in servers.values():
+            await s.stop(0)
+
+
+def test_checker_and_node_death(cluster: Cluster, etcd: Etcd) -> None:
+    u1 = cluster.echo("u1")
+    etcd.put("/services/echo/upstreams/u1", u1.addr)
+    nodes = {
+        f"n{i}": cluster.node(
+            [], node_id=f"n{i}", etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1"]
+        )
+        for i in (1, 2, 3)
+    }
+    wait_until(lambda: etcd.get("/services/echo/checker") in nodes, 10, "a checker")
+    first = etcd.get("/services/echo/checker")
+    assert first is not None
+    wait_until(
+        lambda: f'"checker": "{first}"' in (etcd.get("/services/echo/health/u1") or ""),
+        10,
+        "health written by the checker",
+    )
+
+    t0 = time.monotonic()
+    nodes[first].proc.kill()
+    # lease TTL 3 s + one 0.3 s interval (+ slack for a loaded machine)
+    wait_until(lambda: etcd.get("/services/echo/checker") not in (None, first), 10, "a new checker")
+    took = time.monotonic() - t0
+    second = etcd.get("/services/echo/checker")
+    assert took < 3 + 0.3 + 3, f"takeover took {took:.1f}s"
+    wait_until(
+        lambda: f'"checker": "{second}"' in (etcd.get("/services/echo/health/u1") or ""),
+        10,
+        "the dead checker's health keys replaced by the new checker's",
+    )
+    assert etcd.prefix + f"/nodes/{first}" not in etcd.keys("/nodes/"), "dead node unregistered"
+
+    # clean stop: the checker resigns and the lease is revoked at once
+    t0 = time.monotonic()
+    assert second is not None
+    assert nodes[second].proc.stop() == 0
+    wait_until(
+        lambda: etcd.get("/services/echo/checker") not in (None, second),
+        2.5,
+        "immediate takeover after a clean stop",
+    )
+    assert etcd.prefix + f"/nodes/{second}" not in etcd.keys("/nodes/")
+    print(f"takeover after SIGKILL {took:.2f}s, after SIGTERM {time.monotonic() - t0:.2f}s")
+
+
+def test_bad_values_are_ignored_and_counted(cluster: Cluster, etcd: Etcd) -> None:
+    u1 = cluster.echo("u1")
+    etcd.put("/services/echo/upstreams/u1", u1.addr)
+    node = cluster.node([], etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1"])
+    etcd.put("/services/echo/upstreams/bad1", "not an address")
+    etcd.put("/services/echo/upstreams/bad2", '{"addr": "127.0.0.1:1", "weight": "heavy"}')
+    etcd.put("/services/echo/upstreams/bad3", '{"addr": ')
+    etcd.put("/services/echo/health/ghost", "bogus")
+    # a non-UTF-8 key, written through the API etcdctl cannot type
+    asyncio.run(_put_raw(etcd, b"/services/echo/upstreams/\xff\xfe", b"127.0.0.1:2"))
+    wait_until(
+        lambda: node.metrics().get("pmlb_etcd_malformed_values") == 5,
+        10,
+        "five malformed values counted",
+    )
+    assert routes(node) == {"u1"}
+    log = node.proc.log()
+    assert "'not an address'" in log or "not an address" in log
+    assert "'weight' must be an integer" in log
+    assert node.proc.alive()
+
+
+async def _put_raw(etcd: Etcd, key: bytes, value: bytes) -> None:
+    from pmlb.store.etcd import EtcdSettings, EtcdStore
+
+    store = EtcdStore(EtcdSettings(endpoints=(etcd.url,)))
+    await store.connect()
+    assert store._kv is not None
+    from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2 as rpc
+
+    await store._kv.Put(rpc.PutRequest(key=etcd.prefix.encode() + key, value=value))
+    await store.close()
+
+
+@pytest.mark.slow
+def test_static_stability_through_etcd_stop_and_replacement(cluster: Cluster, etcd: Etcd) -> None:
+    u1 = cluster.echo("u1")
+    etcd.put("/services/echo/upstreams/u1", u1.addr)
+    nodes = [
+        cluster.node([], node_id=f"n{i}", etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1"])
+        for i in (1, 2)
+    ]
+    held = []
+    for node in nodes:
+        s = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+        held.append(s)
+
+    def still_working(tag: str) -> None:
+        for i, s in enumerate(held):
+            s.sendall(f"{tag}-{i}\n".encode())
+            line = s.recv(4096).decode()
+            assert line.endswith(f" u1 {tag}-{i}\n"), line
+        for node in nodes:
+            assert routes(node, 2) == {"u1"}, "new connections are still routed"
+
+    still_working("before")
+    etcd.server.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            still_working("frozen")
+            time.sleep(1)
+        for node in nodes:
+            assert node.metrics()["pmlb_etcd_session_up"] == 0, "degraded is visible"
+    finally:
+        etcd.server.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+    still_working("thawed")
+    for node in nodes:
+        wait_until(
+            lambda node=node: node.metrics()["pmlb_etcd_session_up"] == 1, 15, "session back"
+        )
+
+    # etcd killed and replaced by an empty one on the same address
+    etcd.server.kill()
+    still_working("dead")
+    etcd.server.start(fresh=True)
+    still_working("fresh")
+    wait_until(lambda: len(etcd.keys("/nodes/")) == 2, 20, "both nodes re-registered")
+    etcd.put("/services/echo/upstreams/u1", u1.addr)  # the operator restores the config
+    u2 = cluster.echo("u2")
+    etcd.put("/services/echo/upstreams/u2", u2.addr)
+    for node in nodes:
+        wait_until(
+            lambda node=node: routes(node) == {"u1", "u2"},
+            15,
+            "the fresh cluster's config is followed",
+        )
+    still_working("after")
+    for s in held:
+        s.close()
