@@ -32,7 +32,7 @@ def routes(node: Node, n: int = 8) -> set[str]:
     return {who(node)[1] for _ in range(n)}
 
 
-def test_put_routes_on_every_node_and_ops_follow(cluster: Cluster, etcd: Etcd) -> None:
+def test_put_routes_on_every_node_and_ops_follow(etcd: Etcd, cluster: Cluster) -> None:
     u1, u2 = cluster.echo("u1"), cluster.echo("u2")
     nodes = [
         cluster.node([], node_id=f"n{i}", etcd=etcd.url, prefix=etcd.prefix, wait_links=[])
@@ -113,7 +113,7 @@ def test_put_routes_on_every_node_and_ops_follow(cluster: Cluster, etcd: Etcd) -
 
 
 @pytest.mark.asyncio
-async def test_not_serving_is_routed_around_and_back(cluster: Cluster, etcd: Etcd) -> None:
+async def test_not_serving_is_routed_around_and_back(etcd: Etcd, cluster: Cluster) -> None:
     from pmlb.upstream import Conn, Handler, UpstreamServer
 
     class Echo(Handler):
@@ -166,7 +166,7 @@ async def test_not_serving_is_routed_around_and_back(cluster: Cluster, etcd: Etc
             await s.stop(0)
 
 
-def test_checker_and_node_death(cluster: Cluster, etcd: Etcd) -> None:
+def test_checker_and_node_death(etcd: Etcd, cluster: Cluster) -> None:
     u1 = cluster.echo("u1")
     etcd.put("/services/echo/upstreams/u1", u1.addr)
     nodes = {
@@ -211,7 +211,7 @@ def test_checker_and_node_death(cluster: Cluster, etcd: Etcd) -> None:
     print(f"takeover after SIGKILL {took:.2f}s, after SIGTERM {time.monotonic() - t0:.2f}s")
 
 
-def test_bad_values_are_ignored_and_counted(cluster: Cluster, etcd: Etcd) -> None:
+def test_bad_values_are_ignored_and_counted(etcd: Etcd, cluster: Cluster) -> None:
     u1 = cluster.echo("u1")
     etcd.put("/services/echo/upstreams/u1", u1.addr)
     node = cluster.node([], etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1"])
@@ -246,7 +246,7 @@ async def _put_raw(etcd: Etcd, key: bytes, value: bytes) -> None:
 
 
 @pytest.mark.slow
-def test_static_stability_through_etcd_stop_and_replacement(cluster: Cluster, etcd: Etcd) -> None:
+def test_static_stability_through_etcd_stop_and_replacement(etcd: Etcd, cluster: Cluster) -> None:
     u1 = cluster.echo("u1")
     etcd.put("/services/echo/upstreams/u1", u1.addr)
     nodes = [

@@ -90,9 +90,8 @@ class Checker:
         if self.is_checker:
             self.is_checker = False
             try:
-                if await self.store.delete_if_value(
-                    self.keys.checker(self.view.service), self.node_id
-                ):
+                key = self.keys.checker(self.view.service)
+                if await self.store.delete_if_value(key, self.node_id, deadline=1.5):
                     log.info("resigned as checker of %s", self.view.service)
             except StoreError as exc:
                 log.warning("could not resign as checker: %s (the lease will end it)", exc)

@@ -51,8 +51,7 @@ class Session:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if revoke and self.lease:
-            await self.store.revoke(self.lease)
+        if revoke and self.lease and await self.store.revoke(self.lease):
             log.info("lease %x revoked: registration and checker keys removed", self.lease)
         self.lease = 0
 

@@ -259,7 +259,7 @@ class EtcdStore:
         resp = await self._call(lambda: self._kv.Txn(req, **self._kw()))  # type: ignore[union-attr]
         return bool(resp.succeeded)
 
-    async def delete_if_value(self, key: str, value: str) -> bool:
+    async def delete_if_value(self, key: str, value: str, deadline: float | None = None) -> bool:
         """Delete ``key`` only while it still holds ``value`` (resigning)."""
         assert self._kv is not None
         req = rpc.TxnRequest(
@@ -273,7 +273,10 @@ class EtcdStore:
             ],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))],
         )
-        resp = await self._call(lambda: self._kv.Txn(req, **self._kw()))  # type: ignore[union-attr]
+        resp = await self._call(
+            lambda: self._kv.Txn(req, **self._kw()),  # type: ignore[union-attr]
+            deadline=deadline,
+        )
         return bool(resp.succeeded)
 
     # -- leases -------------------------------------------------------------------------
@@ -284,16 +287,18 @@ class EtcdStore:
         resp = await self._call(lambda: self._lease.LeaseGrant(req, **self._kw()))  # type: ignore[union-attr]
         return int(resp.ID)
 
-    async def revoke(self, lease: int) -> None:
+    async def revoke(self, lease: int) -> bool:
         assert self._lease is not None
         req = rpc.LeaseRevokeRequest(ID=lease)
         try:
             await self._call(
                 lambda: self._lease.LeaseRevoke(req, **self._kw()),  # type: ignore[union-attr]
-                deadline=2.0,
+                deadline=1.5,  # shutdown must not hang on a dead etcd
             )
         except StoreError as exc:
             log.warning("could not revoke lease %x: %s (it expires by its TTL)", lease, exc)
+            return False
+        return True
 
     async def keepalive_once(self, lease: int) -> int:
         """Refresh ``lease``; return its remaining TTL, 0 when etcd no longer has it."""
