@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test lint format proto bench bench-quick bench-deps clean
+.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -53,6 +53,9 @@ bench-deps: install $(BENCH_BIN)/loadgen $(BENCH_BIN)/echo_server
 
 bench: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) $(BENCH_ARGS)
+
+bench-etcd: install
+	$(PY) scripts/bench/put_to_route.py 10
 
 bench-quick: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) --quick $(BENCH_ARGS)

@@ -64,6 +64,7 @@ class Cluster:
         prefix: str = "/pmlb",
         service: str = "echo",
         host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
     ) -> Node:
         port, admin = free_port(), free_port()
         args = [
@@ -98,7 +99,7 @@ class Cluster:
             ]
         for u in upstreams:
             args += ["--upstream", u]
-        proc = Proc(f"node-{node_id}-{len(self.procs)}", args + (extra or []), self.log_dir)
+        proc = Proc(f"node-{node_id}-{len(self.procs)}", args + (extra or []), self.log_dir, env)
         self.procs.append(proc)
         wait_until(lambda: tcp_open(host, port) or not proc.alive(), 15, "node listener")
         assert proc.alive(), proc.log()

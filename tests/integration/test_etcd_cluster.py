@@ -301,3 +301,29 @@ def test_static_stability_through_etcd_stop_and_replacement(etcd: Etcd, cluster:
     still_working("after", frozenset({"u1", "u2"}))
     for s in held:
         s.close()
+
+
+def test_etcd_with_authentication(etcd: Etcd, cluster: Cluster) -> None:
+    u1 = cluster.echo("u1")
+    etcd.ctl("user", "add", "root:rootpw")
+    etcd.ctl("user", "add", "pmlb:s3cret-pw")
+    etcd.ctl("role", "add", "pmlb")
+    etcd.ctl("role", "grant-permission", "pmlb", "--prefix=true", "readwrite", etcd.prefix + "/")
+    etcd.ctl("user", "grant-role", "pmlb", "pmlb")
+    etcd.ctl("auth", "enable")
+    etcd.ctl("--user", "root:rootpw", "put", etcd.prefix + "/services/echo/upstreams/u1", u1.addr)
+    node = cluster.node(
+        [],
+        etcd=etcd.url,
+        prefix=etcd.prefix,
+        wait_links=["u1"],
+        extra=["--etcd-user", "pmlb"],
+        env={"PMLB_ETCD_PASSWORD": "s3cret-pw"},
+    )
+    assert routes(node) == {"u1"}
+    wait_until(lambda: node.metrics().get("pmlb_etcd_session_up") == 1, 10, "session up")
+    keys = etcd.ctl(
+        "--user", "root:rootpw", "get", "--prefix", "--keys-only", etcd.prefix + "/nodes/"
+    )
+    assert f"{etcd.prefix}/nodes/n1" in keys
+    assert "s3cret-pw" not in node.proc.log(), "no secret in logs"
