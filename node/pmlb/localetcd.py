@@ -45,8 +45,14 @@ def _free_port(host: str) -> int:
 
 class LocalEtcd:
     def __init__(
-        self, host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
+        """``tls`` = (CA file, server cert, server key): serve https, require client certs."""
+        self.tls = tls
         self.host = host
         self.port = port or _free_port(host)
         self.peer_port = _free_port(host)
@@ -56,7 +62,7 @@ class LocalEtcd:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0, fresh: bool = True) -> None:
         if fresh or not self.data_dir:
@@ -83,6 +89,17 @@ class LocalEtcd:
             "--log-level",
             "warn",
         ]
+        if self.tls:
+            ca, cert, key = self.tls
+            args += [
+                "--cert-file",
+                cert,
+                "--key-file",
+                key,
+                "--trusted-ca-file",
+                ca,
+                "--client-cert-auth",
+            ]
         out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -9,9 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from pmlb.localetcd import LocalEtcd
+from tests.certs import make_chain
 from tests.conftest import Cluster, Etcd, Node
 from tests.support import ROOT, wait_until
 
@@ -327,3 +330,45 @@ def test_etcd_with_authentication(etcd: Etcd, cluster: Cluster) -> None:
     )
     assert f"{etcd.prefix}/nodes/n1" in keys
     assert "s3cret-pw" not in node.proc.log(), "no secret in logs"
+
+
+def test_etcd_over_mutual_tls(tmp_path: Path, cluster: Cluster) -> None:
+    chain = make_chain(tmp_path / "certs")
+    server = LocalEtcd(
+        log_path=tmp_path / "etcd-tls.log",
+        tls=(str(chain.ca), str(chain.server_cert), str(chain.server_key)),
+    )
+    server.start()
+    try:
+        u1 = cluster.echo("u1")
+        tls_args = [
+            "--cacert",
+            str(chain.ca),
+            "--cert",
+            str(chain.client_cert),
+            "--key",
+            str(chain.client_key),
+        ]
+        etcd = Etcd(server, "/pmlb-tls")
+        etcd.ctl(*tls_args, "put", "/pmlb-tls/services/echo/upstreams/u1", u1.addr)
+        node = cluster.node(
+            [],
+            etcd=server.url,
+            prefix="/pmlb-tls",
+            wait_links=["u1"],
+            extra=[
+                "--etcd-ca",
+                str(chain.ca),
+                "--etcd-cert",
+                str(chain.client_cert),
+                "--etcd-key",
+                str(chain.client_key),
+            ],
+        )
+        assert server.url.startswith("https://")
+        assert routes(node) == {"u1"}
+        keys = etcd.ctl(*tls_args, "get", "--prefix", "--keys-only", "/pmlb-tls/nodes/")
+        assert "/pmlb-tls/nodes/n1" in keys
+        cluster.stop()
+    finally:
+        server.stop()
