@@ -79,6 +79,11 @@ class Cluster:
             framing,
             "--service",
             service,
+            # tests stop nodes with clients still connected: keep draining short
+            "--drain-timeout",
+            "1",
+            "--drain-window",
+            "0.2",
         ]
         if etcd:
             args += [

@@ -45,6 +45,7 @@ class NodeApp:
         self.view: ServiceView | None = None
         self.checker: Checker | None = None
         self.started_at = now_rfc3339()
+        self._stop_event: asyncio.Event | None = None
         if config.etcd:
             self.store = EtcdStore(
                 EtcdSettings(
@@ -108,6 +109,9 @@ class NodeApp:
             await self.checker.stop()
         if self.session is not None:
             await self.session.stop(revoke=True)
+        # Then drain: no new connections, open marks finish (failover still works,
+        # the view keeps following etcd), the rest is closed gradually.
+        await self.plane.drain(self.config.drain_timeout, self.config.drain_window)
         if self.view is not None:
             await self.view.stop()
         await self.plane.stop(self.config.shutdown_timeout)
@@ -118,6 +122,7 @@ class NodeApp:
         log.info("node %s stopped", self.config.node_id)
 
     async def run(self, stop: asyncio.Event) -> int:
+        self._stop_event = stop
         await self.start()
         await stop.wait()
         await self.stop()
@@ -196,7 +201,8 @@ class NodeApp:
 
         async def readyz(query: str) -> tuple[int, str, bytes]:
             registered = self.session is None or bool(self.session.lease)
-            ready = plane.accepting and registered and bool(plane.routable())
+            draining = self._stop_event is not None and self._stop_event.is_set()
+            ready = plane.accepting and registered and not draining and bool(plane.routable())
             return (200 if ready else 503), "text/plain", b"ready\n" if ready else b"not ready\n"
 
         async def metrics_(query: str) -> tuple[int, str, bytes]:
@@ -214,7 +220,15 @@ class NodeApp:
         admin.route("GET", "/healthz", healthz)
         admin.route("GET", "/readyz", readyz)
         admin.route("GET", "/metrics", metrics_)
+
+        async def drain(query: str) -> tuple[int, str, bytes]:
+            # Same as SIGTERM: leave etcd, stop accepting, drain, exit 0.
+            if self._stop_event is not None:
+                self._stop_event.set()
+            return 200, "text/plain", b"draining\n"
+
         admin.route("GET", "/connections", connections)
+        admin.route("POST", "/drain", drain)
 
 
 async def run_echo(

@@ -127,7 +127,31 @@ NODE_OPTIONS: tuple[Option, ...] = (
         5.0,
         _positive_float,
     ),
-    Option("shutdown-timeout", "seconds to finish on SIGTERM/SIGINT", 10.0, _positive_float),
+    Option(
+        "replay-buffer",
+        "unacknowledged client bytes kept per mark for failover",
+        1 << 20,
+        _positive_int,
+    ),
+    Option(
+        "ack-timeout",
+        "seconds an upstream may leave sent data unanswered before its link counts as hung",
+        5.0,
+        _positive_float,
+    ),
+    Option("drain-rate", "marks per second moved off a draining upstream", 200.0, _positive_float),
+    Option(
+        "drain-timeout", "seconds a draining node keeps serving its marks", 30.0, _positive_float
+    ),
+    Option(
+        "drain-window",
+        "seconds over which a draining node closes what is left",
+        5.0,
+        _positive_float,
+    ),
+    Option(
+        "shutdown-timeout", "seconds to flush links at the end of a stop", 10.0, _positive_float
+    ),
     Option("backlog", "listen backlog", 4096, _positive_int),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
@@ -279,6 +303,11 @@ class NodeConfig:
     link_buffer: int = 8 << 20
     connect_timeout: float = 5.0
     close_linger: float = 5.0
+    replay_buffer: int = 1 << 20
+    ack_timeout: float = 5.0
+    drain_rate: float = 200.0
+    drain_timeout: float = 30.0
+    drain_window: float = 5.0
     shutdown_timeout: float = 10.0
     backlog: int = 4096
     log_level: str = "info"
@@ -352,6 +381,11 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         link_buffer=values["link_buffer"],
         connect_timeout=values["connect_timeout"],
         close_linger=values["close_linger"],
+        replay_buffer=values["replay_buffer"],
+        ack_timeout=values["ack_timeout"],
+        drain_rate=values["drain_rate"],
+        drain_timeout=values["drain_timeout"],
+        drain_window=values["drain_window"],
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
         log_level=values["log_level"].lower(),

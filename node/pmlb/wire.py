@@ -49,6 +49,8 @@ NODE_SHUTDOWN: Final = "node_shutdown"
 NODE_DRAINING: Final = "node_draining"
 REPLAY_OVERFLOW: Final = "replay_overflow"
 WRITE_OVERFLOW: Final = "write_overflow"
+MOVED: Final = "moved"
+CLOSED_BY_API: Final = "closed_by_api"
 
 log = logging.getLogger("pmlb.wire")
 

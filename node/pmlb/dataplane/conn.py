@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pmlb import wire
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pmlb.conn")
 
-WAITING, BOUND, CLIENT_EOF, CLOSING, CLOSED = range(5)
-_STATE_NAMES = ("waiting", "bound", "client_eof", "closing", "closed")
+# Order matters: everything from CLOSING on is "going away".
+WAITING, BOUND, MOVING, CLIENT_EOF, CLOSING, CLOSED = range(6)
+_STATE_NAMES = ("waiting", "bound", "moving", "client_eof", "closing", "closed")
 
 
 class ClientConn(asyncio.Protocol):
@@ -62,6 +64,8 @@ class ClientConn(asyncio.Protocol):
         "owed",
         "plane",
         "read_paused",
+        "replay",
+        "replay_bytes",
         "seq",
         "state",
         "timer",
@@ -89,6 +93,11 @@ class ClientConn(asyncio.Protocol):
         # first read can still arrive; it is kept (at most one read per pause)
         # and forwarded after the Open. b"" marks an EOF.
         self.early: list[bytes] | None = None
+        # Client frames sent upstream and not yet acknowledged, oldest first:
+        # replayed, same seq, to the next upstream on failover. None when empty
+        # (an idle mark then pays nothing for it).
+        self.replay: deque[tuple[int, bytes]] | None = None
+        self.replay_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
         self.close_reason = ""
         self.client_addr = ""
@@ -108,7 +117,7 @@ class ClientConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.state != BOUND:
-            if self.state == WAITING and data:
+            if self.state in (WAITING, MOVING) and data:
                 self.read_paused = False  # the earlier pause did not take
                 self._pause_reading()
                 (self.early or self._start_early()).append(data)
@@ -128,6 +137,9 @@ class ClientConn(asyncio.Protocol):
         mark = self.mark
         seq = self.seq
         total = 0
+        replay = self.replay
+        if replay is None:
+            replay = self.replay = deque()
         for msg in messages:
             seq += 1
             f = writer.frame()
@@ -136,7 +148,21 @@ class ClientConn(asyncio.Protocol):
             d.seq = seq
             d.payload = msg
             total += len(msg)
+            replay.append((seq, msg))
         self.seq = seq
+        if not link.expect_since:
+            link.expect_since = time.monotonic()
+        self.replay_bytes += total
+        if self.replay_bytes > self.plane.config.replay_buffer:
+            self.plane.stats.replay_overflows += 1
+            log.warning(
+                "mark=%s replay buffer over %d bytes (upstream %s is not acknowledging)",
+                mark,
+                self.plane.config.replay_buffer,
+                link.id,
+            )
+            self.close(wire.REPLAY_OVERFLOW, "unacknowledged client data over the replay bound")
+            return
         writer.add_payload(total)
         writer.kick()
         n = len(messages)
@@ -161,12 +187,12 @@ class ClientConn(asyncio.Protocol):
             self._detach()
             self._arm(self.plane.config.close_linger, self._linger_expired)
             return True
-        if self.state == WAITING:
-            if not self.early:
-                self.close(wire.CLIENT_CLOSED, "client left before an upstream was bound")
-                return False
+        if self.state == WAITING and not self.early and not self.replay:
+            self.close(wire.CLIENT_CLOSED, "client left before an upstream was bound")
+            return False
+        if self.state in (WAITING, MOVING):
             # Keep waiting: what the client sent before its EOF still goes out.
-            self.early.append(b"")
+            (self.early or self._start_early()).append(b"")
             return True
         return False
 
@@ -179,12 +205,14 @@ class ClientConn(asyncio.Protocol):
             self._grant()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state in (WAITING, BOUND):
+        if self.state in (WAITING, BOUND, MOVING):
             reason = wire.CLIENT_RESET if exc is not None else wire.CLIENT_CLOSED
             self.close_reason = reason
             if self.state == BOUND:
                 self._send_close(reason, "")
                 self._detach()
+            elif self.state == MOVING:
+                self._detach()  # the old upstream was already told (Close "moved")
             else:
                 self.plane.unwait(self)
         self.state = CLOSED
@@ -194,12 +222,14 @@ class ClientConn(asyncio.Protocol):
     # -- called by the plane and links ------------------------------------
 
     def bind(self, link: Link) -> None:
-        """Bind this (waiting) mark to ``link`` and send its Open."""
+        """Bind this (waiting) mark to ``link``: send its Open, then replay what
+        the previous upstream had not acknowledged, with the same seq numbers."""
         self._disarm()
         self.link = link
         self.binds += 1
         self.state = BOUND
-        self.credit = link.peer_window
+        self.credit = link.peer_window - self.replay_bytes
+        self.owed = 0
         link.attach(self)
         cfg = self.plane.config
         writer = link.writer
@@ -210,15 +240,36 @@ class ClientConn(asyncio.Protocol):
         o.client_addr = self.client_addr
         o.client_port = self.client_port
         o.node_id = cfg.node_id
-        o.next_seq = self.seq + 1
+        replay = self.replay
+        o.next_seq = replay[0][0] if replay else self.seq + 1
         o.framing = cfg.framing
         o.listener = self.plane.listener_name
         o.accepted_at_unix_ms = self.accepted_ms
         o.resumed = self.binds > 1
         if self.meta:
             o.metadata.update(self.meta)
+        if replay:
+            for seq, msg in replay:
+                f = writer.frame()
+                f.mark = self.mark
+                d = f.data
+                d.seq = seq
+                d.payload = msg
+            writer.add_payload(self.replay_bytes)
+            if not link.expect_since:
+                link.expect_since = time.monotonic()
         writer.kick()
-        log.debug("mark=%s bound upstream=%s", self.mark, link.id)
+        if self.binds > 1:
+            self.plane.stats.failovers += 1
+            log.info(
+                "mark=%s resumed on upstream=%s, %d frames replayed from seq %d",
+                self.mark,
+                link.id,
+                len(replay or ()),
+                o.next_seq,
+            )
+        else:
+            log.debug("mark=%s bound upstream=%s", self.mark, link.id)
         early, self.early = self.early, None
         for data in early or ():
             if data:
@@ -232,8 +283,23 @@ class ClientConn(asyncio.Protocol):
         self._pause_reading()
         self._arm(timeout, self._no_upstream)
 
-    def deliver(self, payload: bytes, link: Link) -> None:
-        """Upstream data for the client."""
+    def wait_for_failover(self, timeout: float) -> None:
+        self._pause_reading()
+        self._arm(timeout, self._failover_expired)
+
+    def _failover_expired(self) -> None:
+        self.timer = None
+        log.warning(
+            "mark=%s no upstream to resume on within %.1fs, closing",
+            self.mark,
+            self.plane.config.connect_timeout,
+        )
+        self.close(wire.UPSTREAM_LOST, "no routable upstream to resume on", notify=False)
+
+    def deliver(self, payload: bytes, acked: int, link: Link) -> None:
+        """Upstream data for the client (``acked``: the ack riding on it)."""
+        if acked and link is self.link:
+            self.on_ack(acked)
         transport = self.transport
         if self.state >= CLOSING or transport is None:
             return
@@ -268,9 +334,22 @@ class ClientConn(asyncio.Protocol):
             )
             self.close(wire.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
 
-    def on_flow(self, credit: int, link: Link) -> None:
+    def on_ack(self, acked: int) -> None:
+        replay = self.replay
+        if not replay:
+            return
+        size = 0
+        while replay and replay[0][0] <= acked:
+            size += len(replay.popleft()[1])
+        self.replay_bytes -= size
+        if not replay:
+            self.replay = None
+
+    def on_flow(self, credit: int, acked: int, link: Link) -> None:
         if link is not self.link:
             return
+        if acked:
+            self.on_ack(acked)
         was_blocked = self.credit <= 0
         self.credit += credit
         if was_blocked and self.credit > 0:
@@ -290,14 +369,52 @@ class ClientConn(asyncio.Protocol):
     def upstream_close(self, reason: str, detail: str, link: Link) -> None:
         if self.state >= CLOSING:
             return
+        if self.state == MOVING and link is self.link:
+            # The old upstream acknowledged the move after answering everything
+            # it had: now bind elsewhere and replay whatever is still unacked.
+            self._finish_move()
+            return
         if link is not self.link and self.state == BOUND:
             # Closed by another upstream (push): the bound one must forget it too.
             self._send_close(reason, detail)
         self.close(reason, detail, notify=False)
 
     def on_link_lost(self) -> None:
+        """The bound upstream is gone: keep the mark and move it (failover)."""
+        if self.state in (BOUND, MOVING):
+            self._detach()
+            self.link = None
+            self.state = WAITING
+            self.plane.rebind(self)
+        elif self.state == CLIENT_EOF:
+            self.link = None
+            if self.replay:
+                # The client is done sending but replies are owed: resume elsewhere
+                # and pass the EOF on after the replay.
+                self.state = WAITING
+                (self.early or self._start_early()).append(b"")
+                self.plane.rebind(self)
+            else:
+                self.close(wire.CLIENT_CLOSED, "upstream lost after the last reply", notify=False)
+
+    def start_move(self, detail: str) -> None:
+        """Move this mark off its upstream gracefully (drain): stop reading, ask the
+        upstream to close it after answering what it has, then rebind."""
+        if self.state != BOUND or self.link is None:
+            return
+        self._send_close(wire.MOVED, detail)
+        self.state = MOVING
+        self._pause_reading()
+        self._arm(self.plane.config.ack_timeout, self._finish_move)
+
+    def _finish_move(self) -> None:
+        self.timer = None
+        if self.state != MOVING:
+            return
+        self._detach()
         self.link = None
-        self.close(wire.UPSTREAM_LOST, "the link to its upstream broke", notify=False)
+        self.state = WAITING
+        self.plane.rebind(self)
 
     def close(
         self, reason: str, detail: str = "", *, notify: bool = True, abort: bool = False
@@ -307,7 +424,7 @@ class ClientConn(asyncio.Protocol):
             return
         if self.state == WAITING:
             self.plane.unwait(self)
-        elif self.state == BOUND and notify:
+        elif self.state in (BOUND, MOVING) and notify:
             self._send_close(reason, detail)
         if self.state != CLIENT_EOF or not self.close_reason:
             self.close_reason = reason
@@ -339,6 +456,7 @@ class ClientConn(asyncio.Protocol):
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "binds": self.binds,
+            "unacked_frames": len(self.replay or ()),
         }
 
     # -- internals ---------------------------------------------------------

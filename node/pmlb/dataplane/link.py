@@ -75,6 +75,10 @@ class Link:
         self._channel: grpc.aio.Channel | None = None
         self._stopping = False
         self._unknown_logged = 0.0
+        # When we first sent something the upstream has not answered yet (0: all
+        # answered). An upstream that stays silent past --ack-timeout is hung.
+        self.expect_since = 0.0
+        self._hung = False
 
     # -- what the balancer sees -----------------------------------------------
 
@@ -210,6 +214,9 @@ class Link:
                 first.hello.id,
                 self.peer_window,
             )
+            self._hung = False
+            self.expect_since = 0.0
+            watchdog = asyncio.get_running_loop().create_task(self._watchdog(call))
             self.plane.link_up(self)
             self._dispatch(first)
             while True:
@@ -222,6 +229,12 @@ class Link:
         except wire.StreamEnded:
             self.last_error = "upstream ended the stream"
             raise LinkBroken(self.last_error) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._hung and task is not None and not task.cancelling():
+                self.last_error = f"no answer within {self.plane.config.ack_timeout:.1f}s (hung)"
+                raise LinkBroken(self.last_error) from None
+            raise
         except grpc.aio.AioRpcError as exc:
             self.last_error = f"{exc.code().name}: {exc.details()}"
             raise LinkBroken(self.last_error) from None
@@ -234,6 +247,8 @@ class Link:
         finally:
             was_up = self.state == UP
             self.state = DOWN
+            if was_up:
+                watchdog.cancel()
             writer.cancel()
             call.cancel()
             await channel.close(grace=None)
@@ -253,6 +268,24 @@ class Link:
                     len(self.marks),
                 )
                 self.plane.link_down(self)
+
+    async def _watchdog(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        """Break the link when the upstream stops answering (alive TCP, no progress)."""
+        timeout = self.plane.config.ack_timeout
+        while True:
+            await asyncio.sleep(timeout / 4)
+            since = self.expect_since
+            if since and time.monotonic() - since > timeout:
+                self._hung = True
+                log.warning(
+                    "link %s (%s): nothing received for %.1fs with data outstanding; "
+                    "treating the upstream as hung",
+                    self.id,
+                    self.spec.addr,
+                    timeout,
+                )
+                call.cancel()
+                return
 
     async def _no_stream(self, batch: pb.Batch) -> None:
         raise LinkBroken("link is not connected")
@@ -276,6 +309,7 @@ class Link:
         plane = self.plane
         stats = plane.stats
         stats.batches_in += 1
+        self.expect_since = 0.0
         marks = plane.marks
         unknown: list[str] = []
         for f in batch.frames:
@@ -295,9 +329,10 @@ class Link:
                     continue
                 stats.frames_out += 1
                 stats.bytes_out += len(payload)
-                conn.deliver(payload, self)
+                conn.deliver(payload, d.acked, self)
             elif kind == "flow":
-                conn.on_flow(f.flow.credit, self)
+                fl = f.flow
+                conn.on_flow(fl.credit, fl.acked, self)
             elif kind == "close":
                 c = f.close
                 conn.upstream_close(c.reason or wire.UPSTREAM_CLOSED, c.detail, self)

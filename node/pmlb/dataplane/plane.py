@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import time
 from collections.abc import Iterable
 from typing import Final
@@ -26,7 +27,7 @@ from typing import Final
 from pmlb import wire
 from pmlb.config import NodeConfig, UpstreamSpec, format_hostport
 from pmlb.dataplane.balancer import make_balancer
-from pmlb.dataplane.conn import BOUND, CLIENT_EOF, ClientConn
+from pmlb.dataplane.conn import BOUND, CLIENT_EOF, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.ids import MarkFactory
@@ -61,6 +62,7 @@ class DataPlane:
         self.started_at = time.time()
         self._retired: list[Link] = []
         self._idle = asyncio.Event()
+        self._migrations: dict[Link, asyncio.Task[None]] = {}
 
     # -- wiring -------------------------------------------------------------------
 
@@ -113,6 +115,8 @@ class DataPlane:
                     ", draining" if spec.drain else "",
                 )
             elif existing.spec != spec:
+                if spec.drain and not existing.spec.drain:
+                    self._migrate(existing, "upstream draining")
                 log.info(
                     "upstream %s changed: weight %d -> %d, drain %s -> %s, health %s -> %s",
                     uid,
@@ -127,8 +131,9 @@ class DataPlane:
         self._bind_waiting()
 
     def _retire(self, link: Link) -> None:
-        # Existing marks stay until they close; no new marks go there.
+        # No new marks go there; existing ones are moved off gradually.
         link.retired = True
+        self._migrate(link, "upstream removed")
         log.info(
             "upstream %s at %s removed; %d marks stay on it until they close",
             link.id,
@@ -208,22 +213,85 @@ class DataPlane:
             del self.waiting[conn]
             conn.bind(picked)
 
+    def rebind(self, conn: ClientConn) -> None:
+        """Resume a mark whose upstream went away on another routable one, or park
+        it (reading paused) until one appears, at most --connect-timeout."""
+        link = self.balancer.pick(self.routable(), _client_key(conn.client_addr))
+        if link is not None:
+            conn.bind(link)
+            return
+        self.waiting[conn] = None
+        conn.wait_for_failover(self.config.connect_timeout)
+
+    def _migrate(self, link: Link, why: str) -> None:
+        if link in self._migrations or not link.marks:
+            return
+        task = asyncio.get_running_loop().create_task(self._migration(link, why))
+        self._migrations[link] = task
+        task.add_done_callback(lambda _t: self._migrations.pop(link, None))
+
+    async def _migration(self, link: Link, why: str) -> None:
+        """Move marks off ``link`` at --drain-rate, jittered, so nothing stampedes."""
+        total = len(link.marks)
+        log.info("moving %d marks off upstream %s (%s)", total, link.id, why)
+        moved = 0
+        while link.marks and (link.retired or link.spec.drain):
+            others = [lk for lk in self.routable() if lk is not link]
+            if not others:
+                # Nowhere to go: the draining upstream keeps serving them for now.
+                await asyncio.sleep(1.0)
+                continue
+            conn = next((c for c in link.marks.values() if c.state == BOUND), None)
+            if conn is None:  # only moves in flight: wait for their acknowledgements
+                await asyncio.sleep(0.05)
+                continue
+            conn.start_move(why)
+            self.stats.moves += 1
+            moved += 1
+            await asyncio.sleep(random.uniform(0.5, 1.5) / self.config.drain_rate)
+        log.info("upstream %s: %d marks moved (%s)", link.id, moved, why)
+
     # -- link events ------------------------------------------------------------------
 
     def link_up(self, link: Link) -> None:
         self._bind_waiting()
 
     def link_down(self, link: Link) -> None:
-        for conn in list(link.marks.values()):
+        """Fail every mark of ``link`` over to another upstream (same mark, replay)."""
+        affected = [
+            c
+            for c in self.marks.values()
+            if c.link is link and c.state in (BOUND, MOVING, CLIENT_EOF)
+        ]
+        if affected:
+            log.warning("upstream %s lost: resuming %d marks elsewhere", link.id, len(affected))
+        for conn in affected:
             conn.on_link_lost()
         link.marks.clear()
-        # Marks that half-closed but still hold this link only waited for its
-        # last replies; there will be none.
-        for conn in list(self.marks.values()):
-            if conn.link is link and conn.state == CLIENT_EOF:
-                conn.close(wire.UPSTREAM_LOST, "link lost while lingering", notify=False)
 
     # -- shutdown -------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        for server in self.servers:
+            server.close()
+
+    async def drain(self, timeout: float, window: float) -> None:
+        """Keep serving open marks up to ``timeout``, then close what is left
+        spread over ``window`` (no reconnect storm), reason node_draining."""
+        self.stop_accepting()
+        if self.marks:
+            log.info("draining: %d marks open; waiting up to %.0fs", len(self.marks), timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        left = list(self.marks.values())
+        if not left:
+            return
+        log.info("drain timeout: closing %d marks over %.1fs", len(left), window)
+        gap = window / len(left)
+        for conn in left:
+            conn.close(wire.NODE_DRAINING, "node draining", notify=True)
+            await asyncio.sleep(gap)
 
     async def stop(self, timeout: float, reason: str = wire.NODE_SHUTDOWN) -> None:
         """Stop accepting, close every mark with ``reason``, flush links, stop."""
@@ -235,7 +303,7 @@ class DataPlane:
         if open_marks:
             log.info("closing %d marks (%s)", len(open_marks), reason)
         for conn in open_marks:
-            conn.close(reason, "", notify=conn.state == BOUND)
+            conn.close(reason, "", notify=conn.state in (BOUND, MOVING))
         # Let transports flush and links carry the closes out, bounded.
         if self.marks:
             try:
@@ -247,6 +315,8 @@ class DataPlane:
                 for conn in list(self.marks.values()):
                     if conn.transport is not None:
                         conn.transport.abort()
+        for task in list(self._migrations.values()):
+            task.cancel()
         links = list(self.links.values()) + self._retired
         await asyncio.gather(
             *(link.close(max(0.1, deadline - time.monotonic())) for link in links),

@@ -25,6 +25,9 @@ _COUNTERS = (
     ("pmlb_credit_stalls_total", "credit_stalls", "Times a client stopped being read."),
     ("pmlb_no_upstream_total", "no_upstream", "Clients closed for lack of a routable upstream."),
     ("pmlb_write_overflows_total", "write_overflows", "Clients closed for not reading."),
+    ("pmlb_failovers_total", "failovers", "Marks resumed on another upstream."),
+    ("pmlb_moves_total", "moves", "Marks moved off a draining or removed upstream."),
+    ("pmlb_replay_overflows_total", "replay_overflows", "Marks closed: replay buffer full."),
 )
 
 

@@ -20,13 +20,16 @@ class NodeStats:
         "bytes_out",
         "closed",
         "credit_stalls",
+        "failovers",
         "frames_in",
         "frames_out",
         "frames_too_large",
         "garbage_batches",
         "link_breaks",
+        "moves",
         "no_upstream",
         "open",
+        "replay_overflows",
         "unknown_mark_frames",
         "write_overflows",
     )
@@ -47,6 +50,9 @@ class NodeStats:
         self.bad_frames_from_upstream = 0
         self.link_breaks = 0
         self.credit_stalls = 0
+        self.failovers = 0
+        self.moves = 0
+        self.replay_overflows = 0
         self.frames_too_large = 0
         self.no_upstream = 0
         self.write_overflows = 0
