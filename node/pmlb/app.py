@@ -14,11 +14,14 @@ import contextlib
 import logging
 import time
 
+import grpc
+
 from pmlb import __version__
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.session import Session
 from pmlb.config import NodeConfig, format_hostport
+from pmlb.dataplane.control import start_control
 from pmlb.dataplane.plane import DataPlane
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
@@ -46,6 +49,8 @@ class NodeApp:
         self.checker: Checker | None = None
         self.started_at = now_rfc3339()
         self._stop_event: asyncio.Event | None = None
+        self.control: grpc.aio.Server | None = None
+        self.control_port = 0
         if config.etcd:
             self.store = EtcdStore(
                 EtcdSettings(
@@ -89,6 +94,8 @@ class NodeApp:
         await self.plane.start()
         if self.admin is not None:
             await self.admin.start()
+        if self.config.control is not None:
+            self.control, self.control_port = await start_control(self.plane, *self.config.control)
         if self.session is not None and self.checker is not None:
             self.session.start()  # registers once the listeners are bound
             self.checker.start()
@@ -115,6 +122,8 @@ class NodeApp:
         if self.view is not None:
             await self.view.stop()
         await self.plane.stop(self.config.shutdown_timeout)
+        if self.control is not None:
+            await self.control.stop(1.0)
         if self.store is not None:
             await self.store.close()
         if self.admin is not None:
@@ -133,7 +142,7 @@ class NodeApp:
         cfg = self.config
         info = {
             "listen": [format_hostport(h, p) for h, p in self.plane.bound_addresses],
-            "control": format_hostport(*cfg.control) if cfg.control else "",
+            "control": format_hostport(cfg.control[0], self.control_port) if cfg.control else "",
             "admin": format_hostport(self.admin.host, self.admin.port) if self.admin else "",
             "services": [cfg.service],
             "version": __version__,

@@ -35,7 +35,7 @@ class App(Handler):
             conn.close()
         elif cmd == "push":  # arg: a mark bound to the other upstream
             assert self.server is not None
-            self.server.push(arg, f"pushed by {self.name}".encode())
+            await self.server.push(arg, f"pushed by {self.name}".encode())
             conn.send(b"pushed")
 
 

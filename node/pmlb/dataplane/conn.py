@@ -296,9 +296,10 @@ class ClientConn(asyncio.Protocol):
         )
         self.close(wire.UPSTREAM_LOST, "no routable upstream to resume on", notify=False)
 
-    def deliver(self, payload: bytes, acked: int, link: Link) -> None:
-        """Upstream data for the client (``acked``: the ack riding on it)."""
-        if acked and link is self.link:
+    def deliver(self, payload: bytes, acked: int, link: Link | None) -> None:
+        """Data for the client from an upstream (``link``) or the control API (None);
+        ``acked`` is the acknowledgement riding on it."""
+        if acked and link is not None and link is self.link:
             self.on_ack(acked)
         transport = self.transport
         if self.state >= CLOSING or transport is None:
@@ -310,7 +311,7 @@ class ClientConn(asyncio.Protocol):
             log.warning(
                 "mark=%s upstream %s sent a payload the framing cannot carry: %s",
                 self.mark,
-                link.id,
+                link.id if link else "control API",
                 exc,
             )
             self.close(wire.PROTOCOL_ERROR, f"upstream payload too large: {exc}")
@@ -319,7 +320,7 @@ class ClientConn(asyncio.Protocol):
         n = len(payload)
         self.bytes_out += n
         self.frames_out += 1
-        if link is self.link:
+        if link is not None and link is self.link:
             self.owed += n
             if not self.write_paused:
                 if self.owed >= self.plane.grant_threshold:

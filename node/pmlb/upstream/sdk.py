@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, Final
 
 import grpc
@@ -36,6 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pmlb import __version__, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.client import MarkClient
 from pmlb.errors import BackpressureError, MarkGone
 from pmlb.ids import node_of
 
@@ -305,6 +306,8 @@ class UpstreamServer:
         listen: str = "127.0.0.1:0",
         window: int = wire.DEFAULT_WINDOW,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        etcd: Sequence[str] = (),
+        etcd_prefix: str = "/pmlb",
     ) -> None:
         self.handler = handler
         self.upstream_id = upstream_id
@@ -321,6 +324,9 @@ class UpstreamServer:
         }
         self._sessions: dict[str, set[_Session]] = {}
         self._marks: dict[str, Conn] = {}
+        # Reaching marks of nodes we have no link with goes through their
+        # control API, found in etcd (only when etcd endpoints are given).
+        self._marks_client = MarkClient(etcd, etcd_prefix) if etcd else None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
 
@@ -355,6 +361,8 @@ class UpstreamServer:
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._marks_client is not None:
+            await self._marks_client.close_all()
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)
@@ -379,32 +387,47 @@ class UpstreamServer:
         """The Conn of a mark bound to this upstream, if any."""
         return self._marks.get(mark)
 
-    def push(self, mark: str, payload: bytes) -> None:
-        """Send to any mark of a node this upstream has a link with."""
+    async def push(self, mark: str, payload: bytes) -> None:
+        """Send to any mark in the cluster.
+
+        A mark bound here, or owned by a node this upstream has a link with,
+        is reached over that link; any other through its node's control API
+        (needs ``etcd``). Raises MarkGone when the mark is not open.
+        """
         conn = self._marks.get(mark)
         if conn is not None:
             conn.send(payload)
             return
         session = self._session_for(mark)
-        f = session.writer.frame()
-        f.mark = mark
-        f.data.payload = payload
-        session.writer.add_payload(len(payload))
-        session.writer.kick()
+        if session is not None:
+            f = session.writer.frame()
+            f.mark = mark
+            f.data.payload = payload
+            session.writer.add_payload(len(payload))
+            session.writer.kick()
+            return
+        await self._control(mark).send(mark, payload)
 
-    def close_mark(self, mark: str, reason: str = wire.UPSTREAM_CLOSED) -> None:
-        """Close any mark of a node this upstream has a link with."""
+    async def close_mark(self, mark: str, reason: str = wire.UPSTREAM_CLOSED) -> None:
+        """Close any mark in the cluster (same routes as ``push``)."""
         conn = self._marks.get(mark)
         if conn is not None:
             conn.close(reason)
             return
-        self._session_for(mark).send_close(mark, reason, "")
+        session = self._session_for(mark)
+        if session is not None:
+            session.send_close(mark, reason, "")
+            return
+        await self._control(mark).close(mark, reason)
 
-    def _session_for(self, mark: str) -> _Session:
+    def _session_for(self, mark: str) -> _Session | None:
         sessions = self._sessions.get(node_of(mark))
-        if not sessions:
-            raise MarkGone(f"no link to the node owning {mark}")
-        return next(iter(sessions))
+        return next(iter(sessions)) if sessions else None
+
+    def _control(self, mark: str) -> MarkClient:
+        if self._marks_client is None:
+            raise MarkGone(f"no link to the node owning {mark}, and no etcd to find it")
+        return self._marks_client
 
     # -- the Bridge stream ---------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""Reach any mark from any process: ``MarkClient``.
+
+A mark names its node; the node's control address is in etcd under
+``<prefix>/nodes/<node id>``. MarkClient looks it up (cached, refreshed when a
+call fails to connect), then calls ``pmlb.v1.Node`` there::
+
+    async with MarkClient(["http://127.0.0.1:2379"]) as marks:
+        await marks.send(mark, b"hello")
+        info = await marks.describe(mark)
+        await marks.close(mark)
+
+A mark that is not open (any more) raises MarkGone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from pmlb._proto.pmlb.v1 import node_pb2 as npb
+from pmlb._proto.pmlb.v1 import node_pb2_grpc
+from pmlb.errors import MarkGone, PmlbError
+from pmlb.ids import node_of
+from pmlb.store.etcd import EtcdSettings, EtcdStore, StoreError
+from pmlb.store.keys import Keys
+
+CALL_TIMEOUT = 5.0
+
+
+class MarkClient:
+    def __init__(self, etcd: Sequence[str], prefix: str = "/pmlb") -> None:
+        self.store = EtcdStore(EtcdSettings(endpoints=tuple(etcd)))
+        self.keys = Keys(prefix)
+        self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
+        self._connected = False
+
+    async def __aenter__(self) -> MarkClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close_all()
+
+    async def connect(self) -> None:
+        if not self._connected:
+            await self.store.connect()
+            self._connected = True
+
+    async def close_all(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close(grace=None)
+        self._stubs.clear()
+        await self.store.close()
+
+    async def _stub(self, mark: str) -> node_pb2_grpc.NodeStub:
+        node_id = node_of(mark)
+        cached = self._stubs.get(node_id)
+        if cached is not None:
+            return cached[1]
+        await self.connect()
+        try:
+            kv = await self.store.get(self.keys.node(node_id))
+        except StoreError as exc:
+            raise PmlbError(f"cannot look up node {node_id}: {exc}") from None
+        if kv is None:
+            raise MarkGone(f"mark {mark}: node {node_id} is not registered (gone or draining)")
+        try:
+            control = json.loads(kv.value).get("control", "")
+        except (ValueError, AttributeError):
+            control = ""
+        if not control:
+            raise PmlbError(f"node {node_id} serves no control API (start it with --control)")
+        channel = grpc.aio.insecure_channel(control)
+        stub = node_pb2_grpc.NodeStub(channel)
+        self._stubs[node_id] = (channel, stub)
+        return stub
+
+    async def _call(self, mark: str, method: str, request: Any) -> Any:
+        stub = await self._stub(mark)
+        try:
+            return await getattr(stub, method)(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise MarkGone(exc.details() or f"mark {mark} is gone") from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._stubs.pop(node_of(mark), None)  # look the node up again next time
+            raise PmlbError(f"{method} {mark}: {exc.code().name}: {exc.details()}") from None
+
+    async def send(self, mark: str, *payloads: bytes) -> None:
+        await self._call(mark, "Send", npb.SendRequest(mark=mark, payloads=list(payloads)))
+
+    async def close(self, mark: str, reason: str = "") -> None:
+        await self._call(mark, "Close", npb.CloseRequest(mark=mark, reason=reason))
+
+    async def describe(self, mark: str) -> npb.MarkInfo:
+        info: npb.MarkInfo = await self._call(mark, "Describe", npb.DescribeRequest(mark=mark))
+        return info

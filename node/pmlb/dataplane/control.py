@@ -1,0 +1,149 @@
+"""The node's control API (``pmlb.v1.Node``): send to, close, describe and list
+the marks this node holds, from any internal service.
+
+Served on ``--control``; the address is registered in etcd with the node, so a
+client finds it from the mark's node id (see pmlb.client). A mark that is not
+open here answers NOT_FOUND, like API Gateway's GoneException.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+import grpc
+
+from pmlb import wire
+from pmlb._proto.pmlb.v1 import node_pb2 as npb
+from pmlb._proto.pmlb.v1 import node_pb2_grpc
+from pmlb.errors import InvalidMark
+from pmlb.ids import parse_mark
+
+if TYPE_CHECKING:
+    from pmlb.dataplane.conn import ClientConn
+    from pmlb.dataplane.plane import DataPlane
+
+log = logging.getLogger("pmlb.control")
+
+MAX_PAGE: Final = 1000
+MAX_SEND_PAYLOADS: Final = 1000
+
+
+def mark_info(conn: ClientConn) -> npb.MarkInfo:
+    d = conn.describe()
+    return npb.MarkInfo(
+        mark=conn.mark,
+        service=conn.plane.config.service,
+        client_addr=d["client_addr"],
+        client_port=d["client_port"],
+        upstream=d["upstream"],
+        metadata=d["metadata"],
+        accepted_at_unix_ms=d["accepted_at_unix_ms"],
+        bytes_in=d["bytes_in"],
+        bytes_out=d["bytes_out"],
+        frames_in=d["frames_in"],
+        frames_out=d["frames_out"],
+        binds=d["binds"],
+    )
+
+
+class NodeControl(node_pb2_grpc.NodeServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.calls = 0
+
+    async def _conn(self, mark: str, context: grpc.aio.ServicerContext) -> ClientConn:  # type: ignore[type-arg]
+        self.calls += 1
+        conn = self.plane.marks.get(mark)
+        if conn is None or conn.state >= 4:  # CLOSING or CLOSED
+            try:
+                owner = parse_mark(mark).node_id
+                where = "" if owner == self.plane.config.node_id else f" (it belongs to {owner})"
+            except InvalidMark:
+                where = " (not a mark)"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"mark {mark} is not open here{where}")
+        assert conn is not None
+        return conn
+
+    async def Send(
+        self,
+        request: npb.SendRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> npb.SendResponse:
+        conn = await self._conn(request.mark, context)
+        if len(request.payloads) > MAX_SEND_PAYLOADS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_SEND_PAYLOADS} payloads per call"
+            )
+        for payload in request.payloads:
+            if len(payload) > self.plane.max_frame:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"payload over the maximum frame size {self.plane.max_frame}",
+                )
+            conn.deliver(payload, 0, None)
+        return npb.SendResponse()
+
+    async def Close(
+        self,
+        request: npb.CloseRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> npb.CloseResponse:
+        conn = await self._conn(request.mark, context)
+        reason = request.reason or wire.CLOSED_BY_API
+        log.info("mark=%s closed through the control API (%s)", conn.mark, reason)
+        conn.close(reason, "closed through the control API")
+        return npb.CloseResponse()
+
+    async def Describe(
+        self,
+        request: npb.DescribeRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> npb.MarkInfo:
+        return mark_info(await self._conn(request.mark, context))
+
+    async def List(
+        self,
+        request: npb.ListRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> npb.ListResponse:
+        size = min(request.page_size or 100, MAX_PAGE)
+        marks = self.plane.marks
+        # Marks are held in accept order; the token is the last mark returned.
+        keys = list(marks)
+        start = 0
+        if request.page_token:
+            try:
+                start = keys.index(request.page_token) + 1
+            except ValueError:
+                # That mark closed meanwhile: resume after it by its counter.
+                try:
+                    last = parse_mark(request.page_token).counter
+                except InvalidMark:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad page_token")
+                start = next(
+                    (i for i, k in enumerate(keys) if parse_mark(k).counter > last), len(keys)
+                )
+        out = npb.ListResponse()
+        i = start
+        while i < len(keys) and len(out.marks) < size:
+            conn = marks.get(keys[i])
+            if conn is not None and (
+                not request.upstream or (conn.link is not None and conn.link.id == request.upstream)
+            ):
+                out.marks.append(mark_info(conn))
+            i += 1
+        if i < len(keys) and out.marks:
+            out.next_page_token = out.marks[-1].mark
+        return out
+
+
+async def start_control(plane: DataPlane, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    node_pb2_grpc.add_NodeServicer_to_server(NodeControl(plane), server)
+    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    if not bound:
+        raise OSError(f"cannot listen on {host}:{port} for the control API")
+    await server.start()
+    log.info("control API (pmlb.v1.Node) on %s:%d", host, bound)
+    return server, bound
