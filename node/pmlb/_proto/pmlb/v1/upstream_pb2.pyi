@@ -238,7 +238,8 @@ class Open(_message.Message):
     resumed: _builtins.bool
     """False when the client has just connected. True when the mark was bound to
     another upstream before and moved here (failover or drain): the client
-    connection is the same and so is the mark.
+    connection is the same and so is the mark. The client frames the previous
+    upstream had not acknowledged follow, with their original seq numbers.
     """
     next_seq: _builtins.int
     """The sequence number of the first Data frame that will follow this Open.
@@ -363,6 +364,10 @@ class Close(_message.Message):
       node_draining    the node is draining and its drain timeout passed
       replay_overflow  the mark's replay buffer overflowed during failover
       write_overflow   the client did not read and its buffer bound was hit
+      moved            (node to upstream) the mark is being moved to another
+                       upstream (drain or removal): answer what you have, then
+                       close; the client connection stays open
+      closed_by_api    closed through the node's control API (pmlb.v1.Node)
     Upstreams may send any word; "" reads as "upstream_closed".
     """
     detail: _builtins.str
