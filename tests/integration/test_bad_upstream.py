@@ -107,3 +107,59 @@ async def test_garbage_unknown_marks_and_bad_frames_are_contained(cluster: Clust
         assert "unexpected frame kind open" in log
     finally:
         await server.stop(0)
+
+
+class NeverAcks:
+    """Grants credit generously but never acknowledges: replay data piles up."""
+
+    async def bridge(self, _it: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        await context.read()
+        hello = pb.Batch()
+        hello.hello.id = "never-acks"
+        hello.hello.protocol = 1
+        hello.hello.initial_window = 1 << 20
+        await context.write(hello.SerializeToString())
+        while True:
+            raw = await context.read()
+            if not isinstance(raw, bytes):
+                return
+            out = pb.Batch()
+            for f in pb.Batch.FromString(raw).frames:
+                if f.HasField("data"):
+                    out.frames.add(mark=f.mark, flow=pb.Flow(credit=len(f.data.payload)))
+            await context.write(out.SerializeToString())
+
+
+@pytest.mark.asyncio
+async def test_replay_buffer_is_bounded(cluster: Cluster) -> None:
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(NeverAcks().bridge)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("pmlb.v1.Upstream", {"Bridge": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        node = await asyncio.to_thread(
+            cluster.node,
+            [f"na=127.0.0.1:{port}"],
+            framing="line",
+            extra=["--replay-buffer", "20000"],
+        )
+        async with asyncio.timeout(20):
+            r, w = await asyncio.open_connection("127.0.0.1", node.port)
+            _other_r, other_w = await asyncio.open_connection("127.0.0.1", node.port)
+            other_w.write(b"small\n")
+            for _ in range(300):  # 30 KB, never acknowledged
+                w.write(b"x" * 99 + b"\n")
+            assert await r.read() == b"", "closed once its replay buffer overflowed"
+            other_w.write(b"still here\n")
+            await other_w.drain()
+        m = await asyncio.to_thread(node.metrics)
+        assert m["pmlb_replay_overflows_total"] == 1
+        assert m['pmlb_connections_closed_total{reason="replay_overflow"}'] == 1
+        closed = {k for k in m if k.startswith("pmlb_connections_closed_total")}
+        assert closed == {'pmlb_connections_closed_total{reason="replay_overflow"}'}, closed
+        other_w.close()
+    finally:
+        await server.stop(0)
