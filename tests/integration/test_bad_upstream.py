@@ -152,7 +152,10 @@ async def test_replay_buffer_is_bounded(cluster: Cluster) -> None:
             other_w.write(b"small\n")
             for _ in range(300):  # 30 KB, never acknowledged
                 w.write(b"x" * 99 + b"\n")
-            assert await r.read() == b"", "closed once its replay buffer overflowed"
+            try:  # closed with unread input pending, the kernel may send a RST
+                assert await r.read() == b"", "closed once its replay buffer overflowed"
+            except ConnectionResetError:
+                pass
             other_w.write(b"still here\n")
             await other_w.drain()
         m = await asyncio.to_thread(node.metrics)
