@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 
 import grpc
 
@@ -26,6 +27,7 @@ from pmlb.dataplane.plane import DataPlane
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.stats import NodeStats
+from pmlb.observability.tracing import ConnTracer, make_provider
 from pmlb.store.etcd import EtcdSettings, EtcdStore
 from pmlb.store.keys import Keys, format_node, now_rfc3339
 from pmlb.upstream.echo import EchoHandler
@@ -38,7 +40,8 @@ class NodeApp:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.stats = NodeStats()
-        self.plane = DataPlane(config, self.stats)
+        self.tracer = ConnTracer(config.node_id, config.service, config.otlp_endpoint)
+        self.plane = DataPlane(config, self.stats, self.tracer)
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(*config.admin)
@@ -124,6 +127,7 @@ class NodeApp:
         await self.plane.stop(self.config.shutdown_timeout)
         if self.control is not None:
             await self.control.stop(1.0)
+        await asyncio.to_thread(self.tracer.shutdown)
         if self.store is not None:
             await self.store.close()
         if self.admin is not None:
@@ -198,6 +202,12 @@ class NodeApp:
                 "Health transitions written as checker.",
                 float(self.checker.writes),
             ),
+            (
+                "pmlb_etcd_watch_last_event_age_seconds",
+                "gauge",
+                "Seconds since the service watch last delivered an event (-1: none yet).",
+                time.monotonic() - self.view.last_event if self.view.last_event else -1.0,
+            ),
         ]
 
     # -- admin --------------------------------------------------------------------
@@ -214,17 +224,61 @@ class NodeApp:
             ready = plane.accepting and registered and not draining and bool(plane.routable())
             return (200 if ready else 503), "text/plain", b"ready\n" if ready else b"not ready\n"
 
+        routable_ids: set[str] = set()
+
+        def link_samples() -> list[metrics.LinkSample]:
+            routable_ids.clear()
+            routable_ids.update(lk.id for lk in plane.routable())
+            return [
+                metrics.LinkSample(
+                    upstream=lk.id,
+                    state=lk.state,
+                    marks=lk.load,
+                    routable=lk.id in routable_ids,
+                    health=lk.spec.health,
+                    draining=lk.spec.drain,
+                    batches_sent=lk.batches_sent + lk.writer.batches_sent,
+                    frames_sent=lk.frames_sent + lk.writer.frames_sent,
+                    full_flushes=lk.full_flushes + lk.writer.cuts,
+                    failed_over=lk.failed_over,
+                )
+                for lk in plane.links.values()
+            ]
+
+        registry = metrics.make_registry(
+            metrics.NodeCollector(self.stats, link_samples, self.cluster_metrics)
+        )
+
         async def metrics_(query: str) -> tuple[int, str, bytes]:
-            links = [(lk.id, lk.state, lk.load, lk.routable) for lk in plane.links.values()]
-            body = metrics.render(self.stats, links, self.cluster_metrics())
-            return 200, "text/plain; version=0.0.4", body
+            return 200, metrics.CONTENT_TYPE, metrics.render(registry)
 
         async def connections(query: str) -> tuple[int, str, bytes]:
-            return (
-                200,
-                "application/json",
-                json_body({"marks": [c.describe() for c in list(plane.marks.values())[:1000]]}),
-            )
+            # ?limit=N (<= 1000) &after=MARK &upstream=ID &client=ADDR
+            q = urllib.parse.parse_qs(query)
+            limit = min(int(q.get("limit", ["100"])[0] or 100), 1000)
+            after = q.get("after", [""])[0]
+            upstream = q.get("upstream", [""])[0]
+            client = q.get("client", [""])[0]
+            keys = list(plane.marks)
+            start = keys.index(after) + 1 if after in plane.marks else 0
+            page: list[dict[str, object]] = []
+            i = start
+            while i < len(keys) and len(page) < limit:
+                conn = plane.marks.get(keys[i])
+                i += 1
+                if conn is None:
+                    continue
+                if upstream and (conn.link is None or conn.link.id != upstream):
+                    continue
+                if client and conn.client_addr != client:
+                    continue
+                page.append(conn.describe())
+            body = {
+                "marks": page,
+                "total": len(keys),
+                "next": page[-1]["mark"] if page and i < len(keys) else "",
+            }
+            return 200, "application/json", json_body(body)
 
         admin.route("GET", "/healthz", healthz)
         admin.route("GET", "/readyz", readyz)
@@ -243,10 +297,17 @@ class NodeApp:
 async def run_echo(
     listen: str, upstream_id: str, plain: bool, window: int, stop: asyncio.Event
 ) -> int:
+    provider = make_provider("pmlb-echo-upstream", upstream_id, None)
     server = UpstreamServer(
-        EchoHandler(upstream_id, plain), upstream_id=upstream_id, listen=listen, window=window
+        EchoHandler(upstream_id, plain),
+        upstream_id=upstream_id,
+        listen=listen,
+        window=window,
+        tracer_provider=provider,
     )
     await server.start()
     await stop.wait()
     await server.stop(1.0)
+    if provider is not None:
+        await asyncio.to_thread(provider.shutdown)
     return 0

@@ -153,6 +153,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "shutdown-timeout", "seconds to flush links at the end of a stop", 10.0, _positive_float
     ),
     Option("backlog", "listen backlog", 4096, _positive_int),
+    Option("otlp-endpoint", "OTLP/gRPC trace endpoint (default: the OTEL_* variables; off)"),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
 )
@@ -310,6 +311,7 @@ class NodeConfig:
     drain_window: float = 5.0
     shutdown_timeout: float = 10.0
     backlog: int = 4096
+    otlp_endpoint: str | None = None
     log_level: str = "info"
     log_format: str = "text"
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -388,6 +390,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         drain_window=values["drain_window"],
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
+        otlp_endpoint=values["otlp_endpoint"],
         log_level=values["log_level"].lower(),
         log_format=values["log_format"],
     )

@@ -56,7 +56,7 @@ def wait_links_up(admin_url: str, count: int, timeout: float, children: list[Chi
             with urllib.request.urlopen(f"{admin_url}/metrics", timeout=1) as resp:
                 text = resp.read().decode()
             up = [ln for ln in text.splitlines() if ln.startswith("pmlb_upstream_up{")]
-            if sum(ln.endswith(" 1") for ln in up) >= count:
+            if sum(float(ln.rsplit(" ", 1)[1]) == 1 for ln in up) >= count:
                 return
         except OSError:
             pass

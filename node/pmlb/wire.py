@@ -111,6 +111,7 @@ class BatchWriter:
         "_wake",
         "_write",
         "batches_sent",
+        "cuts",
         "frames_sent",
         "pending_bytes",
     )
@@ -131,6 +132,7 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self.pending_bytes = 0
         self.batches_sent = 0
+        self.cuts = 0  # batches cut because they were full (the rest flushed when idle)
         self.frames_sent = 0
 
     @property
@@ -152,6 +154,7 @@ class BatchWriter:
             self._cut()
 
     def _cut(self) -> None:
+        self.cuts += 1
         self._full.append((self._batch, self._open_bytes))
         self._batch = pb.Batch()
         self._count = 0

@@ -186,7 +186,7 @@ class Bench:
                     text = r.read().decode()
                 if (
                     sum(
-                        ln.startswith("pmlb_upstream_up{") and ln.endswith(" 1")
+                        ln.startswith("pmlb_upstream_up{") and float(ln.rsplit(" ", 1)[1]) == 1
                         for ln in text.splitlines()
                     )
                     >= n

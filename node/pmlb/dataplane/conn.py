@@ -67,6 +67,7 @@ class ClientConn(asyncio.Protocol):
         "replay",
         "replay_bytes",
         "seq",
+        "span",
         "state",
         "timer",
         "transport",
@@ -98,6 +99,7 @@ class ClientConn(asyncio.Protocol):
         # (an idle mark then pays nothing for it).
         self.replay: deque[tuple[int, bytes]] | None = None
         self.replay_bytes = 0
+        self.span: Any = None  # the connection's root span when tracing is on
         self.timer: asyncio.TimerHandle | None = None
         self.close_reason = ""
         self.client_addr = ""
@@ -155,6 +157,10 @@ class ClientConn(asyncio.Protocol):
         self.replay_bytes += total
         if self.replay_bytes > self.plane.config.replay_buffer:
             self.plane.stats.replay_overflows += 1
+            if self.span is not None:
+                self.plane.tracer.child(
+                    self.span, "pmlb.replay_overflow", {"pmlb.replay_bytes": self.replay_bytes}
+                )
             log.warning(
                 "mark=%s replay buffer over %d bytes (upstream %s is not acknowledging)",
                 mark,
@@ -248,6 +254,19 @@ class ClientConn(asyncio.Protocol):
         o.resumed = self.binds > 1
         if self.meta:
             o.metadata.update(self.meta)
+        if self.span is not None:
+            tracer = self.plane.tracer
+            o.trace_context.update(tracer.carrier(self.span))
+            tracer.child(
+                self.span,
+                "pmlb.failover" if self.binds > 1 else "pmlb.bind",
+                {
+                    "pmlb.upstream": link.id,
+                    "pmlb.resumed": self.binds > 1,
+                    "pmlb.replayed_frames": len(replay or ()),
+                },
+            )
+            self.span.set_attribute(f"pmlb.upstream.{self.binds}", link.id)
         if replay:
             for seq, msg in replay:
                 f = writer.frame()
@@ -404,6 +423,10 @@ class ClientConn(asyncio.Protocol):
         if self.state != BOUND or self.link is None:
             return
         self._send_close(wire.MOVED, detail)
+        if self.span is not None:
+            self.plane.tracer.child(
+                self.span, "pmlb.move", {"pmlb.from_upstream": self.link.id, "pmlb.why": detail}
+            )
         self.state = MOVING
         self._pause_reading()
         self._arm(self.plane.config.ack_timeout, self._finish_move)

@@ -79,6 +79,11 @@ class Link:
         # answered). An upstream that stays silent past --ack-timeout is hung.
         self.expect_since = 0.0
         self._hung = False
+        # Totals of writers of earlier sessions (each session has a new writer).
+        self.batches_sent = 0
+        self.frames_sent = 0
+        self.full_flushes = 0
+        self.failed_over = 0
 
     # -- what the balancer sees -----------------------------------------------
 
@@ -250,6 +255,10 @@ class Link:
             if was_up:
                 watchdog.cancel()
             writer.cancel()
+            self.batches_sent += writer.batches_sent
+            self.frames_sent += writer.frames_sent
+            self.full_flushes += writer.cuts
+            self.writer = wire.BatchWriter(self._no_stream)
             call.cancel()
             await channel.close(grace=None)
             self._call = None

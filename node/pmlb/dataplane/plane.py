@@ -32,6 +32,7 @@ from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.ids import MarkFactory
 from pmlb.observability.stats import NodeStats
+from pmlb.observability.tracing import ConnTracer
 
 log = logging.getLogger("pmlb.plane")
 
@@ -41,9 +42,15 @@ UNKNOWN: Final = "UNKNOWN"
 
 
 class DataPlane:
-    def __init__(self, config: NodeConfig, stats: NodeStats | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        stats: NodeStats | None = None,
+        tracer: ConnTracer | None = None,
+    ) -> None:
         self.config = config
         self.stats = stats or NodeStats()
+        self.tracer = tracer or ConnTracer(config.node_id, config.service, None)
         self.marks: dict[str, ClientConn] = {}
         self.links: dict[str, Link] = {}
         self.waiting: dict[ClientConn, None] = {}  # insertion-ordered set
@@ -162,6 +169,9 @@ class DataPlane:
         conn.mark = mark = self.factory.next()
         self.marks[mark] = conn
         self._idle.clear()
+        if self.tracer.enabled:
+            conn.span = self.tracer.start(conn)
+        log.info("mark=%s client=%s:%d accepted", mark, conn.client_addr, conn.client_port)
         link = self.balancer.pick(self.routable(), _client_key(conn.client_addr))
         if link is not None:
             conn.bind(link)
@@ -197,6 +207,11 @@ class DataPlane:
             conn.frames_out,
             conn.bytes_out,
         )
+        if conn.span is not None:
+            upstreams = [
+                v for k, v in sorted(conn.span.attributes.items()) if k.startswith("pmlb.upstream.")
+            ]
+            self.tracer.end(conn, upstreams)
         if not self.marks:
             self._idle.set()
 
@@ -264,6 +279,7 @@ class DataPlane:
             if c.link is link and c.state in (BOUND, MOVING, CLIENT_EOF)
         ]
         if affected:
+            link.failed_over += len(affected)
             log.warning("upstream %s lost: resuming %d marks elsewhere", link.id, len(affected))
         for conn in affected:
             conn.on_link_lost()
@@ -290,6 +306,8 @@ class DataPlane:
         log.info("drain timeout: closing %d marks over %.1fs", len(left), window)
         gap = window / len(left)
         for conn in left:
+            if conn.span is not None:
+                self.tracer.child(conn.span, "pmlb.drain", {"pmlb.mark": conn.mark})
             conn.close(wire.NODE_DRAINING, "node draining", notify=True)
             await asyncio.sleep(gap)
 

@@ -1,75 +1,146 @@
-"""Render the node's counters in the Prometheus text exposition format."""
+"""Prometheus metrics for /metrics, built at scrape time.
+
+The data path bumps plain integers (NodeStats, link and writer attributes);
+this collector turns them into metric families only when scraped, so no lock
+or label lookup is ever paid per message.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from pmlb.observability.stats import NodeStats
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# (name without _total, NodeStats attribute, help)
 _COUNTERS = (
-    ("pmlb_connections_accepted_total", "accepted", "Client connections accepted."),
-    ("pmlb_frames_in_total", "frames_in", "Frames from clients to upstreams."),
-    ("pmlb_frames_out_total", "frames_out", "Frames from upstreams to clients."),
-    ("pmlb_bytes_in_total", "bytes_in", "Payload bytes from clients to upstreams."),
-    ("pmlb_bytes_out_total", "bytes_out", "Payload bytes from upstreams to clients."),
-    ("pmlb_batches_in_total", "batches_in", "Batches received from upstreams."),
-    ("pmlb_garbage_batches_total", "garbage_batches", "Upstream messages that were not Batches."),
-    ("pmlb_unknown_mark_frames_total", "unknown_mark_frames", "Upstream frames for unknown marks."),
+    ("pmlb_connections_accepted", "accepted", "Client connections accepted."),
+    ("pmlb_frames_in", "frames_in", "Frames from clients to upstreams."),
+    ("pmlb_frames_out", "frames_out", "Frames from upstreams to clients."),
+    ("pmlb_bytes_in", "bytes_in", "Payload bytes from clients to upstreams."),
+    ("pmlb_bytes_out", "bytes_out", "Payload bytes from upstreams to clients."),
+    ("pmlb_batches_in", "batches_in", "Batches received from upstreams."),
+    ("pmlb_garbage_batches", "garbage_batches", "Upstream messages that were not Batches."),
+    ("pmlb_unknown_mark_frames", "unknown_mark_frames", "Upstream frames for unknown marks."),
     (
-        "pmlb_bad_upstream_frames_total",
+        "pmlb_bad_upstream_frames",
         "bad_frames_from_upstream",
         "Upstream frames that broke the protocol.",
     ),
-    ("pmlb_frames_too_large_total", "frames_too_large", "Client messages over the max frame size."),
-    ("pmlb_link_breaks_total", "link_breaks", "Links to upstreams that broke."),
-    ("pmlb_credit_stalls_total", "credit_stalls", "Times a client stopped being read."),
-    ("pmlb_no_upstream_total", "no_upstream", "Clients closed for lack of a routable upstream."),
-    ("pmlb_write_overflows_total", "write_overflows", "Clients closed for not reading."),
-    ("pmlb_failovers_total", "failovers", "Marks resumed on another upstream."),
-    ("pmlb_moves_total", "moves", "Marks moved off a draining or removed upstream."),
-    ("pmlb_replay_overflows_total", "replay_overflows", "Marks closed: replay buffer full."),
+    ("pmlb_frames_too_large", "frames_too_large", "Client messages over the max frame size."),
+    ("pmlb_link_breaks", "link_breaks", "Links to upstreams that broke."),
+    ("pmlb_credit_stalls", "credit_stalls", "Times a client stopped being read (backpressure)."),
+    ("pmlb_no_upstream", "no_upstream", "Clients closed for lack of a routable upstream."),
+    ("pmlb_write_overflows", "write_overflows", "Clients closed for not reading."),
+    ("pmlb_failovers", "failovers", "Marks resumed on another upstream."),
+    ("pmlb_moves", "moves", "Marks moved off a draining or removed upstream."),
+    ("pmlb_replay_overflows", "replay_overflows", "Marks closed: replay buffer full."),
 )
 
 
-def render(
-    stats: NodeStats,
-    links: Iterable[tuple[str, str, int, bool]],
-    extra: Iterable[tuple[str, str, str, float]] = (),
-) -> bytes:
-    """``links`` yields (upstream id, state, marks bound, routable)."""
-    out: list[str] = []
-    for name, attr, help_ in _COUNTERS:
-        out += [
-            f"# HELP {name} {help_}",
-            f"# TYPE {name} counter",
-            f"{name} {getattr(stats, attr)}",
-        ]
-    out += [
-        "# HELP pmlb_marks_open Marks open on this node.",
-        "# TYPE pmlb_marks_open gauge",
-        f"pmlb_marks_open {stats.open}",
-    ]
-    out += [
-        "# HELP pmlb_connections_closed_total Client connections closed, by reason.",
-        "# TYPE pmlb_connections_closed_total counter",
-    ]
-    out += [
-        f'pmlb_connections_closed_total{{reason="{r}"}} {n}'
-        for r, n in sorted(stats.closed.items())
-    ]
-    up_lines = [
-        "# HELP pmlb_upstream_up Whether the link to an upstream is up.",
-        "# TYPE pmlb_upstream_up gauge",
-    ]
-    bound_lines = [
-        "# HELP pmlb_upstream_marks Marks bound to an upstream.",
-        "# TYPE pmlb_upstream_marks gauge",
-    ]
-    for uid, state, marks, _routable in links:
-        label = uid.replace("\\", "\\\\").replace('"', '\\"')
-        up_lines.append(f'pmlb_upstream_up{{upstream="{label}"}} {int(state == "up")}')
-        bound_lines.append(f'pmlb_upstream_marks{{upstream="{label}"}} {marks}')
-    out += up_lines + bound_lines
-    for name, kind, help_, value in extra:
-        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
-    return ("\n".join(out) + "\n").encode()
+@dataclass(frozen=True, slots=True)
+class LinkSample:
+    upstream: str
+    state: str
+    marks: int
+    routable: bool
+    health: str
+    draining: bool
+    batches_sent: int
+    frames_sent: int
+    full_flushes: int
+    failed_over: int
+
+
+Extra = tuple[str, str, str, float]  # name, "gauge"|"counter", help, value
+
+
+class NodeCollector(Collector):
+    def __init__(
+        self,
+        stats: NodeStats,
+        links: Callable[[], Iterable[LinkSample]],
+        extra: Callable[[], Iterable[Extra]],
+    ) -> None:
+        self.stats = stats
+        self.links = links
+        self.extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        for name, attr, help_ in _COUNTERS:
+            yield CounterMetricFamily(name, help_, value=getattr(s, attr))
+        yield GaugeMetricFamily("pmlb_marks_open", "Marks open on this node.", value=s.open)
+        closed = CounterMetricFamily(
+            "pmlb_connections_closed", "Client connections closed, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(s.closed.items()):
+            closed.add_metric([reason], n)
+        yield closed
+        up = GaugeMetricFamily(
+            "pmlb_upstream_up", "1 while the link to the upstream is up.", labels=["upstream"]
+        )
+        marks = GaugeMetricFamily(
+            "pmlb_upstream_marks", "Marks bound to the upstream.", labels=["upstream"]
+        )
+        routable = GaugeMetricFamily(
+            "pmlb_upstream_routable",
+            "1 while new marks may go to the upstream.",
+            labels=["upstream"],
+        )
+        health = GaugeMetricFamily(
+            "pmlb_upstream_health",
+            "Health of the upstream as this node sees it (1 = current).",
+            labels=["upstream", "status"],
+        )
+        batches = CounterMetricFamily(
+            "pmlb_link_batches_sent",
+            "Batches (gRPC messages) sent on the link.",
+            labels=["upstream"],
+        )
+        frames = CounterMetricFamily(
+            "pmlb_link_frames_sent", "Frames sent on the link.", labels=["upstream"]
+        )
+        flushes = CounterMetricFamily(
+            "pmlb_link_flushes",
+            "Batch flushes by cause: idle (the loop had nothing "
+            "more) or full (size bound reached).",
+            labels=["upstream", "cause"],
+        )
+        failed = CounterMetricFamily(
+            "pmlb_upstream_failovers",
+            "Marks moved off the upstream because its link broke.",
+            labels=["upstream"],
+        )
+        for ln in self.links():
+            up.add_metric([ln.upstream], int(ln.state == "up"))
+            marks.add_metric([ln.upstream], ln.marks)
+            routable.add_metric([ln.upstream], int(ln.routable))
+            health.add_metric([ln.upstream, ln.health], 1)
+            batches.add_metric([ln.upstream], ln.batches_sent)
+            frames.add_metric([ln.upstream], ln.frames_sent)
+            flushes.add_metric([ln.upstream, "full"], ln.full_flushes)
+            flushes.add_metric([ln.upstream, "idle"], ln.batches_sent - ln.full_flushes)
+            failed.add_metric([ln.upstream], ln.failed_over)
+        yield from (up, marks, routable, health, batches, frames, flushes, failed)
+        for name, kind, help_, value in self.extra():
+            if kind == "counter":
+                yield CounterMetricFamily(name.removesuffix("_total"), help_, value=value)
+            else:
+                yield GaugeMetricFamily(name, help_, value=value)
+
+
+def make_registry(collector: NodeCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -25,6 +25,7 @@ and de-duplication of replayed frames by sequence number.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections import deque
@@ -257,9 +258,10 @@ class _Session:
                 conn = Conn(self, mark, f.open)
                 conns[mark] = conn
                 self.server._marks[mark] = conn
-                result = handler.on_open(conn)
-                if result is not None and inspect.isawaitable(result):
-                    await result
+                with self.server._span("pmlb.upstream.open", conn):
+                    result = handler.on_open(conn)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
             elif kind == "flow":
                 conn = conns.get(mark)
                 if conn is not None and f.flow.credit:
@@ -273,9 +275,10 @@ class _Session:
                     continue
                 reason = f.close.reason
                 self.forget(conn)
-                result = handler.on_close(conn, reason)
-                if result is not None and inspect.isawaitable(result):
-                    await result
+                with self.server._span("pmlb.upstream.close", conn, reason):
+                    result = handler.on_close(conn, reason)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
                 if reason != wire.UNKNOWN_MARK:
                     self.send_close(mark, wire.UPSTREAM_CLOSED, "close acknowledged")
             else:
@@ -308,6 +311,7 @@ class UpstreamServer:
         max_queue: int = DEFAULT_MAX_QUEUE,
         etcd: Sequence[str] = (),
         etcd_prefix: str = "/pmlb",
+        tracer_provider: Any = None,
     ) -> None:
         self.handler = handler
         self.upstream_id = upstream_id
@@ -328,6 +332,21 @@ class UpstreamServer:
         # control API, found in etcd (only when etcd endpoints are given).
         self._marks_client = MarkClient(etcd, etcd_prefix) if etcd else None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        # Spans for on_open/on_close join the mark's trace (Open.trace_context).
+        # Without a provider, OpenTelemetry's global no-op tracer costs nothing.
+        self._tracer: Any = None
+        self._propagator: Any = None
+        try:
+            from opentelemetry import trace
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
+
+            provider = tracer_provider or trace.get_tracer_provider()
+            self._tracer = provider.get_tracer("pmlb.upstream")
+            self._propagator = TraceContextTextMapPropagator()
+        except ImportError:  # pragma: no cover - opentelemetry is a dependency
+            pass
         self._server: grpc.aio.Server | None = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -380,6 +399,20 @@ class UpstreamServer:
         )
         await self._health.set("", status)
         await self._health.set(SERVICE_NAME, status)
+
+    def _span(self, name: str, conn: Conn, reason: str = "") -> Any:
+        """A span, child of the mark's trace, current while the handler runs."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        ctx = self._propagator.extract(conn.trace_context) if conn.trace_context else None
+        attributes: dict[str, Any] = {
+            "pmlb.mark": conn.mark,
+            "pmlb.upstream": self.upstream_id,
+            "pmlb.resumed": conn.resumed,
+        }
+        if reason:
+            attributes["pmlb.close_reason"] = reason
+        return self._tracer.start_as_current_span(name, context=ctx, attributes=attributes)
 
     # -- reaching marks -----------------------------------------------------
 
