@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
 
 from pmlb.config import parse_hostport
 from pmlb.errors import ConfigError, PmlbError
@@ -19,6 +22,7 @@ from pmlb.store.keys import (
     Keys,
     format_upstream,
     parse_health,
+    parse_node,
     parse_upstream,
 )
 
@@ -140,3 +144,135 @@ async def _ls(store: EtcdStore, keys: Keys, args: argparse.Namespace) -> None:
             f"{r['id']:<16} {r['addr']:<24} {r['weight']:>6}  "
             f"{'yes' if r['drain'] else 'no':<5}  {r['health']} {r['since']}"
         )
+
+
+def add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    st = sub.add_parser("status", help="the cluster at a glance, from etcd and the nodes")
+    st.add_argument("--etcd", default="http://127.0.0.1:2379", help="etcd endpoints URL[,URL]")
+    st.add_argument("--etcd-prefix", default="/pmlb")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    report = asyncio.run(_status(args))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(_status_table(report))
+    return 0
+
+
+async def _scrape(admin: str) -> dict[str, float] | None:
+    """A node's /metrics as {'name{labels}': value}; None when unreachable."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=2) as resp:
+            return str(resp.read().decode())
+
+    try:
+        text = await asyncio.to_thread(fetch)
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+async def _status(args: argparse.Namespace) -> dict[str, Any]:
+    endpoints = tuple(p.strip() for p in args.etcd.split(",") if p.strip())
+    store = EtcdStore(EtcdSettings(endpoints=endpoints))
+    keys = Keys(args.etcd_prefix)
+    await store.connect()
+    try:
+        _, kvs = await store.get_prefix(keys.prefix + "/")
+    finally:
+        await store.close()
+    nodes: list[dict[str, Any]] = []
+    services: dict[str, dict[str, Any]] = {}
+    now = datetime.now(UTC)
+    for kv in kvs:
+        if kv.key.startswith(keys.nodes()):
+            try:
+                node_id = Keys.leaf(keys.nodes(), kv.key)
+                info = parse_node(node_id, kv.value)
+            except InvalidValue:
+                continue
+            nodes.append({"id": node_id, **info})
+    for kv in kvs:
+        parts = kv.key[len(keys.prefix) + 1 :].split("/")
+        if len(parts) < 3 or parts[0] != "services":
+            continue
+        svc = services.setdefault(parts[1], {"checker": "", "upstreams": {}})
+        try:
+            if parts[2] == "checker" and len(parts) == 3:
+                svc["checker"] = kv.value.decode(errors="replace")
+            elif parts[2] == "upstreams" and len(parts) == 4:
+                spec = parse_upstream(parts[3], kv.value)
+                u = svc["upstreams"].setdefault(parts[3], {"health": UNKNOWN, "marks": 0})
+                u.update(
+                    {"id": spec.id, "addr": spec.addr, "weight": spec.weight, "drain": spec.drain}
+                )
+            elif parts[2] == "health" and len(parts) == 4:
+                h = parse_health(parts[3], kv.value)
+                u = svc["upstreams"].setdefault(parts[3], {"health": UNKNOWN, "marks": 0})
+                u["health"] = h.status
+        except InvalidValue:
+            continue
+    scrapes = await asyncio.gather(
+        *(_scrape(n["admin"]) if n.get("admin") else _none() for n in nodes)
+    )
+    for node, m in zip(nodes, scrapes, strict=True):
+        node["reachable"] = m is not None
+        node["marks"] = int(m.get("pmlb_marks_open", 0)) if m else None
+        try:
+            started = datetime.fromisoformat(str(node.get("started_at", "")).replace("Z", "+00:00"))
+            node["age_seconds"] = round((now - started).total_seconds())
+        except ValueError:
+            node["age_seconds"] = None
+        for svc_name in node.get("services", []):
+            svc = services.setdefault(svc_name, {"checker": "", "upstreams": {}})
+            for uid, u in svc["upstreams"].items():
+                if m:
+                    u["marks"] += int(m.get(f'pmlb_upstream_marks{{upstream="{uid}"}}', 0))
+    return {
+        "nodes": sorted(nodes, key=lambda n: n["id"]),
+        "services": {
+            name: {
+                "checker": s["checker"],
+                "upstreams": [u for _, u in sorted(s["upstreams"].items()) if "addr" in u],
+            }
+            for name, s in sorted(services.items())
+        },
+    }
+
+
+async def _none() -> None:
+    return None
+
+
+def _status_table(r: dict[str, Any]) -> str:
+    lines = [f"{'NODE':<16} {'LISTEN':<22} {'AGE':>8} {'MARKS':>7}  SERVICES"]
+    for n in r["nodes"]:
+        age = f"{n['age_seconds']}s" if n.get("age_seconds") is not None else "-"
+        marks = str(n["marks"]) if n.get("marks") is not None else "unreachable"
+        lines.append(
+            f"{n['id']:<16} {','.join(n.get('listen', [])):<22} {age:>8} {marks:>7}  "
+            f"{','.join(n.get('services', []))}"
+        )
+    for name, s in r["services"].items():
+        lines += [
+            "",
+            f"service {name}   checker: {s['checker'] or '-'}",
+            f"  {'UPSTREAM':<14} {'ADDRESS':<22} {'WEIGHT':>6} {'DRAIN':<5} "
+            f"{'HEALTH':<11} {'MARKS':>6}",
+        ]
+        for u in s["upstreams"]:
+            lines.append(
+                f"  {u['id']:<14} {u['addr']:<22} {u['weight']:>6} "
+                f"{'yes' if u['drain'] else 'no':<5} {u['health']:<11} {u['marks']:>6}"
+            )
+    return "\n".join(lines)

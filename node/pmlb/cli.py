@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(node, NODE_OPTIONS)
     echo = sub.add_parser("echo-upstream", help="run the example echo upstream")
     add_options(echo, ECHO_OPTIONS)
-    from pmlb.admincli import add_upstream_parser
+    from pmlb.admincli import add_status_parser, add_upstream_parser
 
     add_upstream_parser(sub)
+    add_status_parser(sub)
     demo = sub.add_parser("demo", help="run a local cluster: two echo upstreams and a node")
     demo.add_argument("--port", type=int, default=9000, help="client port of the node")
     demo.add_argument(
@@ -53,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pmlb.admincli import run_upstream
 
             return run_upstream(args)
+        if args.command == "status":
+            from pmlb.admincli import run_status
+
+            return run_status(args)
         if args.command == "demo":
             from pmlb.demo import run_demo
 

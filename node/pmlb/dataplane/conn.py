@@ -261,6 +261,7 @@ class ClientConn(asyncio.Protocol):
                 self.span,
                 "pmlb.failover" if self.binds > 1 else "pmlb.bind",
                 {
+                    "pmlb.mark": self.mark,
                     "pmlb.upstream": link.id,
                     "pmlb.resumed": self.binds > 1,
                     "pmlb.replayed_frames": len(replay or ()),
