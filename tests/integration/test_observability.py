@@ -289,3 +289,20 @@ def test_status_reports_a_two_node_cluster(etcd: Etcd, cluster: Cluster) -> None
     assert "u1" in table
     for s in held:
         s.close()
+
+
+def test_json_logs_one_object_per_line_without_payloads(cluster: Cluster) -> None:
+    import socket
+
+    u1 = cluster.echo("u1")
+    node = cluster.node([f"u1={u1.addr}"], extra=["--log-format", "json"])
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+        s.sendall(b"top-secret-payload\n")
+        s.recv(100)
+    wait_until(lambda: "closed reason=" in node.proc.log(), 10, "close logged")
+    lines = [json.loads(line) for line in node.proc.log().splitlines() if line.strip()]
+    events = [r["msg"] for r in lines if r["logger"] == "pmlb.plane" and "mark=" in r["msg"]]
+    assert any("accepted" in m for m in events)
+    assert any("closed reason=client_closed" in m for m in events)
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in lines)
+    assert "top-secret-payload" not in node.proc.log()
