@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pmlb.localetcd import LocalEtcd, etcd_binary
-from tests.support import Proc, free_port, scrape, tcp_open, wait_until
+from tests.support import ROOT, Proc, free_port, scrape, tcp_open, wait_until
 
 
 @dataclass
@@ -151,6 +152,19 @@ class Etcd:
     def get(self, key: str) -> str | None:
         out = self.ctl("get", self.prefix + key, "--print-value-only")
         return out.rstrip("\n") if out else None
+
+    def pmlb(self, *args: str) -> str:
+        """Run ``pmlb ARGS --etcd URL --etcd-prefix P``; its stdout (fails the test on error)."""
+        r = subprocess.run(
+            [sys.executable, "-m", "pmlb", *args, "--etcd", self.url, "--etcd-prefix", self.prefix],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=ROOT,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
 
     def keys(self, under: str) -> list[str]:
         out = self.ctl("get", "--prefix", "--keys-only", self.prefix + under)

@@ -6,8 +6,6 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from pmlb.localetcd import LocalEtcd
 from tests.certs import make_chain
 from tests.conftest import Cluster, Etcd, Node
-from tests.support import ROOT, wait_until
+from tests.support import wait_until
 
 
 def who(node: Node, msg: bytes = b"who") -> tuple[str, str]:
@@ -53,27 +51,7 @@ def test_put_routes_on_every_node_and_ops_follow(etcd: Etcd, cluster: Cluster) -
         wait_until(lambda node=node: routes(node) == {"u1", "u2"}, 10, "both routed")
 
     # drain u1 with the CLI: no new marks there
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pmlb",
-            "upstream",
-            "drain",
-            "echo",
-            "u1",
-            "--etcd",
-            etcd.url,
-            "--etcd-prefix",
-            etcd.prefix,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr
+    etcd.pmlb("upstream", "drain", "echo", "u1")
     for node in nodes:
         wait_until(lambda node=node: routes(node) == {"u2"}, 10, "drained u1 gets no marks")
 
@@ -89,26 +67,7 @@ def test_put_routes_on_every_node_and_ops_follow(etcd: Etcd, cluster: Cluster) -
     for node in nodes:
         wait_until(lambda node=node: routes(node) == {"u1"}, 10, "deleted u2 gets no marks")
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pmlb",
-            "upstream",
-            "ls",
-            "echo",
-            "--json",
-            "--etcd",
-            etcd.url,
-            "--etcd-prefix",
-            etcd.prefix,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        cwd=ROOT,
-    ).stdout
+    out = etcd.pmlb("upstream", "ls", "echo", "--json")
     listed = json.loads(out)
     assert [u["id"] for u in listed["upstreams"]] == ["u1"]
     assert listed["checker"] in ("n1", "n2")

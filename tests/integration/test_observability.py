@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import urllib.request
 from typing import Any
 
@@ -17,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.conftest import Cluster, Etcd
-from tests.support import ROOT, async_wait_until, http_get, wait_until
+from tests.support import async_wait_until, http_get, wait_until
 
 
 class Receiver(tsg.TraceServiceServicer):
@@ -245,24 +243,7 @@ def test_status_reports_a_two_node_cluster(etcd: Etcd, cluster: Cluster) -> None
     wait_until(lambda: etcd.get("/services/echo/health/u1"), 10, "health written")
 
     def status() -> dict[str, Any]:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pmlb",
-                "status",
-                "--json",
-                "--etcd",
-                etcd.url,
-                "--etcd-prefix",
-                etcd.prefix,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-            cwd=ROOT,
-        ).stdout
+        out = etcd.pmlb("status", "--json")
         return dict(json.loads(out))
 
     report = status()
@@ -277,14 +258,7 @@ def test_status_reports_a_two_node_cluster(etcd: Etcd, cluster: Cluster) -> None
     assert ups["u1"]["health"] == "SERVING"
     assert ups["u2"]["drain"] is True
     assert ups["u2"]["weight"] == 2
-    table = subprocess.run(
-        [sys.executable, "-m", "pmlb", "status", "--etcd", etcd.url, "--etcd-prefix", etcd.prefix],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        cwd=ROOT,
-    ).stdout
+    table = etcd.pmlb("status")
     assert "service echo" in table
     assert "u1" in table
     for s in held:

@@ -145,28 +145,7 @@ async def test_drain_an_upstream_under_load(etcd: Etcd, cluster: Cluster) -> Non
     async with asyncio.timeout(60):
         tasks = [asyncio.create_task(_streamer(node.port, i, 150)) for i in range(60)]
         await asyncio.sleep(0.5)
-        r = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "pmlb",
-                "upstream",
-                "drain",
-                "echo",
-                "u1",
-                "--etcd",
-                etcd.url,
-                "--etcd-prefix",
-                etcd.prefix,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-            check=False,
-        )
-        assert r.returncode == 0, r.stderr
+        await asyncio.to_thread(etcd.pmlb, "upstream", "drain", "echo", "u1")
         results = await asyncio.gather(*tasks)  # every message answered, in order
     moved = [s for s in results if s[0] == "u1"]
     assert len(moved) == 30
