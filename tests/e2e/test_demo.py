@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.support import ROOT, free_port, tcp_open, wait_until
@@ -30,6 +32,7 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     while up + 1 == port or tcp_open("127.0.0.1", up + 1):
         up = free_port()
     log = (tmp_path / "demo.log").open("wb")
+    tmp_before = set(Path(tempfile.gettempdir()).glob("pmlb-etcd-*"))
     demo = subprocess.Popen(
         [sys.executable, "-m", "pmlb", "demo", "--port", str(port), "--upstream-port", str(up)],
         stdout=log,
@@ -40,31 +43,37 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     try:
         wait_until(
             lambda: b"pmlb demo is up" in (tmp_path / "demo.log").read_bytes(),
-            30,
+            60,
             "the demo banner",
         )
         children = _children(demo.pid)
-        assert len(children) == 3, "two upstreams and a node"
-        seen = set()
-        for _ in range(4):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(b"hello\n")
-                s.shutdown(socket.SHUT_WR)  # like `printf 'hello\n' | nc -N`
-                data = b""
-                while chunk := s.recv(4096):
-                    data += chunk
-            mark, upstream, text = data.decode().rstrip("\n").split(" ", 2)
-            assert text == "hello"
-            assert mark.startswith("n1.")
-            seen.add(upstream)
-        assert seen == {"u1", "u2"}
-        assert f"nc 127.0.0.1 {port}" in (tmp_path / "demo.log").read_text()
+        assert len(children) == 5, "etcd, two upstreams and two nodes"
+        banner = (tmp_path / "demo.log").read_text()
+        addrs = re.findall(r"nc (127\.0\.0\.\d+) (\d+)", banner)
+        assert len(addrs) == 2
+        for (host, p), node in zip(addrs, ("n1", "n2"), strict=True):
+            seen = set()
+            for _ in range(4):
+                with socket.create_connection((host, int(p)), timeout=10) as s:
+                    s.sendall(b"hello\n")
+                    s.shutdown(socket.SHUT_WR)  # like `printf 'hello\n' | nc -N`
+                    data = b""
+                    while chunk := s.recv(4096):
+                        data += chunk
+                mark, upstream, text = data.decode().rstrip("\n").split(" ", 2)
+                assert text == "hello"
+                assert mark.startswith(f"{node}.")
+                seen.add(upstream)
+            assert seen == {"u1", "u2"}, "both upstreams serve through each node"
+        assert "checker: n" in banner
 
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(30) == 0
+        assert demo.wait(60) == 0
         for pid in children:
             wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, f"child {pid} gone")
-        assert not tcp_open("127.0.0.1", port)
+        for host, p in addrs:
+            assert not tcp_open(host, int(p))
+        assert set(Path(tempfile.gettempdir()).glob("pmlb-etcd-*")) == tmp_before, "no temp files"
     finally:
         if demo.poll() is None:
             leftovers = _children(demo.pid)
