@@ -66,8 +66,9 @@ class Cluster:
         service: str = "echo",
         host: str = "127.0.0.1",
         env: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> Node:
-        port, admin = free_port(), free_port()
+        port, admin = port or free_port(host), free_port()
         args = [
             "node",
             "--node-id",
