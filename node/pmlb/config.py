@@ -153,6 +153,14 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "shutdown-timeout", "seconds to flush links at the end of a stop", 10.0, _positive_float
     ),
     Option("backlog", "listen backlog", 4096, _positive_int),
+    Option(
+        "proxy-trusted",
+        "networks whose connections must start with a PROXY v1/v2 header (repeatable CIDR)",
+        repeated=True,
+    ),
+    Option(
+        "proxy-timeout", "seconds a trusted peer has to send its PROXY header", 5.0, _positive_float
+    ),
     Option("dns-name", "publish this node under a DNS name (CoreDNS etcd plugin keys)"),
     Option("dns-prefix", "etcd prefix of the CoreDNS etcd plugin", "/skydns"),
     Option("dns-address", "IP to publish (default: the first --listen host)"),
@@ -327,6 +335,8 @@ class NodeConfig:
     drain_window: float = 5.0
     shutdown_timeout: float = 10.0
     backlog: int = 4096
+    proxy_trusted: tuple[str, ...] = ()
+    proxy_timeout: float = 5.0
     dns_name: str | None = None
     dns_prefix: str = "/skydns"
     dns_address: str | None = None
@@ -411,6 +421,8 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         drain_window=values["drain_window"],
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
+        proxy_trusted=tuple(_cidrs(values["proxy_trusted"])),
+        proxy_timeout=values["proxy_timeout"],
         dns_name=values["dns_name"],
         dns_prefix=values["dns_prefix"],
         dns_address=values["dns_address"],
@@ -418,6 +430,21 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         log_level=values["log_level"].lower(),
         log_format=values["log_format"],
     )
+
+
+def _cidrs(values: list[str]) -> list[str]:
+    import ipaddress
+
+    out = []
+    for v in values:
+        for part in (p.strip() for p in v.split(",")):
+            if not part:
+                continue
+            try:
+                out.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError:
+                raise ConfigError(f"--proxy-trusted: {part!r} is not a network (CIDR)") from None
+    return out
 
 
 def _default_node_id(port: int) -> str:

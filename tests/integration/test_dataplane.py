@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import socket
 import struct
@@ -273,3 +275,51 @@ async def test_clients_wait_bounded_for_an_upstream(cluster: Cluster) -> None:
     m = node2.metrics()
     assert m["pmlb_no_upstream_total"] == 1
     assert m['pmlb_connections_closed_total{reason="no_upstream"}'] == 1
+
+
+async def test_proxy_protocol_from_trusted_peers_only(cluster: Cluster) -> None:
+    from pmlb.dataplane import proxyproto
+
+    up = cluster.echo("u1")
+    node = cluster.node(
+        [f"u1={up.addr}"],
+        framing="line",
+        extra=["--proxy-trusted", "127.0.0.1/32", "--proxy-timeout", "1"],
+    )
+
+    async def conn_from(src: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", node.port, local_addr=(src, 0))
+
+    async with asyncio.timeout(30):
+        r1, w1 = await conn_from("127.0.0.1")
+        w1.write(proxyproto.v1("203.0.113.7", 4242, "127.0.0.1", node.port) + b"hi\n")
+        assert (await r1.readuntil(b"\n")).endswith(b" u1 hi\n")
+        r2, w2 = await conn_from("127.0.0.1")
+        w2.write(proxyproto.v2("2001:db8::9", 5151, "::1", 9000) + b"hey\n")
+        assert (await r2.readuntil(b"\n")).endswith(b" u1 hey\n")
+        # untrusted peer: a header is just data, the address is its own
+        r3, w3 = await conn_from("127.0.0.5")
+        w3.write(proxyproto.v1("198.51.100.1", 1, "127.0.0.1", 2))
+        w3.write(b"x\n")
+        assert (await r3.readuntil(b"\n")).endswith(
+            b" u1 PROXY TCP4 198.51.100.1 127.0.0.1 1 2\r\n"
+        )
+        _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.admin}/connections")
+        seen = {(m["client_addr"], m["client_port"]) for m in json.loads(body)["marks"]}
+        assert ("203.0.113.7", 4242) in seen
+        assert ("2001:db8::9", 5151) in seen
+        assert any(addr == "127.0.0.5" for addr, _ in seen)
+        # trusted peer with garbage, and one that never sends its header (slowloris)
+        r4, w4 = await conn_from("127.0.0.1")
+        w4.write(b"GET / HTTP/1.0\r\n\r\n")
+        r5, _w5 = await conn_from("127.0.0.1")
+        for r in (r4, r5):
+            with contextlib.suppress(ConnectionResetError):
+                assert await r.read() == b""
+        w1.write(b"still\n")
+        assert (await r1.readuntil(b"\n")).endswith(b" u1 still\n")
+        for w in (w1, w2, w3):
+            w.close()
+    m = await asyncio.to_thread(node.metrics)
+    assert m["pmlb_proxy_header_errors_total"] == 2
+    assert "no PROXY header within 1.0s" in node.proc.log()

@@ -30,6 +30,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pmlb import wire
+from pmlb.dataplane import proxyproto
 from pmlb.errors import FrameTooLarge
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class ClientConn(asyncio.Protocol):
         "meta",
         "owed",
         "plane",
+        "proxy_buf",
         "read_paused",
         "replay",
         "replay_bytes",
@@ -100,6 +102,8 @@ class ClientConn(asyncio.Protocol):
         self.replay: deque[tuple[int, bytes]] | None = None
         self.replay_bytes = 0
         self.span: Any = None  # the connection's root span when tracing is on
+        # Bytes of a PROXY header still being read (a trusted peer), else None.
+        self.proxy_buf: bytes | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.close_reason = ""
         self.client_addr = ""
@@ -115,9 +119,17 @@ class ClientConn(asyncio.Protocol):
             self.client_addr, self.client_port = peer[0], peer[1]
         self.accepted_ms = int(time.time() * 1000)
         transport.set_write_buffer_limits(high=self.plane.config.client_buffer)
+        if self.plane.expects_proxy(self.client_addr):
+            # The mark is made once the PROXY header says who the client is.
+            self.proxy_buf = b""
+            self._arm(self.plane.config.proxy_timeout, self._proxy_timeout)
+            return
         self.plane.accept(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.proxy_buf is not None:
+            self._proxy_data(data)
+            return
         if self.state != BOUND:
             if self.state in (WAITING, MOVING) and data:
                 self.read_paused = False  # the earlier pause did not take
@@ -535,6 +547,39 @@ class ClientConn(asyncio.Protocol):
         ):
             self.read_paused = False
             self.transport.resume_reading()
+
+    def _proxy_data(self, data: bytes) -> None:
+        buf = self.proxy_buf + data if self.proxy_buf else data
+        try:
+            header, used = proxyproto.parse(buf)
+        except proxyproto.BadProxyHeader as exc:
+            self._proxy_failed(str(exc))
+            return
+        if header is None:
+            self.proxy_buf = buf
+            return
+        self.proxy_buf = None
+        self._disarm()
+        if not header.local:
+            self.client_addr, self.client_port = header.src_addr, header.src_port
+        self.plane.accept(self)
+        if used < len(buf) and self.transport is not None:
+            self.data_received(buf[used:])
+
+    def _proxy_timeout(self) -> None:
+        self.timer = None
+        self._proxy_failed(f"no PROXY header within {self.plane.config.proxy_timeout:.1f}s")
+
+    def _proxy_failed(self, why: str) -> None:
+        self.plane.stats.proxy_errors += 1
+        log.warning(
+            "client=%s:%d (trusted proxy) closed: %s", self.client_addr, self.client_port, why
+        )
+        self.proxy_buf = None
+        self._disarm()
+        self.state = CLOSING
+        if self.transport is not None:
+            self.transport.abort()
 
     def _start_early(self) -> list[bytes]:
         self.early = []

@@ -64,6 +64,7 @@ class DataPlane:
         self.grant_threshold = max(1, config.window // 2)
         self.write_hard_limit = config.client_buffer + 2 * config.window
         self.listener_name = format_hostport(*config.listen[0])
+        self.proxy_trusted = [ipaddress.ip_network(n) for n in config.proxy_trusted]
         self.servers: list[asyncio.Server] = []
         self.accepting = False
         self.started_at = time.time()
@@ -72,6 +73,16 @@ class DataPlane:
         self._migrations: dict[Link, asyncio.Task[None]] = {}
 
     # -- wiring -------------------------------------------------------------------
+
+    def expects_proxy(self, addr: str) -> bool:
+        """Whether a connection from ``addr`` must start with a PROXY header."""
+        if not self.proxy_trusted or not addr:
+            return False
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.proxy_trusted)
 
     def new_decoder(self) -> Decoder:
         return make_decoder(self.config.framing, self.config.max_frame)

@@ -41,6 +41,11 @@ _COUNTERS = (
     ("pmlb_failovers", "failovers", "Marks resumed on another upstream."),
     ("pmlb_moves", "moves", "Marks moved off a draining or removed upstream."),
     ("pmlb_replay_overflows", "replay_overflows", "Marks closed: replay buffer full."),
+    (
+        "pmlb_proxy_header_errors",
+        "proxy_errors",
+        "Trusted peers closed for a bad, late or missing PROXY header.",
+    ),
 )
 
 

@@ -29,6 +29,7 @@ class NodeStats:
         "moves",
         "no_upstream",
         "open",
+        "proxy_errors",
         "replay_overflows",
         "unknown_mark_frames",
         "write_overflows",
@@ -51,6 +52,7 @@ class NodeStats:
         self.link_breaks = 0
         self.credit_stalls = 0
         self.failovers = 0
+        self.proxy_errors = 0
         self.moves = 0
         self.replay_overflows = 0
         self.frames_too_large = 0
