@@ -102,7 +102,9 @@ class NodeApp:
         if self.admin is not None:
             await self.admin.start()
         if self.config.control is not None:
-            self.control, self.control_port = await start_control(self.plane, *self.config.control)
+            self.control, self.control_port = await start_control(
+                self.plane, *self.config.control, token=self.config.control_token
+            )
         if self.session is not None and self.checker is not None:
             self.session.start()  # registers once the listeners are bound
             self.checker.start()

@@ -15,6 +15,7 @@ A mark that is not open (any more) raises MarkGone.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -32,8 +33,13 @@ CALL_TIMEOUT = 5.0
 
 
 class MarkClient:
-    def __init__(self, etcd: Sequence[str], prefix: str = "/pmlb") -> None:
+    def __init__(
+        self, etcd: Sequence[str], prefix: str = "/pmlb", token: str | None = None
+    ) -> None:
+        """``token``: the nodes' --control-token (default: PMLB_CONTROL_TOKEN)."""
         self.store = EtcdStore(EtcdSettings(endpoints=tuple(etcd)))
+        token = token if token is not None else os.environ.get("PMLB_CONTROL_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.keys = Keys(prefix)
         self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
         self._connected = False
@@ -84,10 +90,14 @@ class MarkClient:
     async def _call(self, mark: str, method: str, request: Any) -> Any:
         stub = await self._stub(mark)
         try:
-            return await getattr(stub, method)(request, timeout=CALL_TIMEOUT)
+            return await getattr(stub, method)(
+                request, timeout=CALL_TIMEOUT, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise MarkGone(exc.details() or f"mark {mark} is gone") from None
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise PmlbError(f"{method} {mark}: the node refused our control token") from None
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._stubs.pop(node_of(mark), None)  # look the node up again next time
             raise PmlbError(f"{method} {mark}: {exc.code().name}: {exc.details()}") from None

@@ -98,6 +98,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("check-rise", "successes in a row to turn SERVING", 2, _positive_int),
     Option("check-fall", "failures in a row to turn NOT_SERVING", 2, _positive_int),
     Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
+    Option("control-token", "bearer token the control API requires (prefer PMLB_CONTROL_TOKEN)"),
     Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
     Option("framing", "client framing", "raw", choices=FRAMINGS),
     Option("max-frame", "maximum message size in bytes", 65535, _positive_int),
@@ -335,6 +336,7 @@ class NodeConfig:
     drain_window: float = 5.0
     shutdown_timeout: float = 10.0
     backlog: int = 4096
+    control_token: str | None = field(default=None, repr=False)  # never logged
     proxy_trusted: tuple[str, ...] = ()
     proxy_timeout: float = 5.0
     dns_name: str | None = None
@@ -421,6 +423,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         drain_window=values["drain_window"],
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
+        control_token=values["control_token"],
         proxy_trusted=tuple(_cidrs(values["proxy_trusted"])),
         proxy_timeout=values["proxy_timeout"],
         dns_name=values["dns_name"],

@@ -4,6 +4,7 @@ anywhere, upstream drain under load, node drain."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +22,12 @@ from pmlb.client import MarkClient
 from pmlb.errors import MarkGone
 
 async def main(etcd, prefix, mark, bogus):
+    from pmlb.errors import PmlbError
+    async with MarkClient([etcd], prefix, token="wrong") as intruder:
+        try:
+            await intruder.send(mark, b"should not arrive")
+        except PmlbError as exc:
+            print("REFUSED", exc, flush=True)
     async with MarkClient([etcd], prefix) as marks:
         await marks.send(mark, b"pushed from afar")
         info = await marks.describe(mark)
@@ -72,6 +79,7 @@ async def test_metadata_follows_the_mark_and_push_from_anywhere(
             prefix=etcd.prefix,
             wait_links=["a", "b"],
             extra=["--control", "127.0.0.1:0"],
+            env={"PMLB_CONTROL_TOKEN": "s3cret-token"},
         )
         async with asyncio.timeout(40):
             conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(2)]
@@ -99,9 +107,11 @@ async def test_metadata_follows_the_mark_and_push_from_anywhere(
                 timeout=30,
                 cwd=ROOT,
                 check=False,
+                env={**os.environ, "PMLB_CONTROL_TOKEN": "s3cret-token"},
             )
             assert out.returncode == 0, out.stderr
             lines = out.stdout.splitlines()
+            assert lines.pop(0).startswith("REFUSED"), "a wrong token is refused"
             assert lines[0].startswith("127.0.0.1 b {'user': 'alice'} ")
             assert int(lines[0].split()[-1]) >= 2, "counters"
             assert lines[1].startswith("GONE")

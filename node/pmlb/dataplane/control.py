@@ -8,6 +8,7 @@ open here answers NOT_FOUND, like API Gateway's GoneException.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -48,11 +49,24 @@ def mark_info(conn: ClientConn) -> npb.MarkInfo:
 
 
 class NodeControl(node_pb2_grpc.NodeServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, token: str | None = None) -> None:
         self.plane = plane
         self.calls = 0
+        self.denied = 0
+        self._token = f"Bearer {token}".encode() if token else None
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        if self._token is None:
+            return
+        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+        given = sent.encode() if isinstance(sent, str) else bytes(sent)
+        if not hmac.compare_digest(given, self._token):  # constant time
+            self.denied += 1
+            log.warning("control API call from %s refused: bad or missing token", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
 
     async def _conn(self, mark: str, context: grpc.aio.ServicerContext) -> ClientConn:  # type: ignore[type-arg]
+        await self._authorize(context)
         self.calls += 1
         conn = self.plane.marks.get(mark)
         if conn is None or conn.state >= 4:  # CLOSING or CLOSED
@@ -107,6 +121,7 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         request: npb.ListRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> npb.ListResponse:
+        await self._authorize(context)
         size = min(request.page_size or 100, MAX_PAGE)
         marks = self.plane.marks
         # Marks are held in accept order; the token is the last mark returned.
@@ -138,9 +153,11 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         return out
 
 
-async def start_control(plane: DataPlane, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_control(
+    plane: DataPlane, host: str, port: int, token: str | None = None
+) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    node_pb2_grpc.add_NodeServicer_to_server(NodeControl(plane), server)
+    node_pb2_grpc.add_NodeServicer_to_server(NodeControl(plane, token), server)
     bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
     if not bound:
         raise OSError(f"cannot listen on {host}:{port} for the control API")
