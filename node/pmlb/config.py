@@ -154,6 +154,12 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "shutdown-timeout", "seconds to flush links at the end of a stop", 10.0, _positive_float
     ),
     Option("backlog", "listen backlog", 4096, _positive_int),
+    Option("max-connections", "open client connections per node; 0 = no limit", 0, int),
+    Option("max-per-client", "open connections per client IP; 0 = no limit", 0, int),
+    Option("idle-timeout", "close a client silent both ways this long (s); 0 = never", 0.0, float),
+    Option(
+        "max-lifetime", "close a connection after this long (s, -10% jitter); 0 = never", 0.0, float
+    ),
     Option(
         "proxy-trusted",
         "networks whose connections must start with a PROXY v1/v2 header (repeatable CIDR)",
@@ -337,6 +343,10 @@ class NodeConfig:
     shutdown_timeout: float = 10.0
     backlog: int = 4096
     control_token: str | None = field(default=None, repr=False)  # never logged
+    max_connections: int = 0
+    max_per_client: int = 0
+    idle_timeout: float = 0.0
+    max_lifetime: float = 0.0
     proxy_trusted: tuple[str, ...] = ()
     proxy_timeout: float = 5.0
     dns_name: str | None = None
@@ -424,6 +434,10 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
         control_token=values["control_token"],
+        max_connections=_non_negative(values["max_connections"], "--max-connections"),
+        max_per_client=_non_negative(values["max_per_client"], "--max-per-client"),
+        idle_timeout=_non_negative(values["idle_timeout"], "--idle-timeout"),
+        max_lifetime=_non_negative(values["max_lifetime"], "--max-lifetime"),
         proxy_trusted=tuple(_cidrs(values["proxy_trusted"])),
         proxy_timeout=values["proxy_timeout"],
         dns_name=values["dns_name"],
@@ -433,6 +447,12 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         log_level=values["log_level"].lower(),
         log_format=values["log_format"],
     )
+
+
+def _non_negative(value: Any, flag: str) -> Any:
+    if value < 0:
+        raise ConfigError(f"{flag} must be 0 (off) or positive, got {value}")
+    return value
 
 
 def _cidrs(values: list[str]) -> list[str]:

@@ -50,6 +50,10 @@ NODE_DRAINING: Final = "node_draining"
 REPLAY_OVERFLOW: Final = "replay_overflow"
 WRITE_OVERFLOW: Final = "write_overflow"
 MOVED: Final = "moved"
+IDLE_TIMEOUT: Final = "idle_timeout"
+MAX_LIFETIME: Final = "max_lifetime"
+NODE_FULL: Final = "node_full"
+CLIENT_LIMIT: Final = "client_limit"
 CLOSED_BY_API: Final = "closed_by_api"
 
 log = logging.getLogger("pmlb.wire")

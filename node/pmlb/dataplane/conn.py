@@ -59,6 +59,7 @@ class ClientConn(asyncio.Protocol):
         "early",
         "frames_in",
         "frames_out",
+        "last_active",
         "link",
         "mark",
         "meta",
@@ -109,6 +110,7 @@ class ClientConn(asyncio.Protocol):
         self.client_addr = ""
         self.client_port = 0
         self.accepted_ms = 0
+        self.last_active = 0.0  # monotonic time of the last byte either way
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -127,6 +129,7 @@ class ClientConn(asyncio.Protocol):
         self.plane.accept(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         if self.proxy_buf is not None:
             self._proxy_data(data)
             return
@@ -349,6 +352,7 @@ class ClientConn(asyncio.Protocol):
             self.close(wire.PROTOCOL_ERROR, f"upstream payload too large: {exc}")
             return
         transport.write(out)
+        self.last_active = time.monotonic()
         n = len(payload)
         self.bytes_out += n
         self.frames_out += 1

@@ -27,7 +27,7 @@ from typing import Final
 from pmlb import wire
 from pmlb.config import NodeConfig, UpstreamSpec, format_hostport
 from pmlb.dataplane.balancer import make_balancer
-from pmlb.dataplane.conn import BOUND, CLIENT_EOF, MOVING, ClientConn
+from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.ids import MarkFactory
@@ -71,6 +71,9 @@ class DataPlane:
         self._retired: list[Link] = []
         self._idle = asyncio.Event()
         self._migrations: dict[Link, asyncio.Task[None]] = {}
+        self.per_client: dict[str, int] = {}
+        self._limit_logged = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- wiring -------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ class DataPlane:
                     self.config.framing,
                 )
         self.accepting = True
+        self.start_sweeper()
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
@@ -180,6 +184,17 @@ class DataPlane:
         conn.mark = mark = self.factory.next()
         self.marks[mark] = conn
         self._idle.clear()
+        conn.last_active = time.monotonic()
+        cfg = self.config
+        if cfg.max_per_client:
+            n = self.per_client.get(conn.client_addr, 0) + 1
+            self.per_client[conn.client_addr] = n
+            if n > cfg.max_per_client:
+                self._refuse(conn, wire.CLIENT_LIMIT, f"over {cfg.max_per_client} per client")
+                return
+        if cfg.max_connections and stats.open > cfg.max_connections:
+            self._refuse(conn, wire.NODE_FULL, f"over {cfg.max_connections} connections")
+            return
         if self.tracer.enabled:
             conn.span = self.tracer.start(conn)
         log.info("mark=%s client=%s:%d accepted", mark, conn.client_addr, conn.client_port)
@@ -196,6 +211,47 @@ class DataPlane:
                 conn.client_port,
             )
 
+    def _refuse(self, conn: ClientConn, reason: str, detail: str) -> None:
+        self.stats.limited[reason] += 1
+        now = time.monotonic()
+        if now - self._limit_logged > 1.0:  # a flood must not flood the log too
+            self._limit_logged = now
+            log.warning(
+                "client=%s:%d refused (%s: %s); %d refused so far",
+                conn.client_addr,
+                conn.client_port,
+                reason,
+                detail,
+                self.stats.limited[reason],
+            )
+        conn.close(reason, detail, abort=True)
+
+    def start_sweeper(self) -> None:
+        """Idle timeout and max lifetime: one periodic pass, no timer per connection."""
+        cfg = self.config
+        limits = [t for t in (cfg.idle_timeout, cfg.max_lifetime) if t]
+        if limits:
+            period = min(10.0, max(0.1, min(limits) / 4))
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(period))
+
+    async def _sweep(self, period: float) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            idle_before = now - cfg.idle_timeout if cfg.idle_timeout else -1.0
+            wall_ms = time.time() * 1000
+            for conn in list(self.marks.values()):
+                if conn.state >= CLOSING:
+                    continue
+                if cfg.idle_timeout and conn.last_active < idle_before:
+                    conn.close(wire.IDLE_TIMEOUT, f"silent for {cfg.idle_timeout:g}s")
+                elif cfg.max_lifetime:
+                    # Jitter (up to -10%, stable per mark) spreads reconnects out.
+                    life = cfg.max_lifetime * (1 - 0.1 * (hash(conn.mark) % 1000) / 1000)
+                    if wall_ms - conn.accepted_ms > life * 1000:
+                        conn.close(wire.MAX_LIFETIME, f"open for {cfg.max_lifetime:g}s")
+
     def unwait(self, conn: ClientConn) -> None:
         self.waiting.pop(conn, None)
 
@@ -206,6 +262,12 @@ class DataPlane:
         stats.open -= 1
         reason = conn.close_reason or wire.CLIENT_CLOSED
         stats.closed[reason] += 1
+        if self.config.max_per_client:
+            left = self.per_client.get(conn.client_addr, 1) - 1
+            if left > 0:
+                self.per_client[conn.client_addr] = left
+            else:
+                self.per_client.pop(conn.client_addr, None)
         log.info(
             "mark=%s client=%s:%d closed reason=%s upstream=%s in=%d/%d out=%d/%d",
             conn.mark,
@@ -346,6 +408,8 @@ class DataPlane:
                         conn.transport.abort()
         for task in list(self._migrations.values()):
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         links = list(self.links.values()) + self._retired
         await asyncio.gather(
             *(link.close(max(0.1, deadline - time.monotonic())) for link in links),

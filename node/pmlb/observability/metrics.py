@@ -88,6 +88,12 @@ class NodeCollector(Collector):
         for reason, n in sorted(s.closed.items()):
             closed.add_metric([reason], n)
         yield closed
+        limited = CounterMetricFamily(
+            "pmlb_connections_refused", "Client connections refused by a limit.", labels=["limit"]
+        )
+        for reason, n in sorted(s.limited.items()):
+            limited.add_metric([reason], n)
+        yield limited
         up = GaugeMetricFamily(
             "pmlb_upstream_up", "1 while the link to the upstream is up.", labels=["upstream"]
         )

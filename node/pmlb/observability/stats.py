@@ -25,6 +25,7 @@ class NodeStats:
         "frames_out",
         "frames_too_large",
         "garbage_batches",
+        "limited",
         "link_breaks",
         "moves",
         "no_upstream",
@@ -39,6 +40,7 @@ class NodeStats:
         self.accepted = 0
         self.open = 0
         self.closed: Counter[str] = Counter()
+        self.limited: Counter[str] = Counter()  # connections refused by a limit
         # client -> upstream payload bytes / frames; upstream -> client
         self.bytes_in = 0
         self.frames_in = 0
@@ -62,4 +64,5 @@ class NodeStats:
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = {k: getattr(self, k) for k in self.__slots__}
         out["closed"] = dict(self.closed)
+        out["limited"] = dict(self.limited)
         return out

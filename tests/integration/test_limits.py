@@ -1,0 +1,93 @@
+"""Limits: per node, per client address, idle timeout, max lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from tests.conftest import Cluster
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+
+async def _open(port: int, src: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
+
+
+async def _is_refused(r: asyncio.StreamReader) -> bool:
+    with contextlib.suppress(ConnectionResetError):
+        return await asyncio.wait_for(r.read(), 5) == b""
+    return True
+
+
+async def _works(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+    w.write(b"ping\n")
+    return (await r.readuntil(b"\n")).endswith(b" u1 ping\n")
+
+
+async def test_per_client_and_per_node_limits(cluster: Cluster) -> None:
+    up = cluster.echo("u1")
+    node = await asyncio.to_thread(
+        cluster.node, [f"u1={up.addr}"], extra=["--max-per-client", "2", "--max-connections", "4"]
+    )
+    async with asyncio.timeout(30):
+        a = [await _open(node.port, "127.0.0.11") for _ in range(3)]
+        assert await _works(*a[0])
+        assert await _works(*a[1])
+        assert await _is_refused(a[2][0]), "third connection from one address refused"
+        b = [await _open(node.port, "127.0.0.12") for _ in range(2)]
+        assert all([await _works(*c) for c in b])
+        c = await _open(node.port, "127.0.0.13")
+        assert await _is_refused(c[0]), "fifth connection on the node refused"
+        a[0][1].close()  # a slot frees up
+        await asyncio.sleep(0)
+        for _ in range(50):
+            d = await _open(node.port, "127.0.0.13")
+            try:
+                if await asyncio.wait_for(_works(*d), 1):
+                    break
+            except (asyncio.IncompleteReadError, ConnectionResetError, TimeoutError):
+                continue
+        else:
+            pytest.fail("no slot freed after a client left")
+        assert await _works(*a[1]), "admitted clients never notice the limits"
+    m = await asyncio.to_thread(node.metrics)
+    assert m['pmlb_connections_refused_total{limit="client_limit"}'] == 1
+    assert m['pmlb_connections_refused_total{limit="node_full"}'] >= 1
+
+
+async def test_idle_timeout_and_max_lifetime(cluster: Cluster) -> None:
+    up = cluster.echo("u1")
+    node = await asyncio.to_thread(
+        cluster.node, [f"u1={up.addr}"], extra=["--idle-timeout", "1", "--max-lifetime", "3"]
+    )
+    async with asyncio.timeout(30):
+        t0 = time.monotonic()
+        idle_r, idle_w = await _open(node.port, "127.0.0.1")
+        busy_r, busy_w = await _open(node.port, "127.0.0.1")
+        assert await _works(idle_r, idle_w)
+        closed_at: dict[str, float] = {}
+
+        async def watch_idle() -> None:
+            with contextlib.suppress(ConnectionResetError):
+                await idle_r.read()
+            closed_at["idle"] = time.monotonic() - t0
+
+        watcher = asyncio.create_task(watch_idle())
+        while True:
+            try:
+                assert await _works(busy_r, busy_w)
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                break
+            await asyncio.sleep(0.2)
+        await watcher
+        closed_idle_at = closed_at["idle"]
+        lifetime = time.monotonic() - t0
+    assert 1.0 <= closed_idle_at < 2.0, f"idle client closed at {closed_idle_at:.2f}s"
+    assert 2.7 <= lifetime < 4.5, f"busy client closed at {lifetime:.2f}s (max lifetime 3 s)"
+    m = await asyncio.to_thread(node.metrics)
+    assert m['pmlb_connections_closed_total{reason="idle_timeout"}'] == 1
+    assert m['pmlb_connections_closed_total{reason="max_lifetime"}'] == 1
