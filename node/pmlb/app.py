@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 import urllib.parse
 
@@ -85,6 +86,7 @@ class NodeApp:
                     config.check_rise,
                     config.check_fall,
                 ),
+                credentials=self.plane.upstream_credentials,
             )
 
     async def start(self) -> None:
@@ -142,6 +144,9 @@ class NodeApp:
 
     async def run(self, stop: asyncio.Event) -> int:
         self._stop_event = stop
+        if self.plane.tls is not None:
+            tls = self.plane.tls
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tls.reload)
         await self.start()
         await stop.wait()
         await self.stop()
@@ -306,7 +311,12 @@ class NodeApp:
 
 
 async def run_echo(
-    listen: str, upstream_id: str, plain: bool, window: int, stop: asyncio.Event
+    listen: str,
+    upstream_id: str,
+    plain: bool,
+    window: int,
+    stop: asyncio.Event,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> int:
     provider = make_provider("pmlb-echo-upstream", upstream_id, None)
     server = UpstreamServer(
@@ -315,6 +325,7 @@ async def run_echo(
         listen=listen,
         window=window,
         tracer_provider=provider,
+        credentials=credentials,
     )
     await server.start()
     await stop.wait()

@@ -103,9 +103,18 @@ def _echo(args: argparse.Namespace) -> int:
     from pmlb.observability.logs import setup_logging
 
     setup_logging(values["log_level"], values["log_format"], f"echo/{values['id']}")
+    creds = None
+    if values["tls_cert"] or values["tls_key"]:
+        if not (values["tls_cert"] and values["tls_key"]):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        from pmlb.tlsconf import upstream_server_credentials
+
+        creds = upstream_server_credentials(
+            values["tls_cert"], values["tls_key"], values["tls_client_ca"]
+        )
     return aio.run(
         lambda stop: run_echo(
-            values["listen"], values["id"], values["plain"], values["window"], stop
+            values["listen"], values["id"], values["plain"], values["window"], stop, creds
         )
     )
 

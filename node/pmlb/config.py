@@ -154,6 +154,12 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "shutdown-timeout", "seconds to flush links at the end of a stop", 10.0, _positive_float
     ),
     Option("backlog", "listen backlog", 4096, _positive_int),
+    Option("tls-cert", "serve clients TLS with this certificate chain (PEM); SIGHUP reloads"),
+    Option("tls-key", "private key (PEM) for --tls-cert"),
+    Option("tls-client-ca", "require client certificates signed by this CA (PEM)"),
+    Option("upstream-ca", "CA (PEM) that signs upstreams' certificates: links use TLS"),
+    Option("upstream-cert", "client certificate (PEM) the node shows upstreams (mTLS)"),
+    Option("upstream-key", "private key (PEM) for --upstream-cert"),
     Option("max-connections", "open client connections per node; 0 = no limit", 0, int),
     Option("max-per-client", "open connections per client IP; 0 = no limit", 0, int),
     Option("idle-timeout", "close a client silent both ways this long (s); 0 = never", 0.0, float),
@@ -178,6 +184,9 @@ NODE_OPTIONS: tuple[Option, ...] = (
 
 ECHO_OPTIONS: tuple[Option, ...] = (
     Option("listen", "gRPC HOST:PORT to serve on", "127.0.0.1:7001", _hostport),
+    Option("tls-cert", "serve gRPC over TLS with this certificate chain (PEM)"),
+    Option("tls-key", "private key (PEM) for --tls-cert"),
+    Option("tls-client-ca", "require node certificates signed by this CA (mTLS)"),
     Option("id", "upstream id, shown in replies", "u1"),
     Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
     Option("window", "per-mark flow-control window in bytes", 262144, _positive_int),
@@ -343,6 +352,12 @@ class NodeConfig:
     shutdown_timeout: float = 10.0
     backlog: int = 4096
     control_token: str | None = field(default=None, repr=False)  # never logged
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    upstream_ca: str | None = None
+    upstream_cert: str | None = None
+    upstream_key: str | None = None
     max_connections: int = 0
     max_per_client: int = 0
     idle_timeout: float = 0.0
@@ -381,6 +396,10 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         )
     if not ups and not etcd:
         raise ConfigError("give --etcd URL (cluster mode) or at least one --upstream HOST:PORT")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if bool(values["upstream_cert"]) != bool(values["upstream_key"]):
+        raise ConfigError("--upstream-cert and --upstream-key go together")
     if values["dns_name"] and not etcd:
         raise ConfigError("--dns-name needs --etcd (the DNS records live in etcd)")
     if values["etcd_user"] and not values["etcd_password"]:
@@ -434,6 +453,12 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
         control_token=values["control_token"],
+        tls_cert=values["tls_cert"],
+        tls_key=values["tls_key"],
+        tls_client_ca=values["tls_client_ca"],
+        upstream_ca=values["upstream_ca"],
+        upstream_cert=values["upstream_cert"],
+        upstream_key=values["upstream_key"],
         max_connections=_non_negative(values["max_connections"], "--max-connections"),
         max_per_client=_non_negative(values["max_per_client"], "--max-per-client"),
         idle_timeout=_non_negative(values["idle_timeout"], "--idle-timeout"),

@@ -59,7 +59,9 @@ class Checker:
         view: ServiceView,
         node_id: str,
         settings: CheckSettings,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self.credentials = credentials  # the same TLS the links use
         self.store = store
         self.keys = keys
         self.session = session
@@ -151,7 +153,12 @@ class Checker:
         if probe is None or probe.addr != spec.addr:
             if probe is not None:
                 await probe.channel.close(grace=None)
-            probe = _Probe(spec.addr, grpc.aio.insecure_channel(spec.addr))
+            channel = (
+                grpc.aio.secure_channel(spec.addr, self.credentials)
+                if self.credentials is not None
+                else grpc.aio.insecure_channel(spec.addr)
+            )
+            probe = _Probe(spec.addr, channel)
             self._probes[spec.id] = probe
         stub = health_pb2_grpc.HealthStub(probe.channel)
         try:

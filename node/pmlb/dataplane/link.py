@@ -184,7 +184,12 @@ class Link:
 
     async def _session(self) -> None:
         self.state = CONNECTING
-        channel = grpc.aio.insecure_channel(self.spec.addr, options=CHANNEL_OPTIONS)
+        creds = self.plane.upstream_credentials
+        channel = (
+            grpc.aio.secure_channel(self.spec.addr, creds, options=CHANNEL_OPTIONS)
+            if creds is not None
+            else grpc.aio.insecure_channel(self.spec.addr, options=CHANNEL_OPTIONS)
+        )
         self._channel = channel
         call = channel.stream_stream(
             wire.BRIDGE_METHOD,

@@ -33,6 +33,7 @@ from pmlb.dataplane.link import Link
 from pmlb.ids import MarkFactory
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
+from pmlb.tlsconf import ListenerTLS, upstream_channel_credentials
 
 log = logging.getLogger("pmlb.plane")
 
@@ -65,6 +66,14 @@ class DataPlane:
         self.write_hard_limit = config.client_buffer + 2 * config.window
         self.listener_name = format_hostport(*config.listen[0])
         self.proxy_trusted = [ipaddress.ip_network(n) for n in config.proxy_trusted]
+        self.tls = (
+            ListenerTLS(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert and config.tls_key
+            else None
+        )
+        self.upstream_credentials = upstream_channel_credentials(
+            config.upstream_ca, config.upstream_cert, config.upstream_key
+        )
         self.servers: list[asyncio.Server] = []
         self.accepting = False
         self.started_at = time.time()
@@ -99,6 +108,8 @@ class DataPlane:
                 port,
                 backlog=self.config.backlog,
                 reuse_address=True,
+                ssl=self.tls.context if self.tls else None,
+                ssl_handshake_timeout=self.config.proxy_timeout if self.tls else None,
             )
             self.servers.append(server)
             for sock in server.sockets:

@@ -312,6 +312,7 @@ class UpstreamServer:
         etcd: Sequence[str] = (),
         etcd_prefix: str = "/pmlb",
         tracer_provider: Any = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.handler = handler
         self.upstream_id = upstream_id
@@ -331,6 +332,7 @@ class UpstreamServer:
         # Reaching marks of nodes we have no link with goes through their
         # control API, found in etcd (only when etcd endpoints are given).
         self._marks_client = MarkClient(etcd, etcd_prefix) if etcd else None
+        self._credentials = credentials  # TLS / mTLS (pmlb.tlsconf helps build them)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Spans for on_open/on_close join the mark's trace (Open.trace_context).
         # Without a provider, OpenTelemetry's global no-op tracer costs nothing.
@@ -370,7 +372,11 @@ class UpstreamServer:
             (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Bridge": handler}),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = server.add_insecure_port(self.listen)
+        self.port = (
+            server.add_secure_port(self.listen, self._credentials)
+            if self._credentials is not None
+            else server.add_insecure_port(self.listen)
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await server.start()
