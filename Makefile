@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd clean
+.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd fuzz clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -53,6 +53,11 @@ bench-deps: install $(BENCH_BIN)/loadgen $(BENCH_BIN)/echo_server
 
 bench: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) $(BENCH_ARGS)
+
+FUZZ_SECONDS ?= 30
+
+fuzz: install
+	$(PY) scripts/fuzz.py all $(FUZZ_SECONDS)
 
 bench-etcd: install
 	$(PY) scripts/bench/put_to_route.py 10

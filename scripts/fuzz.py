@@ -1,0 +1,88 @@
+"""Coverage-guided fuzzing (atheris/libFuzzer) of pmlb's parsers of untrusted input.
+
+    python scripts/fuzz.py TARGET SECONDS      # one target
+    python scripts/fuzz.py all SECONDS         # every target, one process each
+
+Targets: the framing decoders (client bytes), the PROXY header parser
+(trusted peers' bytes), the etcd value parsers (operator-typed values) and the
+Batch decoder (upstream bytes). A target fails only on an exception a caller
+would not expect, which is a bug: it then becomes a regression test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Callable
+
+import atheris
+
+with atheris.instrument_imports():
+    from pmlb import wire
+    from pmlb.dataplane import framing, proxyproto
+    from pmlb.errors import FrameTooLarge
+    from pmlb.store import keys
+
+
+def _framing(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    name = fdp.PickValueInList(["raw", "line", "len16", "len32"])
+    limit = fdp.ConsumeIntInRange(1, 4096)
+    dec = framing.make_decoder(name, limit)
+    try:
+        while fdp.remaining_bytes():
+            for msg in dec.feed(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 512))):
+                assert len(msg) <= limit
+    except FrameTooLarge:
+        pass
+
+
+def _proxy(data: bytes) -> None:
+    try:
+        header, used = proxyproto.parse(data)
+    except proxyproto.BadProxyHeader:
+        return
+    assert 0 <= used <= len(data)
+    assert (header is None) == (used == 0)
+
+
+def _etcd_values(data: bytes) -> None:
+    for parse in (keys.parse_upstream, keys.parse_health, keys.parse_node):
+        with contextlib.suppress(keys.InvalidValue):
+            parse("fuzz", data)
+
+
+def _batch(data: bytes) -> None:
+    batch = wire.parse_batch_lenient(data)
+    if batch is not None:
+        for f in batch.frames:
+            f.WhichOneof("kind")
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "framing": _framing,
+    "proxy": _proxy,
+    "etcd-values": _etcd_values,
+    "batch": _batch,
+}
+
+
+def main() -> int:
+    target, seconds = sys.argv[1], sys.argv[2]
+    if target == "all":
+        failed = 0
+        for name in TARGETS:
+            rc = subprocess.call([sys.executable, __file__, name, seconds])
+            print(f"fuzz {name}: {'ok' if rc == 0 else f'FAILED ({rc})'}", flush=True)
+            failed += rc != 0
+        return 1 if failed else 0
+    atheris.Setup(
+        [sys.argv[0], f"-max_total_time={seconds}", "-rss_limit_mb=1024"], TARGETS[target]
+    )
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
