@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd fuzz clean
+.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd fuzz test-faults clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -53,6 +53,9 @@ bench-deps: install $(BENCH_BIN)/loadgen $(BENCH_BIN)/echo_server
 
 bench: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) $(BENCH_ARGS)
+
+test-faults: install
+	$(PY) -m pytest tests/faults tests/integration/test_failover.py $(PYTEST_ARGS)
 
 FUZZ_SECONDS ?= 30
 

@@ -1,0 +1,210 @@
+"""The fault suite (`make test-faults`, also part of `make test`): faults a
+production node meets, each reporting its figures (see the table printed at the
+end of the run)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.faults.report import record
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.asyncio(loop_scope="function"), pytest.mark.faults]
+
+
+class Relay:
+    """A TCP relay between node and upstream that can silently stop forwarding
+    (a cut cable: no FIN, no RST), one direction or both."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.forward_up = True  # node -> upstream
+        self.forward_down = True  # upstream -> node
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    if self.forward_up if up else self.forward_down:
+                        dst.write(data)
+                        await dst.drain()
+                    # else: swallowed, like packets into a dead link
+
+        await asyncio.gather(pipe(r, uw, True), pipe(ur, w, False), return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def _stream(
+    port: int, idx: int, n: int, started: asyncio.Event, stats: dict[str, int], gaps: list[float]
+) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    last = time.monotonic()
+
+    async def send() -> None:
+        for i in range(n):
+            w.write(f"c{idx}-{i}\n".encode())
+            stats["sent"] += 1
+            if i == 3:
+                started.set()
+            await asyncio.sleep(0.02)
+
+    async def receive() -> None:
+        nonlocal last
+        expected = 0
+        while expected < n:
+            line = (await r.readuntil(b"\n")).decode().rstrip("\n")
+            num = int(line.rsplit("-", 1)[1])
+            if num < expected:
+                stats["duplicated"] += 1
+                continue
+            stats["lost"] += num - expected
+            stats["received"] += 1
+            expected = num + 1
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    await asyncio.gather(send(), receive())
+    w.close()
+
+
+@pytest.mark.parametrize("direction", ["both", "node_to_upstream", "upstream_to_node"])
+async def test_link_cut_without_fin(cluster: Cluster, direction: str) -> None:
+    u1, u2 = cluster.echo("u1"), cluster.echo("u2")
+    relay = Relay(("127.0.0.1", u1.port))
+    await relay.start()
+    node = await asyncio.to_thread(
+        cluster.node,
+        [f"u1=127.0.0.1:{relay.port}", f"u2={u2.addr}"],
+        extra=["--ack-timeout", "1.5"],
+    )
+    stats = {"sent": 0, "received": 0, "lost": 0, "duplicated": 0}
+    gaps: list[float] = []
+    started = asyncio.Event()
+    clients = 100
+    async with asyncio.timeout(60):
+        tasks = [
+            asyncio.create_task(_stream(node.port, i, 100, started, stats, gaps))
+            for i in range(clients)
+        ]
+        await started.wait()
+        await asyncio.sleep(0.3)
+        if direction in ("both", "node_to_upstream"):
+            relay.forward_up = False
+        if direction in ("both", "upstream_to_node"):
+            relay.forward_down = False
+        await asyncio.gather(*tasks)
+    await relay.stop()
+    m = await asyncio.to_thread(node.metrics)
+    record(
+        f"link cut without FIN ({direction})",
+        connections=clients,
+        held=clients,
+        sent=stats["sent"],
+        lost=stats["lost"],
+        duplicated=stats["duplicated"],
+        recovery_s=round(max(gaps), 2),
+        failovers=int(m["pmlb_failovers_total"]),
+    )
+    assert stats["lost"] == 0
+    assert stats["duplicated"] == 0
+    assert stats["received"] == clients * 100
+    assert m["pmlb_failovers_total"] >= clients // 2 - 5
+
+
+async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) -> None:
+    up = cluster.echo("u1", plain=True)
+    node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"], framing="raw")
+    rss0 = node.proc.rss_bytes()
+    canary = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+    canary.sendall(b"x")
+    assert canary.recv(10) == b"x"
+    n = 10_000
+    t0 = time.monotonic()
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", node.port))
+        socks.append(s)
+    await asyncio.to_thread(
+        wait_until, lambda: node.metrics()["pmlb_marks_open"] >= n + 1, 60, "all accepted"
+    )
+    opened = time.monotonic() - t0
+    peak = node.proc.rss_bytes()
+    for s in socks:  # drop them all at once, with a RST
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    t1 = time.monotonic()
+    await asyncio.to_thread(
+        wait_until, lambda: node.metrics()["pmlb_marks_open"] == 1, 60, "all gone"
+    )
+    dropped = time.monotonic() - t1
+    canary.sendall(b"y")
+    assert canary.recv(10) == b"y", "the bystander never noticed"
+    canary.close()
+    record(
+        "10,000 connections opened and dropped at once",
+        connections=n,
+        held=1,
+        sent=2,
+        lost=0,
+        duplicated=0,
+        recovery_s=round(dropped, 2),
+        note=f"open {opened:.1f}s, RSS +{(peak - rss0) / n:.0f} B/conn at peak",
+    )
+    assert node.proc.alive()
+
+
+async def test_over_max_connections_refuses_only_the_excess(cluster: Cluster) -> None:
+    """A node at its connection limit keeps serving what it has."""
+    up = cluster.echo("u1", plain=True)
+    node = await asyncio.to_thread(
+        cluster.node, [f"u1={up.addr}"], framing="raw", extra=["--max-connections", "100"]
+    )
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(100)]
+    for s in held[:5]:
+        s.sendall(b"a")
+        assert s.recv(4) == b"a"
+    extra = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(50)]
+    refused = 0
+    for s in extra:
+        try:
+            refused += s.recv(4) == b""
+        except ConnectionResetError:
+            refused += 1
+    for s in held[:5]:
+        s.sendall(b"b")
+        assert s.recv(4) == b"b"
+    record(
+        "over --max-connections (100) by 50",
+        connections=150,
+        held=100,
+        sent=10,
+        lost=0,
+        duplicated=0,
+        recovery_s=0.0,
+        note=f"{refused} refused",
+    )
+    assert refused == 50
+    for s in held + extra:
+        s.close()
