@@ -175,8 +175,9 @@ async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) 
     assert node.proc.alive()
 
 
-async def test_over_max_connections_refuses_only_the_excess(cluster: Cluster) -> None:
-    """A node at its connection limit keeps serving what it has."""
+async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster) -> None:
+    """At the limit the node stops accepting (clients wait in the backlog) and serves
+    everyone it has; as marks close, the waiting clients are taken in order."""
     up = cluster.echo("u1", plain=True)
     node = await asyncio.to_thread(
         cluster.node, [f"u1={up.addr}"], framing="raw", extra=["--max-connections", "100"]
@@ -185,26 +186,33 @@ async def test_over_max_connections_refuses_only_the_excess(cluster: Cluster) ->
     for s in held[:5]:
         s.sendall(b"a")
         assert s.recv(4) == b"a"
-    extra = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(50)]
-    refused = 0
-    for s in extra:
-        try:
-            refused += s.recv(4) == b""
-        except ConnectionResetError:
-            refused += 1
+    waiting = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(50)]
+    for s in waiting:
+        s.sendall(b"w")
+    waiting[0].settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        waiting[0].recv(4)  # parked in the backlog, not refused
+    assert node.metrics()["pmlb_marks_open"] == 100
     for s in held[:5]:
         s.sendall(b"b")
-        assert s.recv(4) == b"b"
+        assert s.recv(4) == b"b", "admitted clients are served as usual"
+    t0 = time.monotonic()
+    for s in held[50:]:  # 50 leave: the 50 waiting get in
+        s.close()
+    for s in waiting:
+        s.settimeout(10)
+        assert s.recv(4) == b"w", "a waiting client is served once a slot frees"
+    took = time.monotonic() - t0
     record(
-        "over --max-connections (100) by 50",
+        "at --max-connections (100), 50 more wait",
         connections=150,
-        held=100,
-        sent=10,
+        held=150,
+        sent=60,
         lost=0,
         duplicated=0,
-        recovery_s=0.0,
-        note=f"{refused} refused",
+        recovery_s=round(took, 2),
+        note="accept paused, backlog kept",
     )
-    assert refused == 50
-    for s in held + extra:
+    assert "accepting paused" in node.proc.log()
+    for s in held[:50] + waiting:
         s.close()

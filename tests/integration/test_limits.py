@@ -28,35 +28,29 @@ async def _works(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
     return (await r.readuntil(b"\n")).endswith(b" u1 ping\n")
 
 
-async def test_per_client_and_per_node_limits(cluster: Cluster) -> None:
+async def test_per_client_limit(cluster: Cluster) -> None:
     up = cluster.echo("u1")
-    node = await asyncio.to_thread(
-        cluster.node, [f"u1={up.addr}"], extra=["--max-per-client", "2", "--max-connections", "4"]
-    )
+    node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"], extra=["--max-per-client", "2"])
     async with asyncio.timeout(30):
         a = [await _open(node.port, "127.0.0.11") for _ in range(3)]
         assert await _works(*a[0])
         assert await _works(*a[1])
         assert await _is_refused(a[2][0]), "third connection from one address refused"
         b = [await _open(node.port, "127.0.0.12") for _ in range(2)]
-        assert all([await _works(*c) for c in b])
-        c = await _open(node.port, "127.0.0.13")
-        assert await _is_refused(c[0]), "fifth connection on the node refused"
-        a[0][1].close()  # a slot frees up
-        await asyncio.sleep(0)
+        assert all([await _works(*c) for c in b]), "other addresses are not affected"
+        a[0][1].close()  # a slot frees up for that address
         for _ in range(50):
-            d = await _open(node.port, "127.0.0.13")
+            d = await _open(node.port, "127.0.0.11")
             try:
                 if await asyncio.wait_for(_works(*d), 1):
                     break
             except (asyncio.IncompleteReadError, ConnectionResetError, TimeoutError):
-                continue
+                await asyncio.sleep(0.05)
         else:
             pytest.fail("no slot freed after a client left")
-        assert await _works(*a[1]), "admitted clients never notice the limits"
+        assert await _works(*a[1]), "admitted clients never notice the limit"
     m = await asyncio.to_thread(node.metrics)
-    assert m['pmlb_connections_refused_total{limit="client_limit"}'] == 1
-    assert m['pmlb_connections_refused_total{limit="node_full"}'] >= 1
+    assert m['pmlb_connections_refused_total{limit="client_limit"}'] >= 1
 
 
 async def test_idle_timeout_and_max_lifetime(cluster: Cluster) -> None:

@@ -26,6 +26,7 @@ from typing import Final
 
 from pmlb import wire
 from pmlb.config import NodeConfig, UpstreamSpec, format_hostport
+from pmlb.dataplane.acceptor import Acceptor
 from pmlb.dataplane.balancer import make_balancer
 from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
@@ -74,7 +75,7 @@ class DataPlane:
         self.upstream_credentials = upstream_channel_credentials(
             config.upstream_ca, config.upstream_cert, config.upstream_key
         )
-        self.servers: list[asyncio.Server] = []
+        self.acceptors: list[Acceptor] = []
         self.accepting = False
         self.started_at = time.time()
         self._retired: list[Link] = []
@@ -100,31 +101,34 @@ class DataPlane:
         return make_decoder(self.config.framing, self.config.max_frame)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for host, port in self.config.listen:
-            server = await loop.create_server(
-                lambda: ClientConn(self),
+            acceptor = Acceptor(
                 host,
                 port,
-                backlog=self.config.backlog,
-                reuse_address=True,
-                ssl=self.tls.context if self.tls else None,
-                ssl_handshake_timeout=self.config.proxy_timeout if self.tls else None,
+                self.config.backlog,
+                lambda: ClientConn(self),
+                self._at_limit,
+                ssl_context=self.tls.context if self.tls else None,
+                handshake_timeout=self.config.proxy_timeout if self.tls else None,
             )
-            self.servers.append(server)
-            for sock in server.sockets:
-                log.info(
-                    "listening on %s for service %r (%s framing)",
-                    format_hostport(*sock.getsockname()[:2]),
-                    self.config.service,
-                    self.config.framing,
-                )
+            self.acceptors.append(acceptor)
+            log.info(
+                "listening on %s for service %r (%s framing%s)",
+                format_hostport(*acceptor.address),
+                self.config.service,
+                self.config.framing,
+                ", TLS" if self.tls else "",
+            )
         self.accepting = True
         self.start_sweeper()
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for srv in self.servers for s in srv.sockets]
+        return [a.address for a in self.acceptors]
+
+    def _at_limit(self) -> bool:
+        limit = self.config.max_connections
+        return bool(limit) and self.stats.open >= limit
 
     def set_upstreams(self, specs: Iterable[UpstreamSpec]) -> None:
         """Make the link set match ``specs``: start new ones, update, retire gone ones."""
@@ -298,6 +302,10 @@ class DataPlane:
             self.tracer.end(conn, upstreams)
         if not self.marks:
             self._idle.set()
+        if self.config.max_connections and self.accepting:
+            for acceptor in self.acceptors:
+                if acceptor.paused_at_limit and not self._at_limit():
+                    acceptor.resume()
 
     def _bind_waiting(self) -> None:
         if not self.waiting:
@@ -373,8 +381,8 @@ class DataPlane:
 
     def stop_accepting(self) -> None:
         self.accepting = False
-        for server in self.servers:
-            server.close()
+        for acceptor in self.acceptors:
+            acceptor.close()
 
     async def drain(self, timeout: float, window: float) -> None:
         """Keep serving open marks up to ``timeout``, then close what is left
@@ -397,9 +405,7 @@ class DataPlane:
 
     async def stop(self, timeout: float, reason: str = wire.NODE_SHUTDOWN) -> None:
         """Stop accepting, close every mark with ``reason``, flush links, stop."""
-        self.accepting = False
-        for server in self.servers:
-            server.close()
+        self.stop_accepting()
         deadline = time.monotonic() + timeout
         open_marks = list(self.marks.values())
         if open_marks:
@@ -426,9 +432,6 @@ class DataPlane:
             *(link.close(max(0.1, deadline - time.monotonic())) for link in links),
             return_exceptions=True,
         )
-        for server in self.servers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
 def _client_key(addr: str) -> bytes:

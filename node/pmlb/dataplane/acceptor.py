@@ -1,0 +1,131 @@
+"""Accepting client connections, with a pause.
+
+asyncio's servers cannot stop accepting without closing the listening socket
+(which would reset everyone waiting in the backlog). pmlb owns the listening
+socket and accepts itself, so it can pause: at ``--max-connections`` it stops
+reading the socket and new clients wait in the kernel's backlog until a mark
+closes; when the process runs out of file descriptors (EMFILE), it pauses for
+a moment instead of spinning or crashing, and everyone already connected is
+served as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+log = logging.getLogger("pmlb.acceptor")
+
+ACCEPTS_PER_WAKEUP: Final = 128
+RESOURCE_ERRORS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+RESOURCE_PAUSE: Final = 0.1
+
+
+class Acceptor:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        backlog: int,
+        factory: Callable[[], asyncio.Protocol],
+        at_limit: Callable[[], bool],
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        self.factory = factory
+        self.at_limit = at_limit
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server(
+            (host, port), family=family, backlog=backlog, reuse_port=False
+        )
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.reading = False
+        self.closed = False
+        self.paused_at_limit = False
+        self.resource_errors = 0
+        self.limit_pauses = 0
+        self._logged = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.resume()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def resume(self) -> None:
+        if not self.reading and not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._ready)
+            self.reading = True
+            self.paused_at_limit = False
+
+    def pause(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.sock.fileno())
+            self.reading = False
+
+    def close(self) -> None:
+        self.pause()
+        self.closed = True
+        self.sock.close()
+
+    def _ready(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if self.at_limit():
+                self.pause()
+                self.paused_at_limit = True
+                self.limit_pauses += 1
+                self._log(
+                    "at the connection limit: accepting paused, new clients wait "
+                    "in the listen backlog"
+                )
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRORS:
+                    self.resource_errors += 1
+                    self._log(f"accept failed ({exc.strerror}): pausing {RESOURCE_PAUSE}s")
+                    self.pause()
+                    self.loop.call_later(RESOURCE_PAUSE, self.resume)
+                else:
+                    self._log(f"accept failed: {exc}")
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            if self.ssl_context is not None:
+                await self.loop.connect_accepted_socket(
+                    self.factory,
+                    conn,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.handshake_timeout,
+                )
+            else:
+                await self.loop.connect_accepted_socket(self.factory, conn)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # A TLS handshake that failed or timed out: only that client is gone.
+            log.debug("connection setup failed: %r", exc)
+            conn.close()
+
+    def _log(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._logged > 1.0:  # at most once a second, even under a flood
+            self._logged = now
+            log.warning("listener %s:%d: %s", *self.address, what)
