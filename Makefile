@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd fuzz test-faults clean
+.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -56,6 +56,11 @@ bench: bench-deps
 
 test-faults: install
 	$(PY) -m pytest tests/faults tests/integration/test_failover.py $(PYTEST_ARGS)
+
+SOAK_SECONDS ?= 180
+
+soak: install
+	$(PY) scripts/soak.py $(SOAK_SECONDS)
 
 FUZZ_SECONDS ?= 30
 

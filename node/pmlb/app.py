@@ -172,10 +172,17 @@ class NodeApp:
             log.info("published %s -> %s (%s) under the same lease", cfg.dns_name, ip, key)
 
     def cluster_metrics(self) -> list[tuple[str, str, str, float]]:
+        tasks = (
+            "pmlb_asyncio_tasks",
+            "gauge",
+            "asyncio tasks alive in the node (flat under churn: no task per connection).",
+            float(len(asyncio.all_tasks())),
+        )
         if self.session is None or self.view is None or self.checker is None:
-            return []
+            return [tasks]
         age = time.monotonic() - self.session.last_ok if self.session.last_ok else -1.0
         return [
+            tasks,
             (
                 "pmlb_etcd_session_up",
                 "gauge",
