@@ -172,6 +172,27 @@ class NodeApp:
             log.info("published %s -> %s (%s) under the same lease", cfg.dns_name, ip, key)
 
     def cluster_metrics(self) -> list[tuple[str, str, str, float]]:
+        acceptors = self.plane.acceptors
+        accept = [
+            (
+                "pmlb_accept_limit_pauses_total",
+                "counter",
+                "Times accepting paused at --max-connections.",
+                float(sum(a.limit_pauses for a in acceptors)),
+            ),
+            (
+                "pmlb_accept_rate_pauses_total",
+                "counter",
+                "Times accepting paused at --accept-rate.",
+                float(sum(a.rate_pauses for a in acceptors)),
+            ),
+            (
+                "pmlb_accept_resource_errors_total",
+                "counter",
+                "accept() failures for lack of file descriptors or memory (accepting paused).",
+                float(sum(a.resource_errors for a in acceptors)),
+            ),
+        ]
         tasks = (
             "pmlb_asyncio_tasks",
             "gauge",
@@ -179,10 +200,11 @@ class NodeApp:
             float(len(asyncio.all_tasks())),
         )
         if self.session is None or self.view is None or self.checker is None:
-            return [tasks]
+            return [tasks, *accept]
         age = time.monotonic() - self.session.last_ok if self.session.last_ok else -1.0
         return [
             tasks,
+            *accept,
             (
                 "pmlb_etcd_session_up",
                 "gauge",

@@ -162,6 +162,8 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("upstream-key", "private key (PEM) for --upstream-cert"),
     Option("max-connections", "open client connections per node; 0 = no limit", 0, int),
     Option("max-per-client", "open connections per client IP; 0 = no limit", 0, int),
+    Option("accept-rate", "new connections accepted per second; 0 = no limit", 0.0, float),
+    Option("max-meta", "bytes of upstream-set metadata kept per mark", 16384, _positive_int),
     Option("idle-timeout", "close a client silent both ways this long (s); 0 = never", 0.0, float),
     Option(
         "max-lifetime", "close a connection after this long (s, -10% jitter); 0 = never", 0.0, float
@@ -360,6 +362,8 @@ class NodeConfig:
     upstream_key: str | None = None
     max_connections: int = 0
     max_per_client: int = 0
+    accept_rate: float = 0.0
+    max_meta: int = 16384
     idle_timeout: float = 0.0
     max_lifetime: float = 0.0
     proxy_trusted: tuple[str, ...] = ()
@@ -461,6 +465,8 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         upstream_key=values["upstream_key"],
         max_connections=_non_negative(values["max_connections"], "--max-connections"),
         max_per_client=_non_negative(values["max_per_client"], "--max-per-client"),
+        accept_rate=_non_negative(values["accept_rate"], "--accept-rate"),
+        max_meta=values["max_meta"],
         idle_timeout=_non_negative(values["idle_timeout"], "--idle-timeout"),
         max_lifetime=_non_negative(values["max_lifetime"], "--max-lifetime"),
         proxy_trusted=tuple(_cidrs(values["proxy_trusted"])),

@@ -85,3 +85,53 @@ async def test_idle_timeout_and_max_lifetime(cluster: Cluster) -> None:
     m = await asyncio.to_thread(node.metrics)
     assert m['pmlb_connections_closed_total{reason="idle_timeout"}'] == 1
     assert m['pmlb_connections_closed_total{reason="max_lifetime"}'] == 1
+
+
+async def test_accept_rate_limit_paces_a_burst(cluster: Cluster) -> None:
+    up = cluster.echo("u1")
+    node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"], extra=["--accept-rate", "20"])
+    async with asyncio.timeout(30):
+        t0 = time.monotonic()
+
+        async def one(i: int) -> float:
+            r, w = await asyncio.open_connection("127.0.0.1", node.port)
+            w.write(f"n{i}\n".encode())
+            assert (await r.readuntil(b"\n")).endswith(f" u1 n{i}\n".encode())
+            w.close()
+            return time.monotonic() - t0
+
+        times = await asyncio.gather(*(one(i) for i in range(60)))
+    # 20 in the first burst, then 20 a second: the last ones wait about two seconds.
+    assert max(times) >= 1.5, f"not paced: all served within {max(times):.2f}s"
+    assert sorted(times)[15] < 1.0, "the first burst is not delayed"
+    m = await asyncio.to_thread(node.metrics)
+    assert m["pmlb_accept_rate_pauses_total"] >= 1
+    closed = {k for k in m if k.startswith("pmlb_connections_closed_total")}
+    assert closed <= {'pmlb_connections_closed_total{reason="client_closed"}'}, "none refused"
+
+
+async def test_metadata_is_bounded(cluster: Cluster) -> None:
+    from pmlb.upstream import Conn, Handler, UpstreamServer
+
+    class Greedy(Handler):
+        def on_message(self, conn: Conn, data: bytes) -> None:
+            conn.set_meta({"blob": "x" * int(data)})
+            conn.send(b"ok")
+
+    server = UpstreamServer(Greedy(), upstream_id="g", listen="127.0.0.1:0")
+    port = await server.start()
+    try:
+        node = await asyncio.to_thread(
+            cluster.node, [f"g=127.0.0.1:{port}"], extra=["--max-meta", "1000"]
+        )
+        async with asyncio.timeout(20):
+            r, w = await asyncio.open_connection("127.0.0.1", node.port)
+            for size in (500, 5000):
+                w.write(f"{size}\n".encode())
+                assert await r.readuntil(b"\n") == b"ok\n"
+            w.close()
+        m = await asyncio.to_thread(node.metrics)
+        assert m["pmlb_bad_upstream_frames_total"] == 1, "the oversized set is refused"
+        assert "metadata over 1000 bytes" in node.proc.log()
+    finally:
+        await server.stop(0)

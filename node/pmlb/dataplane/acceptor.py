@@ -37,8 +37,15 @@ class Acceptor:
         at_limit: Callable[[], bool],
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | None = None,
+        rate: float = 0.0,
     ) -> None:
         self.factory = factory
+        # Token bucket for --accept-rate: up to ``rate`` accepts a second, bursts
+        # of one second's worth; when empty, accepting pauses until a token is due.
+        self.rate = rate
+        self.tokens = rate
+        self.refilled = time.monotonic()
+        self.rate_pauses = 0
         self.at_limit = at_limit
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
@@ -89,6 +96,11 @@ class Acceptor:
                     "in the listen backlog"
                 )
                 return
+            if self.rate and not self._take_token():
+                self.pause()
+                self.rate_pauses += 1
+                self.loop.call_later(1.0 / self.rate, self.resume)
+                return
             try:
                 conn, _ = self.sock.accept()
             except BlockingIOError:
@@ -107,6 +119,15 @@ class Acceptor:
             task = self.loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
     async def _connect(self, conn: socket.socket) -> None:
         try:

@@ -38,7 +38,6 @@ from pmlb.tlsconf import ListenerTLS, upstream_channel_credentials
 
 log = logging.getLogger("pmlb.plane")
 
-MAX_META_BYTES: Final = 16_384
 SERVING: Final = "SERVING"
 UNKNOWN: Final = "UNKNOWN"
 
@@ -60,7 +59,7 @@ class DataPlane:
         self.factory = MarkFactory(config.node_id)
         self.encode = encoder_for(config.framing)
         self.max_frame = config.max_frame
-        self.max_meta = MAX_META_BYTES
+        self.max_meta = config.max_meta
         # Return credit in chunks of half a window (like HTTP/2 WINDOW_UPDATE),
         # so small messages do not each cost a Flow frame.
         self.grant_threshold = max(1, config.window // 2)
@@ -110,6 +109,7 @@ class DataPlane:
                 self._at_limit,
                 ssl_context=self.tls.context if self.tls else None,
                 handshake_timeout=self.config.proxy_timeout if self.tls else None,
+                rate=self.config.accept_rate,
             )
             self.acceptors.append(acceptor)
             log.info(
