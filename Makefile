@@ -55,7 +55,11 @@ bench: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) $(BENCH_ARGS)
 
 test-faults: install
-	$(PY) -m pytest tests/faults tests/integration/test_failover.py $(PYTEST_ARGS)
+	$(PY) -m pytest tests/faults tests/integration/test_failover.py \
+		tests/integration/test_etcd_cluster.py::test_checker_and_node_death \
+		tests/integration/test_persistent.py::test_sigterm_drains_the_node \
+		tests/integration/test_dataplane.py::test_client_that_never_reads_stalls_only_itself \
+		tests/e2e/test_dns_cluster.py $(PYTEST_ARGS)
 
 SOAK_SECONDS ?= 180
 

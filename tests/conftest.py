@@ -193,3 +193,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    """Print the fault suite's figures (tests/faults/report.py) after the run."""
+    from tests.faults.report import table
+
+    text = table()
+    if text:
+        terminalreporter.write_sep("=", "fault suite figures")  # type: ignore[attr-defined]
+        terminalreporter.write_line(text)  # type: ignore[attr-defined]

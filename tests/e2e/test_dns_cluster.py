@@ -14,6 +14,7 @@ import dns.resolver
 import pytest
 
 from tests.conftest import Cluster, Etcd
+from tests.faults.report import record
 from tests.support import Proc, free_port, wait_until
 
 NAME = "lb.pmlb.test"
@@ -172,6 +173,19 @@ def test_round_robin_dns_follows_the_cluster(tmp_path: Path, etcd: Etcd, cluster
         print(
             f"left DNS: {left_after:.2f}s after SIGKILL (TTL 3 s), "
             f"{left_on_drain:.2f}s after SIGTERM"
+        )
+        record(
+            "node SIGKILL behind DNS",
+            connections=300,
+            held=len(survivors),
+            recovery_s=round(left_after, 2),
+            note=f"{len(reconnected)} reconnected elsewhere with new marks",
+        )
+        record(
+            "node SIGTERM behind DNS",
+            connections=300,
+            recovery_s=round(left_on_drain, 2),
+            note="left DNS at once",
         )
         for s, _, _ in survivors + reconnected:
             s.close()

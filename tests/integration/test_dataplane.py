@@ -12,6 +12,7 @@ import struct
 import pytest
 
 from tests.conftest import Cluster
+from tests.faults.report import record
 from tests.support import async_wait_until, chunks, encode, free_port, http_get, read_message
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -126,6 +127,15 @@ async def test_client_that_never_reads_stalls_only_itself(cluster: Cluster) -> N
     # (192 KiB); allow the interpreter's own growth on top.
     assert grown < 8 << 20, f"node RSS grew by {grown} bytes for one non-reading client"
     assert node.metrics()["pmlb_credit_stalls_total"] >= 1
+    record(
+        "a client that never reads while others stream",
+        connections=2,
+        held=2,
+        sent=50,
+        lost=0,
+        duplicated=0,
+        note=f"hog pushed {sent >> 20} MiB before blocking; node RSS +{grown >> 10} KiB",
+    )
     hog.close()
 
 

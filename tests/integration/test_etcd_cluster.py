@@ -14,6 +14,7 @@ import pytest
 from pmlb.localetcd import LocalEtcd
 from tests.certs import make_chain
 from tests.conftest import Cluster, Etcd, Node
+from tests.faults.report import record
 from tests.support import wait_until
 
 
@@ -171,6 +172,20 @@ def test_checker_and_node_death(etcd: Etcd, cluster: Cluster) -> None:
     )
     assert etcd.prefix + f"/nodes/{second}" not in etcd.keys("/nodes/")
     print(f"takeover after SIGKILL {took:.2f}s, after SIGTERM {time.monotonic() - t0:.2f}s")
+    record(
+        "checker node SIGKILL (lease TTL 3 s)",
+        connections=0,
+        held=0,
+        recovery_s=round(took, 2),
+        note="new checker elected; dead node's keys gone",
+    )
+    record(
+        "checker node SIGTERM (resigns)",
+        connections=0,
+        held=0,
+        recovery_s=round(time.monotonic() - t0, 2),
+        note="takeover at once",
+    )
 
 
 def test_bad_values_are_ignored_and_counted(etcd: Etcd, cluster: Cluster) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.conftest import Cluster, Etcd
+from tests.faults.report import record
 from tests.support import ROOT, async_wait_until, http_get, tcp_open
 
 PUSHER = """
@@ -201,4 +202,14 @@ async def test_sigterm_drains_the_node(etcd: Etcd, cluster: Cluster) -> None:
         assert 2 <= took < 5, f"closed at {took:.1f}s, deadline 2 s + 1 s window"
     code = await asyncio.to_thread(node.proc.proc.wait, 15)
     assert code == 0
+    record(
+        "node SIGTERM (drain 2 s + 1 s window)",
+        connections=11,
+        held=1,
+        sent=40 + 20,
+        lost=0,
+        duplicated=0,
+        recovery_s=round(took, 2),
+        note="left etcd at once; 10 idle clients closed node_draining",
+    )
     assert node.proc.log().count("reason=node_draining") == 10

@@ -65,6 +65,11 @@ class Acceptor:
         self.resume()
 
     @property
+    def in_flight(self) -> int:
+        """Accepted sockets whose connection is still being set up (TLS handshakes)."""
+        return len(self._tasks)
+
+    @property
     def address(self) -> tuple[str, int]:
         host, port = self.sock.getsockname()[:2]
         return host, port
@@ -118,7 +123,14 @@ class Acceptor:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self.loop.create_task(self._connect(conn))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._set_up)
+
+    def _set_up(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        # A connection can be counted both as open and as in flight for a moment,
+        # which may pause us just under the limit: look again once it settles.
+        if self.paused_at_limit and not self.closed and not self.at_limit():
+            self.resume()
 
     def _take_token(self) -> bool:
         now = time.monotonic()

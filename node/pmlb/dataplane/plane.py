@@ -128,7 +128,10 @@ class DataPlane:
 
     def _at_limit(self) -> bool:
         limit = self.config.max_connections
-        return bool(limit) and self.stats.open >= limit
+        if not limit:
+            return False
+        # Count sockets accepted but not yet set up, or a burst would overshoot.
+        return self.stats.open + sum(a.in_flight for a in self.acceptors) >= limit
 
     def set_upstreams(self, specs: Iterable[UpstreamSpec]) -> None:
         """Make the link set match ``specs``: start new ones, update, retire gone ones."""
