@@ -190,8 +190,9 @@ async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster) ->
     waiting = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(50)]
     for s in waiting:
         s.sendall(b"w")
-    await asyncio.to_thread(wait_until, lambda: node.metrics()["pmlb_marks_open"] == 100, 10,
-                            "the node full")
+    await asyncio.to_thread(
+        wait_until, lambda: node.metrics()["pmlb_marks_open"] == 100, 10, "the node full"
+    )
     waiting[0].settimeout(0.5)
     with pytest.raises(TimeoutError):
         waiting[0].recv(4)  # parked in the backlog, not refused
