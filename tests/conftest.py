@@ -67,6 +67,7 @@ class Cluster:
         host: str = "127.0.0.1",
         env: dict[str, str] | None = None,
         port: int | None = None,
+        nofile: int | None = None,
     ) -> Node:
         port, admin = port or free_port(host), free_port()
         args = [
@@ -106,7 +107,9 @@ class Cluster:
             ]
         for u in upstreams:
             args += ["--upstream", u]
-        proc = Proc(f"node-{node_id}-{len(self.procs)}", args + (extra or []), self.log_dir, env)
+        proc = Proc(
+            f"node-{node_id}-{len(self.procs)}", args + (extra or []), self.log_dir, env, nofile
+        )
         self.procs.append(proc)
         wait_until(lambda: tcp_open(host, port) or not proc.alive(), 15, "node listener")
         assert proc.alive(), proc.log()

@@ -66,14 +66,21 @@ class Proc:
     """A pmlb child process with its log in a file; stopped by PID."""
 
     def __init__(
-        self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
     ):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         full_env = {**os.environ, **(env or {})}
+        # nofile: run the process with that file-descriptor limit (soft and hard).
+        limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pmlb", *args],
+            [*limit, sys.executable, "-m", "pmlb", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
