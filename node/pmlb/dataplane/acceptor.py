@@ -104,6 +104,7 @@ class Acceptor:
             if self.rate and not self._take_token():
                 self.pause()
                 self.rate_pauses += 1
+                self._log(f"accept rate limit ({self.rate:g}/s) reached: new clients wait")
                 self.loop.call_later(1.0 / self.rate, self.resume)
                 return
             try:
