@@ -24,17 +24,22 @@ pytestmark = pytest.mark.asyncio(loop_scope="function")
 GHOST = "n1.aaaaaaaaaaaaa.zz"
 
 
+def _hello(name: str) -> bytes:
+    """The first Batch an upstream owes the node: its Hello, with a large window."""
+    batch = pb.Batch()
+    batch.hello.id = name
+    batch.hello.protocol = 1
+    batch.hello.initial_window = 1 << 20
+    return batch.SerializeToString()
+
+
 class Rogue:
     def __init__(self) -> None:
         self.closes_seen: dict[str, str] = {}
 
     async def bridge(self, _it: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         await context.read()  # the node's hello
-        hello = pb.Batch()
-        hello.hello.id = "rogue"
-        hello.hello.protocol = 1
-        hello.hello.initial_window = 1 << 20
-        await context.write(hello.SerializeToString())
+        await context.write(_hello("rogue"))
         while True:
             raw = await context.read()
             if not isinstance(raw, bytes):
@@ -117,11 +122,7 @@ class NeverAcks:
 
     async def bridge(self, _it: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         await context.read()
-        hello = pb.Batch()
-        hello.hello.id = "never-acks"
-        hello.hello.protocol = 1
-        hello.hello.initial_window = 1 << 20
-        await context.write(hello.SerializeToString())
+        await context.write(_hello("never-acks"))
         while True:
             raw = await context.read()
             if not isinstance(raw, bytes):
