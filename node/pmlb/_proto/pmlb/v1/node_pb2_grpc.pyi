@@ -8,6 +8,10 @@ under /pmlb/nodes/<node id> ("control").
 
 Every call on a mark the node does not hold (never existed, or closed)
 fails with gRPC status NOT_FOUND, like API Gateway's GoneException.
+
+When the node runs with --control-token, every call must carry the metadata
+"authorization: Bearer <token>"; a call without it, or with another token,
+fails with UNAUTHENTICATED.
 """
 
 from collections import abc as _abc
