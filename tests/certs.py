@@ -42,37 +42,7 @@ def make_chain(d: Path) -> Chain:
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
     )
     for name in ("server", "client"):
-        _run(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN=pmlb {name}",
-            cwd=d,
-        )
-        _run(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            cwd=d,
-        )
+        _sign(d, name, f"pmlb {name}")
     return Chain(
         d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key"
     )
@@ -81,6 +51,12 @@ def make_chain(d: Path) -> Chain:
 def issue(chain: Chain, name: str) -> tuple[Path, Path]:
     """Another certificate from the same CA (e.g. a renewed server certificate)."""
     d = chain.ca.parent
+    _sign(d, name, name)
+    return d / f"{name}.pem", d / f"{name}.key"
+
+
+def _sign(d: Path, name: str, cn: str) -> None:
+    """A key and a certificate for ``cn`` in ``d``, signed by the CA there."""
     _run(
         "req",
         "-newkey",
@@ -91,7 +67,7 @@ def issue(chain: Chain, name: str) -> tuple[Path, Path]:
         "-out",
         f"{name}.csr",
         "-subj",
-        f"/CN={name}",
+        f"/CN={cn}",
         cwd=d,
     )
     _run(
@@ -112,4 +88,3 @@ def issue(chain: Chain, name: str) -> tuple[Path, Path]:
         "san.ext",
         cwd=d,
     )
-    return d / f"{name}.pem", d / f"{name}.key"

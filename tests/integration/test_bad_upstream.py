@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +23,18 @@ from tests.support import http_get
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
 GHOST = "n1.aaaaaaaaaaaaa.zz"
+
+
+async def _serve(bridge: Any) -> tuple[grpc.aio.Server, int]:
+    """A real gRPC server whose pmlb.v1.Upstream/Bridge speaks raw bytes both ways."""
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(bridge)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("pmlb.v1.Upstream", {"Bridge": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
 
 
 def _hello(name: str) -> bytes:
@@ -64,13 +77,7 @@ class Rogue:
 
 async def test_garbage_unknown_marks_and_bad_frames_are_contained(cluster: Cluster) -> None:
     rogue = Rogue()
-    server = grpc.aio.server()
-    handler = grpc.stream_stream_rpc_method_handler(rogue.bridge)  # raw bytes both ways
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("pmlb.v1.Upstream", {"Bridge": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await _serve(rogue.bridge)
     try:
         node = await asyncio.to_thread(
             cluster.node,
@@ -136,13 +143,7 @@ class NeverAcks:
 
 @pytest.mark.asyncio
 async def test_replay_buffer_is_bounded(cluster: Cluster) -> None:
-    server = grpc.aio.server()
-    handler = grpc.stream_stream_rpc_method_handler(NeverAcks().bridge)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("pmlb.v1.Upstream", {"Bridge": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await _serve(NeverAcks().bridge)
     try:
         node = await asyncio.to_thread(
             cluster.node,
