@@ -1,10 +1,14 @@
 """The composition root: builds a node's parts from its config, starts them in
 order, and stops them in the reverse order.
 
-Start: data plane links (they connect in the background) -> listeners ->
-admin. Stop (the first SIGTERM/SIGINT, or the ``stop`` event in tests): stop
-accepting -> close every mark with ``node_shutdown`` (the upstreams are told)
--> flush links -> admin. Each step is bounded by ``shutdown_timeout``.
+Start: etcd view (bounded wait) -> links (they connect in the background) ->
+listeners -> admin and control API -> etcd session (registration) and checker.
+Stop (the first SIGTERM/SIGINT, POST /drain, or the ``stop`` event in tests):
+resign as checker and revoke the lease (leave etcd and DNS at once) -> stop
+accepting -> serve open marks up to ``drain_timeout``, then close the rest over
+``drain_window`` with ``node_draining`` -> flush links (bounded by
+``shutdown_timeout``; anything still open then gets ``node_shutdown``) ->
+control API -> tracing flush.
 """
 
 from __future__ import annotations
