@@ -27,34 +27,30 @@ Batch = pb.Batch
 Frame = pb.Frame
 Hello = pb.Hello
 
-PROTOCOL_VERSION: Final = 1
+# Protocol 2 added Ping frames and the per-frame credit charge (FRAME_OVERHEAD).
+# A peer that says 1 gets neither: no pings, credit counts payload bytes only.
+PROTOCOL_VERSION: Final = 2
 DEFAULT_WINDOW: Final = 262_144
+# Every Data frame costs its payload length plus this many bytes: in credit
+# (protocol 2 peers, both directions), in the node's replay bound, link buffer
+# and client write bound, and in the SDK's outgoing queue. Without it an empty
+# message costs nothing and a flood of them grows memory without bound; 64 is
+# about what one frame costs in Python objects on each side (a replay entry, a
+# protobuf sub-message), so a 256 KiB window holds at most 4,096 empty frames.
+FRAME_OVERHEAD: Final = 64
+
+
+def frame_overhead(peer_protocol: int) -> int:
+    """The per-frame credit charge agreed with a peer speaking ``peer_protocol``."""
+    return FRAME_OVERHEAD if peer_protocol >= 2 else 0
+
+
 BRIDGE_METHOD: Final = "/pmlb.v1.Upstream/Bridge"
 # A Batch is cut when it holds this many frames or payload bytes; gRPC's own
 # message limit is set well above the byte bound (see GRPC_MAX_MESSAGE).
 MAX_BATCH_FRAMES: Final = 1024
 MAX_BATCH_BYTES: Final = 1 << 20
 GRPC_MAX_MESSAGE: Final = 64 << 20
-
-# Close reasons (documented in proto/pmlb/v1/upstream.proto, Close.reason).
-CLIENT_CLOSED: Final = "client_closed"
-CLIENT_RESET: Final = "client_reset"
-UPSTREAM_CLOSED: Final = "upstream_closed"
-UPSTREAM_LOST: Final = "upstream_lost"
-FRAME_TOO_LARGE: Final = "frame_too_large"
-NO_UPSTREAM: Final = "no_upstream"
-PROTOCOL_ERROR: Final = "protocol_error"
-UNKNOWN_MARK: Final = "unknown_mark"
-NODE_SHUTDOWN: Final = "node_shutdown"
-NODE_DRAINING: Final = "node_draining"
-REPLAY_OVERFLOW: Final = "replay_overflow"
-WRITE_OVERFLOW: Final = "write_overflow"
-MOVED: Final = "moved"
-IDLE_TIMEOUT: Final = "idle_timeout"
-MAX_LIFETIME: Final = "max_lifetime"
-NODE_FULL: Final = "node_full"
-CLIENT_LIMIT: Final = "client_limit"
-CLOSED_BY_API: Final = "closed_by_api"
 
 log = logging.getLogger("pmlb.wire")
 

@@ -29,7 +29,10 @@ def _children(pid: int) -> list[int]:
 
 def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     port, up = free_port(), free_port()
-    while up + 1 == port or tcp_open("127.0.0.1", up + 1):
+    # The demo derives more ports from these: listeners port and port + 1, admin
+    # port + 100.., control port + 200.., upstreams up and up + 1. None may overlap.
+    derived = {port, port + 1, port + 100, port + 101, port + 200, port + 201}
+    while {up, up + 1} & derived or tcp_open("127.0.0.1", up + 1):
         up = free_port()
     log = (tmp_path / "demo.log").open("wb")
     tmp_before = set(Path(tempfile.gettempdir()).glob("pmlb-etcd-*"))

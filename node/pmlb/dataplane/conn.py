@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from pmlb import wire
+from pmlb import reasons, wire
 from pmlb.dataplane import proxyproto
 from pmlb.errors import FrameTooLarge
 
@@ -63,7 +63,9 @@ class ClientConn(asyncio.Protocol):
         "link",
         "mark",
         "meta",
+        "moved_from",
         "owed",
+        "paused_frames",
         "plane",
         "proxy_buf",
         "read_paused",
@@ -72,6 +74,8 @@ class ClientConn(asyncio.Protocol):
         "seq",
         "span",
         "state",
+        "strike_seq",
+        "strikes",
         "timer",
         "transport",
         "write_paused",
@@ -101,7 +105,18 @@ class ClientConn(asyncio.Protocol):
         # replayed, same seq, to the next upstream on failover. None when empty
         # (an idle mark then pays nothing for it).
         self.replay: deque[tuple[int, bytes]] | None = None
+        # Charged as payload + wire.FRAME_OVERHEAD per frame (see data_received).
         self.replay_bytes = 0
+        # Poison detection: how many links in a row broke while this mark had
+        # unacknowledged frames on them, and the last seq in flight at the
+        # latest such break. An ack reaching strike_seq clears the strikes.
+        self.strikes = 0
+        self.strike_seq = 0
+        # The upstream a move (drain) timed out on: its late replies for this
+        # mark are dropped (the next upstream answers them) until it closes.
+        self.moved_from: Link | None = None
+        # Frames written to the client while its transport was paused.
+        self.paused_frames = 0
         self.span: Any = None  # the connection's root span when tracing is on
         # Bytes of a PROXY header still being read (a trusted peer), else None.
         self.proxy_buf: bytes | None = None
@@ -144,7 +159,7 @@ class ClientConn(asyncio.Protocol):
         except FrameTooLarge as exc:
             self.plane.stats.frames_too_large += 1
             log.warning("mark=%s client sent an oversized frame: %s", self.mark, exc)
-            self.close(wire.FRAME_TOO_LARGE, str(exc))
+            self.close(reasons.FRAME_TOO_LARGE, str(exc))
             return
         if not messages:
             return
@@ -169,7 +184,11 @@ class ClientConn(asyncio.Protocol):
         self.seq = seq
         if not link.expect_since:
             link.expect_since = time.monotonic()
-        self.replay_bytes += total
+        n = len(messages)
+        # Every frame costs its bytes plus a fixed overhead, so empty messages
+        # are not free: a flood of them closes the window like any other.
+        cost = total + n * wire.FRAME_OVERHEAD
+        self.replay_bytes += cost
         if self.replay_bytes > self.plane.config.replay_buffer:
             self.plane.stats.replay_overflows += 1
             if self.span is not None:
@@ -182,17 +201,16 @@ class ClientConn(asyncio.Protocol):
                 self.plane.config.replay_buffer,
                 link.id,
             )
-            self.close(wire.REPLAY_OVERFLOW, "unacknowledged client data over the replay bound")
+            self.close(reasons.REPLAY_OVERFLOW, "unacknowledged client data over the replay bound")
             return
-        writer.add_payload(total)
+        writer.add_payload(cost)
         writer.kick()
-        n = len(messages)
         self.frames_in += n
         self.bytes_in += total
         stats = self.plane.stats
         stats.frames_in += n
         stats.bytes_in += total
-        self.credit -= total
+        self.credit -= total + n * link.overhead
         if writer.pending_bytes > self.plane.config.link_buffer:
             link.check_congestion()
         if self.credit <= 0 or link.congested:
@@ -202,14 +220,14 @@ class ClientConn(asyncio.Protocol):
         if self.state == BOUND:
             # Half-close: tell the upstream, keep our write side open so its
             # last replies still reach the client, bounded by close_linger.
-            self._send_close(wire.CLIENT_CLOSED, "")
+            self._send_close(reasons.CLIENT_CLOSED, "")
             self.state = CLIENT_EOF
-            self.close_reason = wire.CLIENT_CLOSED
+            self.close_reason = reasons.CLIENT_CLOSED
             self._detach()
             self._arm(self.plane.config.close_linger, self._linger_expired)
             return True
         if self.state == WAITING and not self.early and not self.replay:
-            self.close(wire.CLIENT_CLOSED, "client left before an upstream was bound")
+            self.close(reasons.CLIENT_CLOSED, "client left before an upstream was bound")
             return False
         if self.state in (WAITING, MOVING):
             # Keep waiting: what the client sent before its EOF still goes out.
@@ -222,12 +240,13 @@ class ClientConn(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.paused_frames = 0
         if self.owed:
             self._grant()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state in (WAITING, BOUND, MOVING):
-            reason = wire.CLIENT_RESET if exc is not None else wire.CLIENT_CLOSED
+            reason = reasons.CLIENT_RESET if exc is not None else reasons.CLIENT_CLOSED
             self.close_reason = reason
             if self.state == BOUND:
                 self._send_close(reason, "")
@@ -247,9 +266,13 @@ class ClientConn(asyncio.Protocol):
         the previous upstream had not acknowledged, with the same seq numbers."""
         self._disarm()
         self.link = link
+        if link is self.moved_from:
+            self.moved_from = None
         self.binds += 1
         self.state = BOUND
-        self.credit = link.peer_window - self.replay_bytes
+        self.credit = link.peer_window - (
+            self.replay_bytes if link.overhead else self._replay_payload()
+        )
         self.owed = 0
         link.attach(self)
         cfg = self.plane.config
@@ -329,11 +352,17 @@ class ClientConn(asyncio.Protocol):
             self.mark,
             self.plane.config.connect_timeout,
         )
-        self.close(wire.UPSTREAM_LOST, "no routable upstream to resume on", notify=False)
+        self.close(reasons.UPSTREAM_LOST, "no routable upstream to resume on", notify=False)
 
     def deliver(self, payload: bytes, acked: int, link: Link | None) -> None:
         """Data for the client from an upstream (``link``) or the control API (None);
         ``acked`` is the acknowledgement riding on it."""
+        if link is not None and link is self.moved_from:
+            # A late reply of the upstream this mark was moved off after its
+            # move timed out: the frames it answers were replayed to the next
+            # upstream, which answers them; delivering both would duplicate.
+            self.plane.stats.stale_replies += 1
+            return
         if acked and link is not None and link is self.link:
             self.on_ack(acked)
         transport = self.transport
@@ -349,7 +378,7 @@ class ClientConn(asyncio.Protocol):
                 link.id if link else "control API",
                 exc,
             )
-            self.close(wire.PROTOCOL_ERROR, f"upstream payload too large: {exc}")
+            self.close(reasons.PROTOCOL_ERROR, f"upstream payload too large: {exc}")
             return
         transport.write(out)
         self.last_active = time.monotonic()
@@ -357,19 +386,23 @@ class ClientConn(asyncio.Protocol):
         self.bytes_out += n
         self.frames_out += 1
         if link is not None and link is self.link:
-            self.owed += n
+            self.owed += n + link.overhead
             if not self.write_paused:
                 if self.owed >= self.plane.grant_threshold:
                     self._grant()
                 return
-        if self.write_paused and transport.get_write_buffer_size() > self.plane.write_hard_limit:
+        if not self.write_paused:
+            return
+        self.paused_frames += 1
+        buffered = transport.get_write_buffer_size() + self.paused_frames * wire.FRAME_OVERHEAD
+        if buffered > self.plane.write_hard_limit:
             self.plane.stats.write_overflows += 1
             log.warning(
                 "mark=%s client is not reading; %d bytes buffered, closing",
                 self.mark,
                 transport.get_write_buffer_size(),
             )
-            self.close(wire.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
+            self.close(reasons.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
 
     def on_ack(self, acked: int) -> None:
         replay = self.replay
@@ -377,10 +410,19 @@ class ClientConn(asyncio.Protocol):
             return
         size = 0
         while replay and replay[0][0] <= acked:
-            size += len(replay.popleft()[1])
+            size += len(replay.popleft()[1]) + wire.FRAME_OVERHEAD
         self.replay_bytes -= size
         if not replay:
             self.replay = None
+        if self.strikes and acked >= self.strike_seq:
+            # What was in flight when the last link broke has been processed:
+            # this mark did not break it.
+            self.strikes = 0
+            self.plane.cleared(self)
+
+    def _replay_payload(self) -> int:
+        """Payload bytes awaiting acknowledgement (credit for a protocol 1 peer)."""
+        return self.replay_bytes - len(self.replay or ()) * wire.FRAME_OVERHEAD
 
     def on_flow(self, credit: int, acked: int, link: Link) -> None:
         if link is not self.link:
@@ -404,6 +446,11 @@ class ClientConn(asyncio.Protocol):
         return True
 
     def upstream_close(self, reason: str, detail: str, link: Link) -> None:
+        if link is self.moved_from:
+            # The answer to our "moved" close, after the move had timed out.
+            self.moved_from = None
+            self.plane.stats.stale_replies += 1
+            return
         if self.state >= CLOSING:
             return
         if self.state == MOVING and link is self.link:
@@ -417,7 +464,36 @@ class ClientConn(asyncio.Protocol):
         self.close(reason, detail, notify=False)
 
     def on_link_lost(self) -> None:
-        """The bound upstream is gone: keep the mark and move it (failover)."""
+        """The bound upstream is gone: keep the mark and move it (failover),
+        unless its frames were in flight on the previous broken link too."""
+        replay = self.replay
+        if replay and self.state in (BOUND, MOVING, CLIENT_EOF):
+            self.strikes += 1
+            first, last = replay[0][0], replay[-1][0]
+            self.strike_seq = last
+            if self.strikes >= 2:
+                # Like a poison message in a queue: the frames this mark had in
+                # flight took down two upstreams in a row. Replaying them to a
+                # third would most likely take it down as well, and every mark
+                # on it; close this one mark instead.
+                self.plane.stats.poisoned += 1
+                log.warning(
+                    "mark=%s frames %d..%d were in flight on two upstream links that broke "
+                    "in a row; closing the mark instead of replaying them again",
+                    self.mark,
+                    first,
+                    last,
+                )
+                if self.span is not None:
+                    self.plane.tracer.child(
+                        self.span, "pmlb.poison", {"pmlb.first_seq": first, "pmlb.last_seq": last}
+                    )
+                self.close(
+                    reasons.POISON,
+                    f"frames {first}..{last} in flight on two links that broke",
+                    notify=False,
+                )
+                return
         if self.state in (BOUND, MOVING):
             self._detach()
             self.link = None
@@ -432,21 +508,38 @@ class ClientConn(asyncio.Protocol):
                 (self.early or self._start_early()).append(b"")
                 self.plane.rebind(self)
             else:
-                self.close(wire.CLIENT_CLOSED, "upstream lost after the last reply", notify=False)
+                self.close(
+                    reasons.CLIENT_CLOSED, "upstream lost after the last reply", notify=False
+                )
 
     def start_move(self, detail: str) -> None:
         """Move this mark off its upstream gracefully (drain): stop reading, ask the
         upstream to close it after answering what it has, then rebind."""
         if self.state != BOUND or self.link is None:
             return
-        self._send_close(wire.MOVED, detail)
+        self._send_close(reasons.MOVED, detail)
         if self.span is not None:
             self.plane.tracer.child(
                 self.span, "pmlb.move", {"pmlb.from_upstream": self.link.id, "pmlb.why": detail}
             )
         self.state = MOVING
         self._pause_reading()
-        self._arm(self.plane.config.ack_timeout, self._finish_move)
+        self._arm(self.plane.config.ack_timeout, self._move_timed_out)
+
+    def _move_timed_out(self) -> None:
+        self.timer = None
+        if self.state != MOVING:
+            return
+        self.moved_from = self.link
+        self.plane.stats.move_timeouts += 1
+        log.warning(
+            "mark=%s upstream %s did not answer the move within %.1fs; moving on, "
+            "its late replies for this mark will be dropped",
+            self.mark,
+            self.link.id if self.link else "-",
+            self.plane.config.ack_timeout,
+        )
+        self._finish_move()
 
     def _finish_move(self) -> None:
         self.timer = None
@@ -608,8 +701,8 @@ class ClientConn(asyncio.Protocol):
             self.client_port,
             self.plane.config.connect_timeout,
         )
-        self.close(wire.NO_UPSTREAM, "no routable upstream")
+        self.close(reasons.NO_UPSTREAM, "no routable upstream")
 
     def _linger_expired(self) -> None:
         self.timer = None
-        self.close(wire.CLIENT_CLOSED, "upstream did not close within the linger time")
+        self.close(reasons.CLIENT_CLOSED, "upstream did not close within the linger time")

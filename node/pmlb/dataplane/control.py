@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 
-from pmlb import wire
+from pmlb import reasons
 from pmlb._proto.pmlb.v1 import node_pb2 as npb
 from pmlb._proto.pmlb.v1 import node_pb2_grpc
 from pmlb.errors import InvalidMark
@@ -104,8 +104,12 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> npb.CloseResponse:
         conn = await self._conn(request.mark, context)
-        reason = request.reason or wire.CLOSED_BY_API
-        log.info("mark=%s closed through the control API (%s)", conn.mark, reason)
+        reason = reasons.clean(request.reason) or reasons.CLOSED_BY_API
+        log.info(
+            "mark=%s closed through the control API (reason=%s)",
+            conn.mark,
+            reasons.for_log(reason),
+        )
         conn.close(reason, "closed through the control API")
         return npb.CloseResponse()
 

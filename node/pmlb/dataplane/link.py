@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import TYPE_CHECKING, Final
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from pmlb import __version__, wire
+from pmlb import __version__, reasons, wire
 from pmlb.config import UpstreamSpec
 from pmlb.errors import PmlbError
 
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("pmlb.link")
 
 HELLO_TIMEOUT: Final = 5.0
+# Reconnect backoff: 50 ms doubling (jittered) up to 5 s; it starts over once
+# a session has stayed up this long, so a link that ran for an hour reconnects
+# at once after one failure while a flapping upstream is not hammered.
+BACKOFF_INITIAL: Final = 0.05
+BACKOFF_MAX: Final = 5.0
+BACKOFF_RESET_AFTER: Final = 1.0
+# A suspect mark (its frames were in flight on a link that broke) is resumed on
+# a link only while no other suspect is on probation there; probation ends when
+# its replayed frames are acknowledged, or after this long.
+PROBATION_TIMEOUT: Final = 1.0
 # Keepalive pings detect a peer that vanished without a FIN (power loss, a cut
 # cable); pmlb's own ack deadlines for hung upstreams come with failover.
 CHANNEL_OPTIONS: Final = (
@@ -65,6 +75,13 @@ class Link:
         self.stalled: set[ClientConn] = set()
         self.congested = False
         self.peer_window = wire.DEFAULT_WINDOW
+        # Per-frame credit charge agreed with the upstream (wire.frame_overhead)
+        # and whether it answers pings (protocol 2).
+        self.overhead = wire.FRAME_OVERHEAD
+        self.pings = True
+        # The suspect mark on probation on this link, if any (see DataPlane).
+        self.probation: ClientConn | None = None
+        self.probation_timer: asyncio.TimerHandle | None = None
         self.retired = False
         self.writer = wire.BatchWriter(self._no_stream)
         self.connects = 0
@@ -75,6 +92,8 @@ class Link:
         self._channel: grpc.aio.Channel | None = None
         self._stopping = False
         self._unknown_logged = 0.0
+        self._ping_id = 0
+        self.last_received = 0.0
         # When we first sent something the upstream has not answered yet (0: all
         # answered). An upstream that stays silent past --ack-timeout is hung.
         self.expect_since = 0.0
@@ -115,8 +134,26 @@ class Link:
     def detach(self, conn: ClientConn) -> None:
         self.marks.pop(conn.mark, None)
         self.stalled.discard(conn)
+        if self.probation is conn:
+            self.end_probation()
         if self.retired and not self.marks:
             self.stop()
+
+    def start_probation(self, conn: ClientConn) -> None:
+        self.probation = conn
+        self.probation_timer = asyncio.get_running_loop().call_later(
+            PROBATION_TIMEOUT, self.end_probation
+        )
+
+    def end_probation(self) -> None:
+        """Let the next suspect mark be resumed here."""
+        if self.probation is None:
+            return
+        self.probation = None
+        if self.probation_timer is not None:
+            self.probation_timer.cancel()
+            self.probation_timer = None
+        self.plane.probation_over(self)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -149,38 +186,30 @@ class Link:
                 log.exception("link %s ended with an error", self.id)
 
     async def _run(self) -> None:
+        failures = 0  # consecutive sessions that failed or were up too briefly
         while not self._stopping:
-            # Backoff restarts after every session that got up, so a link that
-            # ran for an hour reconnects at once after one failure.
-            retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(initial=0.05, max=5.0, jitter=0.25),
-                retry=retry_if_exception_type(LinkBroken),
-                stop=lambda _state: self._stopping,
-                before_sleep=self._log_retry,
-                reraise=True,
-            )
+            self.up_since = 0.0
             try:
-                async for attempt in retrying:
-                    with attempt:
-                        await self._session()
-            except LinkBroken:  # raised only once stopping
+                await self._session()
+                error = "session ended"  # pragma: no cover - sessions end by raising
+            except LinkBroken as exc:
+                error = str(exc)
+            if self._stopping:
                 return
-
-    def _log_retry(self, state: object) -> None:
-        outcome = getattr(state, "outcome", None)
-        attempt = getattr(state, "attempt_number", 0)
-        exc = outcome.exception() if outcome is not None else None
-        sleep = getattr(getattr(state, "next_action", None), "sleep", 0.0)
-        level = logging.INFO if attempt <= 1 else logging.DEBUG
-        log.log(
-            level,
-            "link %s (%s) down: %s; retry %d in %.2fs",
-            self.id,
-            self.spec.addr,
-            exc,
-            attempt,
-            sleep,
-        )
+            if self.up_since and time.monotonic() - self.up_since >= BACKOFF_RESET_AFTER:
+                failures = 0
+            delay = backoff_delay(failures)
+            failures += 1
+            log.log(
+                logging.INFO if failures <= 1 else logging.DEBUG,
+                "link %s (%s) down: %s; retry %d in %.2fs",
+                self.id,
+                self.spec.addr,
+                error,
+                failures,
+                delay,
+            )
+            await asyncio.sleep(delay)
 
     async def _session(self) -> None:
         self.state = CONNECTING
@@ -214,14 +243,18 @@ class Link:
             if first is None or not first.HasField("hello"):
                 raise LinkBroken("upstream did not answer with a Hello")
             self.peer_window = first.hello.initial_window or wire.DEFAULT_WINDOW
+            protocol = min(first.hello.protocol, wire.PROTOCOL_VERSION)
+            self.overhead = wire.frame_overhead(protocol)
+            self.pings = protocol >= 2
             self.state = UP
             self.up_since = time.monotonic()
             self.connects += 1
             log.info(
-                "link %s (%s) up: upstream says %r, window %d",
+                "link %s (%s) up: upstream says %r, protocol %d, window %d",
                 self.id,
                 self.spec.addr,
                 first.hello.id,
+                first.hello.protocol,
                 self.peer_window,
             )
             self._hung = False
@@ -270,6 +303,11 @@ class Link:
             self._channel = None
             self.congested = False
             self.stalled.clear()
+            if self.probation is not None:
+                self.probation = None
+                if self.probation_timer is not None:
+                    self.probation_timer.cancel()
+                    self.probation_timer = None
             if was_up and self._stopping:
                 log.info("link %s (%s) closed", self.id, self.spec.addr)
             elif was_up:
@@ -284,12 +322,30 @@ class Link:
                 self.plane.link_down(self)
 
     async def _watchdog(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
-        """Break the link when the upstream stops answering (alive TCP, no progress)."""
+        """Break the link when the upstream stops answering (alive TCP, no progress).
+
+        ``expect_since`` is when we first sent something not answered since:
+        any batch from the upstream clears it. While marks are bound and the
+        link has been quiet for a quarter of --ack-timeout, a Ping goes out;
+        the SDK answers it from its reader, never behind a handler, so a slow
+        handler keeps its link alive and only a hung process (or a dead path)
+        leaves it unanswered for the whole --ack-timeout.
+        """
         timeout = self.plane.config.ack_timeout
+        period = timeout / 4
         while True:
-            await asyncio.sleep(timeout / 4)
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if self.pings and self.marks and now - self.last_received >= period:
+                self._ping_id += 1
+                f = self.writer.frame()
+                f.ping.id = self._ping_id
+                self.writer.kick()
+                self.plane.stats.pings += 1
+                if not self.expect_since:
+                    self.expect_since = now
             since = self.expect_since
-            if since and time.monotonic() - since > timeout:
+            if since and now - since > timeout:
                 self._hung = True
                 log.warning(
                     "link %s (%s): nothing received for %.1fs with data outstanding; "
@@ -324,10 +380,13 @@ class Link:
         stats = plane.stats
         stats.batches_in += 1
         self.expect_since = 0.0
+        self.last_received = time.monotonic()
         marks = plane.marks
         unknown: list[str] = []
         for f in batch.frames:
             kind = f.WhichOneof("kind")
+            if kind == "ping":
+                continue  # an answer to our ping: receiving it was the point
             conn = marks.get(f.mark)
             if conn is None:
                 if kind != "close":
@@ -339,7 +398,9 @@ class Link:
                 payload = d.payload
                 if len(payload) > plane.max_frame:
                     stats.bad_frames_from_upstream += 1
-                    conn.close(wire.PROTOCOL_ERROR, "upstream payload over the maximum frame size")
+                    conn.close(
+                        reasons.PROTOCOL_ERROR, "upstream payload over the maximum frame size"
+                    )
                     continue
                 stats.frames_out += 1
                 stats.bytes_out += len(payload)
@@ -349,7 +410,13 @@ class Link:
                 conn.on_flow(fl.credit, fl.acked, self)
             elif kind == "close":
                 c = f.close
-                conn.upstream_close(c.reason or wire.UPSTREAM_CLOSED, c.detail, self)
+                # Untrusted text: cleaned (printable, bounded) before it reaches
+                # logs, traces and the other upstream; metrics map it to a label.
+                conn.upstream_close(
+                    reasons.clean(c.reason) or reasons.UPSTREAM_CLOSED,
+                    reasons.clean(c.detail, reasons.MAX_DETAIL),
+                    self,
+                )
             elif kind == "meta":
                 if not conn.on_meta(f.meta, plane.max_meta):
                     stats.bad_frames_from_upstream += 1
@@ -373,7 +440,7 @@ class Link:
         for mark in dict.fromkeys(marks):
             f = writer.frame()
             f.mark = mark
-            f.close.reason = wire.UNKNOWN_MARK
+            f.close.reason = reasons.UNKNOWN_MARK
         writer.kick()
         now = time.monotonic()
         if now - self._unknown_logged > 1.0:
@@ -384,3 +451,10 @@ class Link:
                 len(marks),
                 marks[0],
             )
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait before reconnect attempt ``failures + 1``: exponential
+    from BACKOFF_INITIAL, capped at BACKOFF_MAX, with up to 25 % jitter."""
+    base = min(BACKOFF_MAX, BACKOFF_INITIAL * (2 ** min(failures, 16)))
+    return float(base * (1 - 0.25 * random.random()))

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from typing import Final
 
-from pmlb import wire
+from pmlb import reasons
 from pmlb.config import NodeConfig, UpstreamSpec, format_hostport
 from pmlb.dataplane.acceptor import Acceptor
 from pmlb.dataplane.balancer import make_balancer
@@ -208,10 +208,10 @@ class DataPlane:
             n = self.per_client.get(conn.client_addr, 0) + 1
             self.per_client[conn.client_addr] = n
             if n > cfg.max_per_client:
-                self._refuse(conn, wire.CLIENT_LIMIT, f"over {cfg.max_per_client} per client")
+                self._refuse(conn, reasons.CLIENT_LIMIT, f"over {cfg.max_per_client} per client")
                 return
         if cfg.max_connections and stats.open > cfg.max_connections:
-            self._refuse(conn, wire.NODE_FULL, f"over {cfg.max_connections} connections")
+            self._refuse(conn, reasons.NODE_FULL, f"over {cfg.max_connections} connections")
             return
         if self.tracer.enabled:
             conn.span = self.tracer.start(conn)
@@ -263,12 +263,12 @@ class DataPlane:
                 if conn.state >= CLOSING:
                     continue
                 if cfg.idle_timeout and conn.last_active < idle_before:
-                    conn.close(wire.IDLE_TIMEOUT, f"silent for {cfg.idle_timeout:g}s")
+                    conn.close(reasons.IDLE_TIMEOUT, f"silent for {cfg.idle_timeout:g}s")
                 elif cfg.max_lifetime:
                     # Jitter (up to -10%, stable per mark) spreads reconnects out.
                     life = cfg.max_lifetime * (1 - 0.1 * (hash(conn.mark) % 1000) / 1000)
                     if wall_ms - conn.accepted_ms > life * 1000:
-                        conn.close(wire.MAX_LIFETIME, f"open for {cfg.max_lifetime:g}s")
+                        conn.close(reasons.MAX_LIFETIME, f"open for {cfg.max_lifetime:g}s")
 
     def unwait(self, conn: ClientConn) -> None:
         self.waiting.pop(conn, None)
@@ -278,8 +278,8 @@ class DataPlane:
             return
         stats = self.stats
         stats.open -= 1
-        reason = conn.close_reason or wire.CLIENT_CLOSED
-        stats.closed[reason] += 1
+        reason = conn.close_reason or reasons.CLIENT_CLOSED
+        stats.closed[reasons.label(reason)] += 1
         if self.config.max_per_client:
             left = self.per_client.get(conn.client_addr, 1) - 1
             if left > 0:
@@ -291,7 +291,7 @@ class DataPlane:
             conn.mark,
             conn.client_addr,
             conn.client_port,
-            reason,
+            reasons.for_log(reason),
             conn.link.id if conn.link else "-",
             conn.frames_in,
             conn.bytes_in,
@@ -317,21 +317,47 @@ class DataPlane:
         if not targets:
             return
         for conn in list(self.waiting):
-            picked = self.balancer.pick(targets, _client_key(conn.client_addr))
-            if picked is None:
-                return
-            del self.waiting[conn]
-            conn.bind(picked)
+            if self._place(conn, targets):
+                del self.waiting[conn]
+
+    def _place(self, conn: ClientConn, targets: list[Link]) -> bool:
+        """Bind ``conn`` to one of ``targets``; False when it has to wait.
+
+        A suspect mark (its unacknowledged frames were in flight on a link
+        that broke) goes only to a link with no other suspect on probation,
+        and is on probation there until those frames are acknowledged
+        (DataPlane.cleared) or link.PROBATION_TIMEOUT passes. If it is the
+        poison, only it is in flight on the next link when that breaks too,
+        so only it reaches the second strike; the marks that merely shared
+        its first link wait their turn and are not charged.
+        """
+        if conn.strikes:
+            targets = [lk for lk in targets if lk.probation is None]
+        link = self.balancer.pick(targets, _client_key(conn.client_addr)) if targets else None
+        if link is None:
+            return False
+        if conn.strikes:
+            link.start_probation(conn)
+        conn.bind(link)
+        return True
 
     def rebind(self, conn: ClientConn) -> None:
         """Resume a mark whose upstream went away on another routable one, or park
         it (reading paused) until one appears, at most --connect-timeout."""
-        link = self.balancer.pick(self.routable(), _client_key(conn.client_addr))
-        if link is not None:
-            conn.bind(link)
+        if self._place(conn, self.routable()):
             return
         self.waiting[conn] = None
         conn.wait_for_failover(self.config.connect_timeout)
+
+    def cleared(self, conn: ClientConn) -> None:
+        """``conn``'s frames from a broken link were acknowledged: not a poison."""
+        link = conn.link
+        if link is not None and link.probation is conn:
+            link.end_probation()
+
+    def probation_over(self, link: Link) -> None:
+        """The next suspect may be resumed on ``link``."""
+        self._bind_waiting()
 
     def _migrate(self, link: Link, why: str) -> None:
         if link in self._migrations or not link.marks:
@@ -367,7 +393,8 @@ class DataPlane:
         self._bind_waiting()
 
     def link_down(self, link: Link) -> None:
-        """Fail every mark of ``link`` over to another upstream (same mark, replay)."""
+        """Fail every mark of ``link`` over to another upstream (same mark, replay);
+        a mark whose frames broke the previous link as well is closed (poison)."""
         affected = [
             c
             for c in self.marks.values()
@@ -403,10 +430,10 @@ class DataPlane:
         for conn in left:
             if conn.span is not None:
                 self.tracer.child(conn.span, "pmlb.drain", {"pmlb.mark": conn.mark})
-            conn.close(wire.NODE_DRAINING, "node draining", notify=True)
+            conn.close(reasons.NODE_DRAINING, "node draining", notify=True)
             await asyncio.sleep(gap)
 
-    async def stop(self, timeout: float, reason: str = wire.NODE_SHUTDOWN) -> None:
+    async def stop(self, timeout: float, reason: str = reasons.NODE_SHUTDOWN) -> None:
         """Stop accepting, close every mark with ``reason``, flush links, stop."""
         self.stop_accepting()
         deadline = time.monotonic() + timeout

@@ -42,6 +42,18 @@ _COUNTERS = (
     ("pmlb_moves", "moves", "Marks moved off a draining or removed upstream."),
     ("pmlb_replay_overflows", "replay_overflows", "Marks closed: replay buffer full."),
     (
+        "pmlb_poisoned_marks",
+        "poisoned",
+        "Marks closed because their frames were in flight on two links that broke in a row.",
+    ),
+    (
+        "pmlb_stale_replies",
+        "stale_replies",
+        "Frames dropped from an upstream after a move off it timed out.",
+    ),
+    ("pmlb_move_timeouts", "move_timeouts", "Moves (drain) the old upstream did not answer."),
+    ("pmlb_link_pings", "pings", "Liveness pings sent to upstreams."),
+    (
         "pmlb_proxy_header_errors",
         "proxy_errors",
         "Trusted peers closed for a bad, late or missing PROXY header.",

@@ -27,11 +27,15 @@ class NodeStats:
         "garbage_batches",
         "limited",
         "link_breaks",
+        "move_timeouts",
         "moves",
         "no_upstream",
         "open",
+        "pings",
+        "poisoned",
         "proxy_errors",
         "replay_overflows",
+        "stale_replies",
         "unknown_mark_frames",
         "write_overflows",
     )
@@ -60,6 +64,10 @@ class NodeStats:
         self.frames_too_large = 0
         self.no_upstream = 0
         self.write_overflows = 0
+        self.poisoned = 0  # marks closed: frames in flight on two links that broke
+        self.stale_replies = 0  # late frames from an upstream a move timed out on
+        self.move_timeouts = 0
+        self.pings = 0  # liveness pings sent on links
 
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = {k: getattr(self, k) for k in self.__slots__}

@@ -25,17 +25,18 @@ and de-duplication of replayed frames by sequence number.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pmlb import __version__, wire
+from pmlb import __version__, reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.client import MarkClient
 from pmlb.errors import BackpressureError, MarkGone
@@ -45,6 +46,7 @@ log = logging.getLogger("pmlb.upstream")
 
 SERVICE_NAME: Final = "pmlb.v1.Upstream"
 DEFAULT_MAX_QUEUE: Final = 4 << 20
+DEFAULT_CONCURRENCY: Final = 64
 
 
 class Handler:
@@ -65,10 +67,14 @@ class Conn:
 
     __slots__ = (
         "_acked_sent",
+        "_busy",
         "_credit",
+        "_done_seq",
+        "_inbox",
         "_owed",
         "_queue",
         "_queued_bytes",
+        "_recv_seq",
         "_session",
         "_stamp",
         "accepted_at_unix_ms",
@@ -81,6 +87,7 @@ class Conn:
         "metadata",
         "node_id",
         "resumed",
+        "seq",
         "service",
         "state",
         "trace_context",
@@ -98,7 +105,15 @@ class Conn:
         self.trace_context: dict[str, str] = dict(o.trace_context)
         self.framing = o.framing
         self.accepted_at_unix_ms = o.accepted_at_unix_ms
-        self.last_seq = max(0, o.next_seq - 1)
+        # ``seq``: the sequence number of the message being handled (in
+        # on_message), stable across replays and upstreams: with ``mark`` it
+        # is the idempotency key for the handler's effects.
+        self.seq = 0
+        # ``last_seq``: the highest seq whose handler has started; replies
+        # carry it as their acknowledgement. ``_done_seq``: the highest seq
+        # whose handler has returned (acknowledged even without a reply).
+        # ``_recv_seq``: the highest seq received (replays below it are skipped).
+        self.last_seq = self._done_seq = self._recv_seq = max(0, o.next_seq - 1)
         self.closed = False
         self.state: Any = None  # free for the application
         self._credit = session.peer_window
@@ -107,28 +122,36 @@ class Conn:
         self._queue: deque[tuple[bytes, int]] = deque()
         self._queued_bytes = 0
         self._stamp = 0
+        # Work for this mark's handlers, in frame order, while one of them is
+        # running (async) or waiting for a concurrency slot; None when idle.
+        self._inbox: deque[_Work] | None = None
+        self._busy = False
 
     def send(self, payload: bytes) -> None:
         """Send one message (raw framing: bytes) to the mark's client.
 
         Never blocks. When the node has no credit left for this mark the
-        message waits in a queue bounded by the server's ``max_queue``;
-        past it BackpressureError is raised (the client is not reading).
+        message waits in a queue bounded by the server's ``max_queue`` (each
+        message counts its length plus wire.FRAME_OVERHEAD); past it
+        BackpressureError is raised (the client is not reading). Raised inside
+        a handler, it closes only this mark (``upstream_error``).
         """
         if self.closed:
             raise MarkGone(f"mark {self.mark} is closed")
         if self._queue or self._credit <= 0:
-            self._queued_bytes += len(payload)
+            cost = len(payload) + wire.FRAME_OVERHEAD
+            self._queued_bytes += cost
             if self._queued_bytes > self._session.server.max_queue:
-                self._queued_bytes -= len(payload)
+                self._queued_bytes -= cost
                 raise BackpressureError(f"mark {self.mark}: outgoing queue full")
             self._queue.append((payload, self.last_seq))
             return
         self._emit(payload, self.last_seq)
 
     def _emit(self, payload: bytes, acked: int) -> None:
-        self._credit -= len(payload)
-        writer = self._session.writer
+        session = self._session
+        self._credit -= len(payload) + session.overhead
+        writer = session.writer
         f = writer.frame()
         f.mark = self.mark
         d = f.data
@@ -136,10 +159,10 @@ class Conn:
         if acked:
             d.acked = acked
             self._acked_sent = acked
-        writer.add_payload(len(payload))
+        writer.add_payload(len(payload) + wire.FRAME_OVERHEAD)
         writer.kick()
 
-    def close(self, reason: str = wire.UPSTREAM_CLOSED, detail: str = "") -> None:
+    def close(self, reason: str = reasons.UPSTREAM_CLOSED, detail: str = "") -> None:
         """Close the mark: the node flushes what it has to the client, then closes it."""
         if self.closed:
             return
@@ -173,40 +196,67 @@ class Conn:
         q = self._queue
         while q and (force or self._credit > 0):
             payload, acked = q.popleft()
-            self._queued_bytes -= len(payload)
+            self._queued_bytes -= len(payload) + wire.FRAME_OVERHEAD
             self._emit(payload, acked)
 
     def _settle(self) -> None:
-        """After a batch: acknowledge and return credit, unless our queue is long."""
+        """Acknowledge what the handlers finished and return credit for it,
+        unless our queue towards the client is long."""
         session = self._session
         if self.closed or self._queued_bytes >= session.peer_window:
             return  # hold the node's credit: this mark's client is not keeping up
-        ack_due = not self._queue and self._acked_sent < self.last_seq
-        if self._owed >= session.grant_threshold or (ack_due and self._owed):
+        done = self._done_seq
+        ack_due = not self._queue and self._acked_sent < done
+        if self._owed >= session.grant_threshold or ack_due:
             f = session.writer.frame()
             f.mark = self.mark
             fl = f.flow
-            fl.credit = self._owed
-            self._owed = 0
-            if not self._queue:
-                fl.acked = self.last_seq
-                self._acked_sent = self.last_seq
+            if self._owed:
+                fl.credit = self._owed
+                self._owed = 0
+            if ack_due:
+                fl.acked = done
+                self._acked_sent = done
             session.writer.kick()
 
 
+# One unit of a mark's work: (kind, seq, payload or close reason, credit cost).
+_Work = tuple[int, int, Any, int]
+_OPEN, _DATA, _CLOSE = 0, 1, 2
+_HANDLER_NAMES = ("on_open", "on_message", "on_close")
+
+
 class _Session:
-    """One Bridge stream, from one node."""
+    """One Bridge stream, from one node.
+
+    Handlers of one mark run one at a time, in frame order; handlers of
+    different marks run concurrently (async handlers), at most
+    ``server.concurrency`` marks at once on this stream. A sync handler that
+    returns runs inline while the batch is read, which is the fast path. The
+    reader never waits for a handler: pings are answered at once and frames
+    for a busy mark wait in its inbox (bounded by the credit granted to the
+    node), so a slow handler delays only its own mark.
+    """
 
     def __init__(
-        self, server: UpstreamServer, node_id: str, peer_window: int, writer: wire.BatchWriter
+        self,
+        server: UpstreamServer,
+        node_id: str,
+        peer_window: int,
+        peer_protocol: int,
+        writer: wire.BatchWriter,
     ) -> None:
         self.server = server
         self.node_id = node_id
         self.peer_window = peer_window
+        self.overhead = wire.frame_overhead(peer_protocol)
         self.grant_threshold = max(1, server.window // 2)
         self.writer = writer
         self.conns: dict[str, Conn] = {}
         self.stamp = 0
+        self.running = 0  # marks whose handlers run in a task right now
+        self.ready: deque[tuple[Conn, Awaitable[None], _Work]] = deque()
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def send_close(self, mark: str, reason: str, detail: str) -> None:
         f = self.writer.frame()
@@ -219,13 +269,17 @@ class _Session:
 
     def forget(self, conn: Conn) -> None:
         conn.closed = True
+        conn._inbox = None
         if self.conns.get(conn.mark) is conn:
             del self.conns[conn.mark]
-        self.server._marks.pop(conn.mark, None)
+        if self.server._marks.get(conn.mark) is conn:
+            del self.server._marks[conn.mark]
 
-    async def process(self, batch: pb.Batch) -> None:
-        handler = self.server.handler
+    def process(self, batch: pb.Batch) -> None:
+        """Apply one batch: frames in order, handlers started (not awaited)."""
         conns = self.conns
+        stats = self.server.stats
+        overhead = self.overhead
         self.stamp += 1
         stamp = self.stamp
         touched: list[Conn] = []
@@ -235,22 +289,22 @@ class _Session:
             if kind == "data":
                 conn = conns.get(mark)
                 if conn is None:
-                    self.server.stats["frames_for_unknown_marks"] += 1
+                    stats["frames_for_unknown_marks"] += 1
                     continue
                 d = f.data
                 payload = d.payload
-                conn._owed += len(payload)
+                cost = len(payload) + overhead
                 if conn._stamp != stamp:
                     conn._stamp = stamp
                     touched.append(conn)
-                if d.seq:
-                    if d.seq <= conn.last_seq:
-                        self.server.stats["duplicates_skipped"] += 1
+                seq = d.seq
+                if seq:
+                    if seq <= conn._recv_seq:
+                        stats["duplicates_skipped"] += 1
+                        conn._owed += cost  # not handled again, but its credit returns
                         continue
-                    conn.last_seq = d.seq
-                result = handler.on_message(conn, payload)
-                if result is not None and inspect.isawaitable(result):
-                    await result
+                    conn._recv_seq = seq
+                self._submit(conn, (_DATA, seq, payload, cost))
             elif kind == "open":
                 old = conns.get(mark)
                 if old is not None:
@@ -258,10 +312,7 @@ class _Session:
                 conn = Conn(self, mark, f.open)
                 conns[mark] = conn
                 self.server._marks[mark] = conn
-                with self.server._span("pmlb.upstream.open", conn):
-                    result = handler.on_open(conn)
-                    if result is not None and inspect.isawaitable(result):
-                        await result
+                self._submit(conn, (_OPEN, 0, None, 0))
             elif kind == "flow":
                 conn = conns.get(mark)
                 if conn is not None and f.flow.credit:
@@ -274,20 +325,171 @@ class _Session:
                 if conn is None:
                     continue
                 reason = f.close.reason
-                self.forget(conn)
-                with self.server._span("pmlb.upstream.close", conn, reason):
-                    result = handler.on_close(conn, reason)
-                    if result is not None and inspect.isawaitable(result):
-                        await result
-                if reason != wire.UNKNOWN_MARK:
-                    self.send_close(mark, wire.UPSTREAM_CLOSED, "close acknowledged")
+                if reason != reasons.UNKNOWN_MARK:
+                    # Answered once its earlier messages are handled (a "moved"
+                    # mark gets its replies first, then this close).
+                    self._submit(conn, (_CLOSE, 0, reason, 0))
+                else:  # the node no longer has it: nothing to answer
+                    self._submit(conn, (_CLOSE, -1, reason, 0))
+            elif kind == "ping":
+                p = f.ping
+                if not p.reply:
+                    r = self.writer.frame()
+                    r.ping.id = p.id
+                    r.ping.reply = True
+                    self.writer.kick()
             else:
-                self.server.stats["unexpected_frames"] += 1
+                stats["unexpected_frames"] += 1
         for conn in touched:
             conn._settle()
 
+    # -- running handlers -------------------------------------------------------
+
+    def _submit(self, conn: Conn, work: _Work) -> None:
+        if conn._busy:
+            inbox = conn._inbox
+            if inbox is None:
+                inbox = conn._inbox = deque()
+            inbox.append(work)
+            return
+        try:
+            result = self._call(conn, work)
+        except Exception as exc:
+            self._failed(conn, work, exc)
+            return
+        if result is not None and inspect.isawaitable(result):
+            conn._busy = True
+            if self.running < self.server.concurrency:
+                self._spawn(conn, result, work)
+            else:
+                self.ready.append((conn, result, work))
+            return
+        self._done(conn, work)
+
+    def _call(self, conn: Conn, work: _Work) -> Awaitable[None] | None:
+        kind, seq, arg, _ = work
+        handler = self.server.handler
+        if kind == _DATA:
+            if conn.closed:
+                return None
+            conn.seq = seq
+            if seq:
+                conn.last_seq = seq
+            return handler.on_message(conn, arg)
+        if kind == _OPEN:
+            return self._traced("pmlb.upstream.open", conn, "", handler.on_open)
+        # _CLOSE
+        if conn.closed:
+            return None
+        self.forget(conn)
+        return self._traced("pmlb.upstream.close", conn, arg, handler.on_close, arg)
+
+    def _traced(
+        self, name: str, conn: Conn, reason: str, fn: Callable[..., Any], *args: Any
+    ) -> Awaitable[None] | None:
+        """Call ``fn`` inside a span of the mark's trace (for a coroutine
+        function: a coroutine that awaits it inside the span)."""
+        if inspect.iscoroutinefunction(fn):
+
+            async def spanned() -> None:
+                with self.server._span(name, conn, reason):
+                    await fn(conn, *args)
+
+            return spanned()
+        with self.server._span(name, conn, reason):
+            result: Awaitable[None] | None = fn(conn, *args)
+            return result
+
+    def _done(self, conn: Conn, work: _Work) -> None:
+        kind, seq, _, cost = work
+        if kind == _DATA:
+            conn._done_seq = max(conn._done_seq, seq)
+            conn._owed += cost
+        elif kind == _CLOSE and seq == 0:
+            self.send_close(conn.mark, reasons.UPSTREAM_CLOSED, "close acknowledged")
+
+    def _failed(self, conn: Conn, work: _Work, exc: BaseException) -> None:
+        """A handler raised: close this mark alone, with ``upstream_error``."""
+        kind = work[0]
+        name = _HANDLER_NAMES[kind]
+        stats = self.server.stats
+        stats["handler_errors"] += 1
+        if kind == _CLOSE:  # the mark is already gone; nothing else to close
+            log.error("mark=%s %s raised %s", conn.mark, name, type(exc).__name__, exc_info=exc)
+            return
+        log.error(
+            "mark=%s %s raised %s; closing the mark (upstream_error)",
+            conn.mark,
+            name,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        if conn.closed:
+            return
+        conn.close(reasons.UPSTREAM_ERROR, f"{name} raised {type(exc).__name__}")
+        try:
+            result = self.server.handler.on_close(conn, reasons.UPSTREAM_ERROR)
+            if result is not None and inspect.isawaitable(result):
+                self._track(asyncio.ensure_future(result))
+        except Exception:
+            stats["handler_errors"] += 1
+            log.exception("mark=%s on_close raised", conn.mark)
+
+    def _spawn(self, conn: Conn, first: Awaitable[None], work: _Work) -> None:
+        self.running += 1
+        self._track(asyncio.ensure_future(self._run_mark(conn, first, work)))
+
+    def _track(self, task: asyncio.Future[None]) -> None:
+        assert isinstance(task, asyncio.Task)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("upstream handler task failed", exc_info=task.exception())
+
+    async def _run_mark(self, conn: Conn, first: Awaitable[None], work: _Work) -> None:
+        """Finish ``first``, then the mark's inbox in order, then give the slot on."""
+        pending: Awaitable[None] | None = first
+        try:
+            while True:
+                try:
+                    if pending is not None:
+                        await pending
+                except Exception as exc:
+                    self._failed(conn, work, exc)
+                else:
+                    self._done(conn, work)
+                pending = None
+                inbox = conn._inbox
+                if not inbox or conn.closed:
+                    break
+                work = inbox.popleft()
+                try:
+                    result = self._call(conn, work)
+                except Exception as exc:
+                    self._failed(conn, work, exc)
+                    continue
+                if result is not None and inspect.isawaitable(result):
+                    pending = result
+        finally:
+            conn._busy = False
+            conn._settle()
+            self.running -= 1
+            while self.ready and self.running < self.server.concurrency:
+                nxt, coro, w = self.ready.popleft()
+                self._spawn(nxt, coro, w)
+
     async def end(self, reason: str) -> None:
         handler = self.server.handler
+        for _, coro, _ in self.ready:
+            close = getattr(coro, "close", None)
+            if close is not None:
+                close()  # never started: do not warn that it was never awaited
+        self.ready.clear()
+        for task in list(self.tasks):
+            task.cancel()
         for conn in list(self.conns.values()):
             self.forget(conn)
             try:
@@ -295,7 +497,8 @@ class _Session:
                 if result is not None and inspect.isawaitable(result):
                     await result
             except Exception:
-                log.exception("on_close handler failed for mark %s", conn.mark)
+                self.server.stats["handler_errors"] += 1
+                log.exception("mark=%s on_close raised", conn.mark)
 
 
 class UpstreamServer:
@@ -313,8 +516,13 @@ class UpstreamServer:
         etcd_prefix: str = "/pmlb",
         tracer_provider: Any = None,
         credentials: grpc.ServerCredentials | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.handler = handler
+        # Marks whose async handlers may run at once on one node's stream.
+        self.concurrency = concurrency
         self.upstream_id = upstream_id
         self.listen = listen
         self.window = window
@@ -326,6 +534,7 @@ class UpstreamServer:
             "frames_for_unknown_marks": 0,
             "duplicates_skipped": 0,
             "unexpected_frames": 0,
+            "handler_errors": 0,
         }
         self._sessions: dict[str, set[_Session]] = {}
         self._marks: dict[str, Conn] = {}
@@ -442,12 +651,12 @@ class UpstreamServer:
             f = session.writer.frame()
             f.mark = mark
             f.data.payload = payload
-            session.writer.add_payload(len(payload))
+            session.writer.add_payload(len(payload) + wire.FRAME_OVERHEAD)
             session.writer.kick()
             return
         await self._control(mark).send(mark, payload)
 
-    async def close_mark(self, mark: str, reason: str = wire.UPSTREAM_CLOSED) -> None:
+    async def close_mark(self, mark: str, reason: str = reasons.UPSTREAM_CLOSED) -> None:
         """Close any mark in the cluster (same routes as ``push``)."""
         conn = self._marks.get(mark)
         if conn is not None:
@@ -489,7 +698,13 @@ class UpstreamServer:
         reply.protocol = wire.PROTOCOL_VERSION
         reply.initial_window = self.window
         reply.software = f"pmlb-upstream-python/{__version__}"
-        session = _Session(self, hello.id, hello.initial_window or wire.DEFAULT_WINDOW, writer)
+        session = _Session(
+            self,
+            hello.id,
+            hello.initial_window or wire.DEFAULT_WINDOW,
+            min(hello.protocol, wire.PROTOCOL_VERSION),
+            writer,
+        )
         self.stats["streams"] += 1
         self._sessions.setdefault(hello.id, set()).add(session)
         writer.start()
@@ -497,7 +712,7 @@ class UpstreamServer:
         log.info("node %s connected (protocol %d, %s)", hello.id, hello.protocol, hello.software)
         reason = "node_lost"
         try:
-            await session.process(first)
+            session.process(first)
             while True:
                 try:
                     batch = await wire.read_batch(context.read)
@@ -508,7 +723,7 @@ class UpstreamServer:
                     self.stats["garbage_batches"] += 1
                     log.warning("node %s sent a batch that is not a pmlb.v1.Batch", hello.id)
                     continue
-                await session.process(batch)
+                session.process(batch)
         finally:
             self._sessions.get(hello.id, set()).discard(session)
             log.info(

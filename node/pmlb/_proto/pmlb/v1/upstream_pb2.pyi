@@ -82,11 +82,17 @@ class Hello(_message.Message):
     upstreams by the id the operator registered).
     """
     protocol: _builtins.int
-    """Protocol version the sender speaks. This file defines version 1."""
+    """Protocol version the sender speaks. This file defines version 2. Both
+    sides use the lower of the two versions exchanged:
+      1  credit counts Data payload bytes only; no Ping frames.
+      2  every Data frame costs its payload length plus 64 bytes of credit
+         (so an empty message is not free), and Ping frames are used.
+    """
     initial_window: _builtins.int
-    """The initial per-mark window, in bytes of Data payload, that the *sender*
-    of this Hello grants its peer for each mark: the peer may send that many
-    payload bytes of a mark before it needs Flow.credit from the sender.
+    """The initial per-mark window, in credit bytes, that the *sender* of this
+    Hello grants its peer for each mark: the peer may send Data frames of a
+    mark costing that much (protocol 2: payload length + 64 per frame;
+    protocol 1: payload length) before it needs Flow.credit from the sender.
     0 means "no limit stated"; the peer then uses 262144.
     """
     service: _builtins.str
@@ -120,6 +126,7 @@ class Frame(_message.Message):
       close  both ways
       flow   both ways
       meta   upstream -> node
+      ping   both ways (protocol 2), with an empty mark
     A receiver ignores a frame of a kind it does not expect from that side, and
     counts it.
     """
@@ -132,6 +139,7 @@ class Frame(_message.Message):
     CLOSE_FIELD_NUMBER: _builtins.int
     FLOW_FIELD_NUMBER: _builtins.int
     META_FIELD_NUMBER: _builtins.int
+    PING_FIELD_NUMBER: _builtins.int
     mark: _builtins.str
     """The mark this frame belongs to. An upstream may send data, close or meta
     for any mark owned by the node at the other end of the link (push), not
@@ -148,6 +156,8 @@ class Frame(_message.Message):
     def flow(self) -> Global___Flow: ...
     @_builtins.property
     def meta(self) -> Global___Meta: ...
+    @_builtins.property
+    def ping(self) -> Global___Ping: ...
     def __init__(
         self,
         *,
@@ -157,16 +167,49 @@ class Frame(_message.Message):
         close: Global___Close | None = ...,
         flow: Global___Flow | None = ...,
         meta: Global___Meta | None = ...,
+        ping: Global___Ping | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "meta", b"meta", "open", b"open"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "meta", b"meta", "open", b"open", "ping", b"ping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "mark", b"mark", "meta", b"meta", "open", b"open"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "mark", b"mark", "meta", b"meta", "open", b"open", "ping", b"ping"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "data", "close", "flow", "meta"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "data", "close", "flow", "meta", "ping"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class Ping(_message.Message):
+    """Link liveness, independent of any mark (Frame.mark is empty). The node sends
+    a ping when it has been waiting for an answer on the link for a while; the
+    upstream answers at once with `reply = true` and the same id, from the code
+    that reads the stream, never behind a handler. A slow handler therefore
+    never makes its link look hung; an upstream that answers no ping within the
+    node's --ack-timeout is treated as hung and its marks are moved.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the sender of the request, copied into the reply."""
+    reply: _builtins.bool
+    """False on a request, true on the answer."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        reply: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reply", b"reply"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Ping: _TypeAlias = Ping  # noqa: Y015
 
 @_typing.final
 class Open(_message.Message):
@@ -307,6 +350,11 @@ class Data(_message.Message):
     client frame of a mark has seq 1, each next one seq + 1, and numbering
     continues unchanged across failover, so a frame keeps its seq when it is
     replayed. Upstream to node: unused, 0.
+
+    Delivery to upstreams is at-least-once, in order per mark: a frame that
+    an upstream processed but had not acknowledged when its link broke is
+    delivered again, with the same seq, to the upstream the mark resumes on.
+    (mark, seq) is therefore the idempotency key for a handler's effects.
     """
     payload: _builtins.bytes
     """The bytes. Never larger than the node's maximum frame size (the node
@@ -350,23 +398,37 @@ class Close(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """A short machine-readable word. The node uses:
+    """A short machine-readable word (printable ASCII, at most 64 characters;
+    the node cleans and cuts longer ones, and counts words not listed here
+    as "other" in its metrics). The vocabulary (pmlb/reasons.py):
       client_closed    the client closed its side (EOF)
       client_reset     the client connection failed (reset, timeout)
       upstream_closed  an upstream closed the mark
+      upstream_error   an upstream handler raised for this mark; the SDK
+                       closed it (the node closes the client: it is not
+                       replayed elsewhere)
       upstream_lost    the link to the bound upstream broke and the mark
                        could not be moved
-      frame_too_large  the client sent a message over the maximum frame size
+      poison           the mark's unacknowledged frames were in flight on
+                       two upstream links that broke in a row; they are not
+                       replayed a third time
+      frame_too_large  the client sent a message over the maximum frame
+                       size
       no_upstream      no routable upstream within the connect timeout
       protocol_error   an upstream broke this contract for the mark
       unknown_mark     (node to upstream) the mark is not open on this node
       node_shutdown    the node is stopping
       node_draining    the node is draining and its drain timeout passed
-      replay_overflow  the mark's replay buffer overflowed during failover
+      node_full        the node is at --max-connections
+      client_limit     the client address is at --max-per-client
+      idle_timeout     nothing moved either way for --idle-timeout
+      max_lifetime     the connection reached --max-lifetime
+      replay_overflow  the mark's replay buffer overflowed (upstream not
+                       acknowledging)
       write_overflow   the client did not read and its buffer bound was hit
-      moved            (node to upstream) the mark is being moved to another
-                       upstream (drain or removal): answer what you have, then
-                       close; the client connection stays open
+      moved            (node to upstream) the mark is being moved to
+                       another upstream (drain or removal): answer what you
+                       have, then close; the client connection stays open
       closed_by_api    closed through the node's control API (pmlb.v1.Node)
     Upstreams may send any word; "" reads as "upstream_closed".
     """
@@ -400,7 +462,8 @@ class Flow(_message.Message):
     Node to upstream: unused, 0.
     """
     credit: _builtins.int
-    """Additional payload bytes the receiver of this frame may send on the mark,
+    """Additional credit bytes (see Hello.initial_window) the receiver of this
+    frame may spend on Data frames of the mark,
     on top of the initial window and all earlier credit.
     """
     def __init__(
