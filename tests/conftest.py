@@ -53,6 +53,26 @@ class Cluster:
         assert proc.alive(), proc.log()
         return Upstream(proc, uid, port)
 
+    def journaling(self, uid: str) -> Upstream:
+        """An SDK upstream that answers like echo and journals every message it
+        handles (tests/faults/journal_upstream.py); see ``journals``."""
+        port = free_port()
+        journal = self.log_dir / f"journal-{uid}.txt"
+        args = ["--listen", f"127.0.0.1:{port}", "--id", uid, "--journal", str(journal)]
+        proc = Proc(
+            f"journal-{uid}-{len(self.procs)}",
+            args,
+            self.log_dir,
+            module="tests.faults.journal_upstream",
+        )
+        self.procs.append(proc)
+        wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, f"upstream {uid}")
+        assert proc.alive(), proc.log()
+        return Upstream(proc, uid, port)
+
+    def journals(self) -> list[Path]:
+        return sorted(self.log_dir.glob("journal-*.txt"))
+
     def node(
         self,
         upstreams: list[str],

@@ -63,7 +63,8 @@ async def async_wait_until(
 
 
 class Proc:
-    """A pmlb child process with its log in a file; stopped by PID."""
+    """A pmlb child process (or ``python -m module``) with its log in a file;
+    stopped by PID."""
 
     def __init__(
         self,
@@ -72,6 +73,7 @@ class Proc:
         log_dir: Path,
         env: dict[str, str] | None = None,
         nofile: int | None = None,
+        module: str = "pmlb",
     ):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
@@ -80,7 +82,7 @@ class Proc:
         # nofile: run the process with that file-descriptor limit (soft and hard).
         limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
         self.proc = subprocess.Popen(
-            [*limit, sys.executable, "-m", "pmlb", *args],
+            [*limit, sys.executable, "-m", module, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

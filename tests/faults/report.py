@@ -21,6 +21,7 @@ def table() -> str:
         "sent",
         "lost",
         "duplicated",
+        "reprocessed",
         "recovery_s",
         "failovers",
         "note",

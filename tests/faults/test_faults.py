@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import Cluster, Etcd
+from tests.faults.clients import stream as _stream
 from tests.faults.report import record
 from tests.support import wait_until
 
@@ -51,40 +52,6 @@ class Relay:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-
-
-async def _stream(
-    port: int, idx: int, n: int, started: asyncio.Event, stats: dict[str, int], gaps: list[float]
-) -> None:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    last = time.monotonic()
-
-    async def send() -> None:
-        for i in range(n):
-            w.write(f"c{idx}-{i}\n".encode())
-            stats["sent"] += 1
-            if i == 3:
-                started.set()
-            await asyncio.sleep(0.02)
-
-    async def receive() -> None:
-        nonlocal last
-        expected = 0
-        while expected < n:
-            line = (await r.readuntil(b"\n")).decode().rstrip("\n")
-            num = int(line.rsplit("-", 1)[1])
-            if num < expected:
-                stats["duplicated"] += 1
-                continue
-            stats["lost"] += num - expected
-            stats["received"] += 1
-            expected = num + 1
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    await asyncio.gather(send(), receive())
-    w.close()
 
 
 @pytest.mark.parametrize("direction", ["both", "node_to_upstream", "upstream_to_node"])

@@ -65,6 +65,8 @@ class ClientConn(asyncio.Protocol):
         "meta",
         "moved_from",
         "owed",
+        "parked",
+        "parked_eof",
         "paused_frames",
         "plane",
         "proxy_buf",
@@ -115,6 +117,9 @@ class ClientConn(asyncio.Protocol):
         # The upstream a move (drain) timed out on: its late replies for this
         # mark are dropped (the next upstream answers them) until it closes.
         self.moved_from: Link | None = None
+        # Client messages read but not yet sent: over the mark's credit.
+        self.parked: list[bytes] | None = None
+        self.parked_eof = False
         # Frames written to the client while its transport was paused.
         self.paused_frames = 0
         self.span: Any = None  # the connection's root span when tracing is on
@@ -163,6 +168,17 @@ class ClientConn(asyncio.Protocol):
             return
         if not messages:
             return
+        if self.parked is not None:  # a read that arrived after we paused
+            self.parked.extend(messages)
+            self._pause_reading()
+            return
+        self._forward(messages)
+
+    def _forward(self, messages: list[bytes]) -> None:
+        """Send client messages upstream while the mark has credit; park the
+        rest (reading paused) until credit returns. One read can hold tens of
+        thousands of small messages: checking credit per message, not per
+        read, is what keeps a flood of them within the window."""
         link = self.link
         assert link is not None
         writer = link.writer
@@ -172,7 +188,18 @@ class ClientConn(asyncio.Protocol):
         replay = self.replay
         if replay is None:
             replay = self.replay = deque()
-        for msg in messages:
+        budget = self.credit
+        per_frame = link.overhead
+        if budget <= 0:
+            self.parked = messages
+            self._pause_reading()
+            return
+        for i, msg in enumerate(messages):
+            if budget <= 0:
+                self.parked = messages[i:]
+                messages = messages[:i]
+                break
+            budget -= len(msg) + per_frame
             seq += 1
             f = writer.frame()
             f.mark = mark
@@ -213,10 +240,13 @@ class ClientConn(asyncio.Protocol):
         self.credit -= total + n * link.overhead
         if writer.pending_bytes > self.plane.config.link_buffer:
             link.check_congestion()
-        if self.credit <= 0 or link.congested:
+        if self.credit <= 0 or link.congested or self.parked is not None:
             self._pause_reading()
 
     def eof_received(self) -> bool:
+        if self.state == BOUND and self.parked is not None:
+            self.parked_eof = True  # passed on once the parked messages are sent
+            return True
         if self.state == BOUND:
             # Half-close: tell the upstream, keep our write side open so its
             # last replies still reach the client, bounded by close_linger.
@@ -642,6 +672,19 @@ class ClientConn(asyncio.Protocol):
             and not link.congested
             and self.transport is not None
         ):
+            parked = self.parked
+            if parked is not None:
+                self.parked = None
+                self._forward(parked)
+                if self.parked is not None or self.state != BOUND:
+                    return
+                if self.parked_eof:
+                    self.parked_eof = False
+                    if not self.eof_received() and self.transport is not None:
+                        self.transport.close()
+                    return
+                if self.credit <= 0 or link.congested:
+                    return
             self.read_paused = False
             self.transport.resume_reading()
 
