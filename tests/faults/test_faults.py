@@ -104,7 +104,8 @@ async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) 
     rss0 = node.proc.rss_bytes()
     canary = socket.create_connection(("127.0.0.1", node.port), timeout=10)
     canary.sendall(b"x")
-    assert canary.recv(10) == b"x"
+    echoes = [canary.recv(10)]
+    assert echoes[0] == b"x"
     n = 10_000
     t0 = time.monotonic()
     socks = []
@@ -128,15 +129,17 @@ async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) 
     )
     dropped = time.monotonic() - t1
     canary.sendall(b"y")
-    assert canary.recv(10) == b"y", "the bystander never noticed"
+    echoes.append(canary.recv(10))
+    assert echoes[1] == b"y", "the bystander never noticed"
     canary.close()
+    got = b"".join(echoes)
     record(
         "10,000 connections opened and dropped at once",
         connections=n,
         held=1,
         sent=2,
-        lost=0,
-        duplicated=0,
+        lost=sum(c not in got for c in b"xy"),
+        duplicated=len(got) - len(set(got)),
         recovery_s=round(dropped, 2),
         note=f"open {opened:.1f}s, RSS +{(peak - rss0) / n:.0f} B/conn at peak",
     )
@@ -151,12 +154,15 @@ async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster) ->
         cluster.node, [f"u1={up.addr}"], framing="raw", extra=["--max-connections", "100"]
     )
     held = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(100)]
+    sent = answered = 0
     for s in held[:5]:
         s.sendall(b"a")
-        assert s.recv(4) == b"a"
+        sent += 1
+        answered += s.recv(4) == b"a"
     waiting = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(50)]
     for s in waiting:
         s.sendall(b"w")
+        sent += 1
     await asyncio.to_thread(
         wait_until, lambda: node.metrics()["pmlb_marks_open"] == 100, 10, "the node full"
     )
@@ -166,21 +172,24 @@ async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster) ->
     assert node.metrics()["pmlb_marks_open"] == 100, "never more than the limit"
     for s in held[:5]:
         s.sendall(b"b")
+        sent += 1
         assert s.recv(4) == b"b", "admitted clients are served as usual"
+        answered += 1
     t0 = time.monotonic()
     for s in held[50:]:  # 50 leave: the 50 waiting get in
         s.close()
     for s in waiting:
         s.settimeout(10)
         assert s.recv(4) == b"w", "a waiting client is served once a slot frees"
+        answered += 1
     took = time.monotonic() - t0
     record(
         "at --max-connections (100), 50 more wait",
         connections=150,
         held=150,
-        sent=60,
-        lost=0,
-        duplicated=0,
+        sent=sent,
+        lost=sent - answered,
+        duplicated=0,  # one byte each way: a second echo would be read as the next reply
         recovery_s=round(took, 2),
         note="accept paused, backlog kept",
     )
@@ -258,13 +267,15 @@ async def test_at_the_file_descriptor_limit(cluster: Cluster) -> None:
     )
     first = socks[0]
     first.sendall(b"a")
-    assert first.recv(4) == b"a", "connections already accepted are served"
+    echoes = [first.recv(4)]
+    assert echoes[0] == b"a", "connections already accepted are served"
     for s in socks[1:151]:  # free plenty: the backlog holds ~100 waiting clients
         s.close()
     last = socks[-1]
     last.sendall(b"z")
     last.settimeout(15)
-    assert last.recv(4) == b"z", "a waiting client gets in once fds free up"
+    echoes.append(last.recv(4))
+    assert echoes[1] == b"z", "a waiting client gets in once fds free up"
     assert node.proc.alive()
     m = node.metrics()
     assert m["pmlb_accept_resource_errors_total"] >= 1
@@ -273,8 +284,8 @@ async def test_at_the_file_descriptor_limit(cluster: Cluster) -> None:
         connections=200,
         held=int(m["pmlb_marks_open"]),
         sent=2,
-        lost=0,
-        duplicated=0,
+        lost=sum(e == b"" for e in echoes),
+        duplicated=sum(max(0, len(e) - 1) for e in echoes),
         note="accept paused on EMFILE, resumed when fds freed",
     )
     for s in socks:

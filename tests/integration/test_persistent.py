@@ -194,10 +194,13 @@ async def test_sigterm_drains_the_node(etcd: Etcd, cluster: Cluster) -> None:
         status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.admin}/readyz")
         assert status == 503, "not ready while draining"
         assert not await asyncio.to_thread(tcp_open, "127.0.0.1", node.port), "no new clients"
-        assert len(await finisher) == 40, "a client that finishes in time is not cut"
+        finished = len(await finisher)
+        assert finished == 40, "a client that finishes in time is not cut"
+        still = 0
         for r, w in stayers:
             w.write(b"still\n")
-            assert (await r.readuntil(b"\n")).endswith(b" u1 still\n")
+            still += (await r.readuntil(b"\n")).endswith(b" u1 still\n")
+        assert still == len(stayers)
         for r, _ in stayers:
             assert await r.read() == b""  # closed at the drain deadline
         took = time.monotonic() - t0
@@ -208,9 +211,9 @@ async def test_sigterm_drains_the_node(etcd: Etcd, cluster: Cluster) -> None:
         "node SIGTERM (drain 2 s + 1 s window)",
         connections=11,
         held=1,
-        sent=40 + 20,
-        lost=0,
-        duplicated=0,
+        sent=40 + 2 * len(stayers),
+        lost=40 - finished + len(stayers) - still,
+        duplicated=0,  # _streamer checks every reply in order; a repeat fails it
         recovery_s=round(took, 2),
         note="left etcd at once; 10 idle clients closed node_draining",
     )
