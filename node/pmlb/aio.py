@@ -6,11 +6,44 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, TypeVar
 
 log = logging.getLogger("pmlb")
 T = TypeVar("T")
+
+# Restarts of supervised loops, by name (rendered as pmlb_task_restarts_total).
+RESTARTS: Counter[str] = Counter()
+RESTART_BACKOFF_MAX: Final = 5.0
+
+
+async def supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``loop()`` for good: a bug that escapes it (anything but
+    cancellation) is logged with its traceback, counted, and the loop starts
+    again after a backoff (0.2 s doubling to 5 s, reset after a minute of
+    running), instead of the task dying silently while the node carries on
+    with a frozen view of the cluster."""
+    backoff = 0.2
+    while True:
+        started = asyncio.get_running_loop().time()
+        try:
+            await loop()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            RESTARTS[name] += 1
+            if asyncio.get_running_loop().time() - started > 60:
+                backoff = 0.2
+            log.exception(
+                "%s failed unexpectedly (restart %d); restarting in %.1fs",
+                name,
+                RESTARTS[name],
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
 
 def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:

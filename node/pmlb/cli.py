@@ -145,7 +145,7 @@ def _dns_sync(args: argparse.Namespace) -> int:
             values["dnsmasq_pid"],
             Path(values["dnsmasq_pidfile"]) if values["dnsmasq_pidfile"] else None,
         )
-        task = asyncio.get_running_loop().create_task(sync.run())
+        task = asyncio.get_running_loop().create_task(aio.supervised("dns-sync", sync.run))
         await stop.wait()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

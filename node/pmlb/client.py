@@ -14,7 +14,6 @@ A mark that is not open (any more) raises MarkGone.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from types import TracebackType
@@ -27,7 +26,7 @@ from pmlb._proto.pmlb.v1 import node_pb2_grpc
 from pmlb.errors import MarkGone, PmlbError
 from pmlb.ids import node_of
 from pmlb.store.etcd import EtcdSettings, EtcdStore, StoreError
-from pmlb.store.keys import Keys
+from pmlb.store.keys import InvalidValue, Keys, parse_node
 
 CALL_TIMEOUT = 5.0
 
@@ -77,8 +76,8 @@ class MarkClient:
         if kv is None:
             raise MarkGone(f"mark {mark}: node {node_id} is not registered (gone or draining)")
         try:
-            control = json.loads(kv.value).get("control", "")
-        except (ValueError, AttributeError):
+            control = str(parse_node(node_id, kv.value).get("control", ""))
+        except InvalidValue:
             control = ""
         if not control:
             raise PmlbError(f"node {node_id} serves no control API (start it with --control)")

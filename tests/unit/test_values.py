@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +18,7 @@ from pmlb.store.keys import (
     Keys,
     UpstreamSpec,
     format_upstream,
+    load_json,
     parse_health,
     parse_node,
     parse_upstream,
@@ -78,3 +81,26 @@ def test_key_leaves_are_plain_ids_or_refused(leaf: str) -> None:
         return
     assert got == leaf
     assert "/" not in got
+
+
+@pytest.mark.parametrize(
+    "parse",
+    [
+        lambda v: parse_upstream("u1", v),
+        lambda v: parse_health("u1", v),
+        lambda v: parse_node("n1", v),
+    ],
+)
+def test_over_deep_or_over_large_json_is_an_invalid_value(parse: Any) -> None:
+    """A 2 KB value nested 1,000 deep made json.loads raise RecursionError,
+    which killed discovery; now it is refused like any malformed value."""
+    deep = b'{"addr":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    with pytest.raises(InvalidValue, match="deeper"):
+        parse(deep)
+    with pytest.raises(InvalidValue, match="bytes"):
+        parse(b'{"addr": "' + b"x" * (70 << 10) + b'"}')
+
+
+def test_depth_counting_ignores_brackets_inside_strings() -> None:
+    value = {"addr": "[" * 20 + '\\"' + "{" * 10, "n": [[1]]}
+    assert load_json("v", json.dumps(value)) == value

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pmlb.aio import supervised
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.session import Session
 from pmlb.config import UpstreamSpec
@@ -75,7 +76,9 @@ class Checker:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="checker")
+        self._task = asyncio.get_running_loop().create_task(
+            supervised(f"checker-{self.view.service}", self._run), name="checker"
+        )
 
     async def stop(self) -> None:
         if self._task is not None:

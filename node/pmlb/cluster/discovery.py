@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from pmlb.aio import supervised
 from pmlb.config import UpstreamSpec
 from pmlb.store.etcd import EtcdStore, Event, StoreError, WatchReset
 from pmlb.store.keys import UNKNOWN, Health, InvalidValue, Keys, parse_health, parse_upstream
@@ -53,7 +54,7 @@ class ServiceView:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"view-{self.service}"
+            supervised(f"discovery-{self.service}", self._run), name=f"view-{self.service}"
         )
 
     async def stop(self) -> None:

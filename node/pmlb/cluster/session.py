@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from pmlb.aio import supervised
 from pmlb.store.etcd import EtcdStore, StoreError
 
 log = logging.getLogger("pmlb.session")
@@ -43,7 +44,9 @@ class Session:
         self._callbacks.append(callback)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="etcd-session")
+        self._task = asyncio.get_running_loop().create_task(
+            supervised("etcd-session", self._run), name="etcd-session"
+        )
 
     async def stop(self, revoke: bool = True) -> None:
         self._stopping = True

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pmlb.aio import RESTARTS
 from pmlb.observability.stats import NodeStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -94,6 +95,14 @@ class NodeCollector(Collector):
         for name, attr, help_ in _COUNTERS:
             yield CounterMetricFamily(name, help_, value=getattr(s, attr))
         yield GaugeMetricFamily("pmlb_marks_open", "Marks open on this node.", value=s.open)
+        restarts = CounterMetricFamily(
+            "pmlb_task_restarts",
+            "Supervised loops restarted after an unexpected error, by loop.",
+            labels=["task"],
+        )
+        for task, n in sorted(RESTARTS.items()):
+            restarts.add_metric([task], n)
+        yield restarts
         closed = CounterMetricFamily(
             "pmlb_connections_closed", "Client connections closed, by reason.", labels=["reason"]
         )

@@ -26,6 +26,11 @@ SERVING: Final = "SERVING"
 NOT_SERVING: Final = "NOT_SERVING"
 UNKNOWN: Final = "UNKNOWN"
 MAX_WEIGHT: Final = 10_000
+# pmlb's own values are a few hundred bytes, two levels deep; anything far
+# beyond is a mistake or an attack (a 2 KB value nested 1,000 deep makes
+# json.loads raise RecursionError), refused before parsing.
+MAX_VALUE_BYTES: Final = 64 << 10
+MAX_JSON_DEPTH: Final = 8
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -72,8 +77,49 @@ class Keys:
         return leaf
 
 
+def load_json(what: str, raw: bytes | str) -> Any:
+    """Parse a JSON value from etcd; InvalidValue when it is not UTF-8, not
+    JSON, over MAX_VALUE_BYTES or nested deeper than MAX_JSON_DEPTH."""
+    if len(raw) > MAX_VALUE_BYTES:
+        raise InvalidValue(f"{what}: value of {len(raw)} bytes, over {MAX_VALUE_BYTES}")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise InvalidValue(f"{what}: value is not UTF-8") from None
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise InvalidValue(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidValue(f"{what}: bad JSON ({getattr(exc, 'msg', exc)})") from None
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of [ and { in ``text``, ignoring string contents."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
 def parse_upstream(uid: str, raw: bytes) -> UpstreamSpec:
     """``host:port`` or JSON ``{"addr": "host:port", "weight": 1, "drain": false}``."""
+    if len(raw) > MAX_VALUE_BYTES:
+        raise InvalidValue(f"upstream {uid}: value of {len(raw)} bytes, over {MAX_VALUE_BYTES}")
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -82,10 +128,7 @@ def parse_upstream(uid: str, raw: bytes) -> UpstreamSpec:
         raise InvalidValue(f"upstream {uid}: empty value")
     addr, weight, drain = text, 1, False
     if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidValue(f"upstream {uid}: bad JSON ({exc.msg})") from None
+        obj = load_json(f"upstream {uid}", text)
         if not isinstance(obj, dict):
             raise InvalidValue(f"upstream {uid}: JSON must be an object")
         unknown = set(obj) - {"addr", "weight", "drain"}
@@ -123,10 +166,7 @@ class Health:
 
 
 def parse_health(uid: str, raw: bytes) -> Health:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidValue(f"health {uid}: not JSON") from None
+    obj = load_json(f"health {uid}", raw)
     if not isinstance(obj, dict) or obj.get("status") not in (SERVING, NOT_SERVING):
         raise InvalidValue(f"health {uid}: 'status' must be SERVING or NOT_SERVING")
     return Health(
@@ -152,10 +192,7 @@ def format_node(info: dict[str, Any]) -> str:
 
 
 def parse_node(node_id: str, raw: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidValue(f"node {node_id}: not JSON") from None
+    obj = load_json(f"node {node_id}", raw)
     if not isinstance(obj, dict):
         raise InvalidValue(f"node {node_id}: JSON must be an object")
     return obj
