@@ -214,14 +214,14 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
     """Declare ``options`` on ``parser`` with every default None (so we see what was given)."""
     for opt in options:
         flag = "--" + opt.name
+        # argparse %-formats help text: a literal % (e.g. "-10% jitter") must be doubled.
+        help_ = opt.help.replace("%", "%%")
         if opt.default is False:
-            parser.add_argument(
-                flag, dest=opt.dest, action="store_const", const=True, help=opt.help
-            )
+            parser.add_argument(flag, dest=opt.dest, action="store_const", const=True, help=help_)
         elif opt.repeated:
-            parser.add_argument(flag, dest=opt.dest, action="append", help=opt.help)
+            parser.add_argument(flag, dest=opt.dest, action="append", help=help_)
         else:
-            parser.add_argument(flag, dest=opt.dest, help=opt.help, metavar=opt.metavar)
+            parser.add_argument(flag, dest=opt.dest, help=help_, metavar=opt.metavar)
     parser.add_argument("--config", help="TOML config file (keys are the flag names)")
 
 
