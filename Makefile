@@ -59,6 +59,7 @@ test-faults: install
 		tests/integration/test_etcd_cluster.py::test_checker_and_node_death \
 		tests/integration/test_persistent.py::test_sigterm_drains_the_node \
 		tests/integration/test_dataplane.py::test_client_that_never_reads_stalls_only_itself \
+		tests/integration/test_hostile.py::test_a_slow_handler_delays_only_its_own_mark \
 		tests/e2e/test_dns_cluster.py $(PYTEST_ARGS)
 
 SOAK_SECONDS ?= 180
