@@ -317,7 +317,7 @@ class NodeApp:
                 i += 1
                 if conn is None:
                     continue
-                if upstream and (conn.link is None or conn.link.id != upstream):
+                if upstream and (conn.route is None or conn.route.id != upstream):
                     continue
                 if client and conn.client_addr != client:
                     continue

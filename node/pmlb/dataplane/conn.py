@@ -1,12 +1,11 @@
-"""One client TCP connection: its mark, framing, credits and close handshake.
+"""One client TCP connection: the socket side of a mark.
 
-A ClientConn is an ``asyncio.Protocol``: the loop calls it back on reads, no
-task or stream per connection, which keeps an idle connection at a few
-hundred bytes of Python objects. Its life:
-
-    WAITING --bind--> BOUND --client EOF--> CLIENT_EOF --upstream close/linger--> CLOSING
-       |                 \\--------- upstream close / node close ----------------> CLOSING
-       \\-- connect timeout (no routable upstream) ------------------------------> CLOSING
+A ClientConn is an ``asyncio.Protocol`` built on ``mark.Mark``, the I/O-free
+state of the mark (credits, replay buffer, bind / move / resume, strikes): the
+loop calls it back on reads, no task or stream per connection, which keeps an
+idle connection at a few hundred bytes of Python objects. This module turns
+socket events into Mark events and Mark answers into frames, pauses, closes.
+See mark.py for the states.
 
 Flow control, both ways, per mark:
 
@@ -26,11 +25,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pmlb import reasons, wire
 from pmlb.dataplane import proxyproto
+from pmlb.dataplane.mark import (
+    BOUND,
+    CLIENT_EOF,
+    CLOSED,
+    CLOSING,
+    FINISHED,
+    MOVING,
+    POISONED,
+    RESUME,
+    STATE_NAMES,
+    WAITING,
+    Mark,
+)
 from pmlb.errors import FrameTooLarge
 
 if TYPE_CHECKING:
@@ -40,61 +51,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pmlb.conn")
 
-# Order matters: everything from CLOSING on is "going away".
-WAITING, BOUND, MOVING, CLIENT_EOF, CLOSING, CLOSED = range(6)
-_STATE_NAMES = ("waiting", "bound", "moving", "client_eof", "closing", "closed")
+__all__ = ["BOUND", "CLIENT_EOF", "CLOSED", "CLOSING", "MOVING", "WAITING", "ClientConn"]
 
 
-class ClientConn(asyncio.Protocol):
+class ClientConn(Mark["Link"], asyncio.Protocol):
     __slots__ = (
         "accepted_ms",
-        "binds",
         "bytes_in",
         "bytes_out",
         "client_addr",
         "client_port",
         "close_reason",
-        "credit",
         "decoder",
         "early",
         "frames_in",
         "frames_out",
         "last_active",
-        "link",
         "mark",
         "meta",
-        "moved_from",
-        "owed",
-        "parked",
-        "parked_eof",
         "paused_frames",
         "plane",
         "proxy_buf",
         "read_paused",
-        "replay",
-        "replay_bytes",
-        "seq",
         "span",
-        "state",
-        "strike_seq",
-        "strikes",
         "timer",
         "transport",
         "write_paused",
     )
 
     def __init__(self, plane: DataPlane) -> None:
+        super().__init__(plane.mark_limits)
         self.plane = plane
         self.transport: asyncio.Transport | None = None
         self.mark = ""
         self.decoder = plane.new_decoder()
-        self.link: Link | None = None
-        self.state = WAITING
-        self.seq = 0
-        self.credit = 0
-        self.owed = 0
         self.bytes_in = self.bytes_out = self.frames_in = self.frames_out = 0
-        self.binds = 0
         self.read_paused = False
         self.write_paused = False
         self.meta: dict[str, str] | None = None
@@ -103,23 +94,6 @@ class ClientConn(asyncio.Protocol):
         # first read can still arrive; it is kept (at most one read per pause)
         # and forwarded after the Open. b"" marks an EOF.
         self.early: list[bytes] | None = None
-        # Client frames sent upstream and not yet acknowledged, oldest first:
-        # replayed, same seq, to the next upstream on failover. None when empty
-        # (an idle mark then pays nothing for it).
-        self.replay: deque[tuple[int, bytes]] | None = None
-        # Charged as payload + wire.FRAME_OVERHEAD per frame (see data_received).
-        self.replay_bytes = 0
-        # Poison detection: how many links in a row broke while this mark had
-        # unacknowledged frames on them, and the last seq in flight at the
-        # latest such break. An ack reaching strike_seq clears the strikes.
-        self.strikes = 0
-        self.strike_seq = 0
-        # The upstream a move (drain) timed out on: its late replies for this
-        # mark are dropped (the next upstream answers them) until it closes.
-        self.moved_from: Link | None = None
-        # Client messages read but not yet sent: over the mark's credit.
-        self.parked: list[bytes] | None = None
-        self.parked_eof = False
         # Frames written to the client while its transport was paused.
         self.paused_frames = 0
         self.span: Any = None  # the connection's root span when tracing is on
@@ -175,83 +149,64 @@ class ClientConn(asyncio.Protocol):
         self._forward(messages)
 
     def _forward(self, messages: list[bytes]) -> None:
-        """Send client messages upstream while the mark has credit; park the
-        rest (reading paused) until credit returns. One read can hold tens of
-        thousands of small messages: checking credit per message, not per
-        read, is what keeps a flood of them within the window."""
-        link = self.link
+        """Send what the mark's credit allows upstream (Mark.take parks the rest)."""
+        link = self.route
         assert link is not None
-        writer = link.writer
-        mark = self.mark
-        seq = self.seq
-        total = 0
-        replay = self.replay
-        if replay is None:
-            replay = self.replay = deque()
-        budget = self.credit
-        per_frame = link.overhead
-        if budget <= 0:
-            self.parked = messages
-            self._pause_reading()
-            return
-        for i, msg in enumerate(messages):
-            if budget <= 0:
-                self.parked = messages[i:]
-                messages = messages[:i]
-                break
-            budget -= len(msg) + per_frame
-            seq += 1
-            f = writer.frame()
-            f.mark = mark
-            d = f.data
-            d.seq = seq
-            d.payload = msg
-            total += len(msg)
-            replay.append((seq, msg))
-        self.seq = seq
-        if not link.expect_since:
-            link.expect_since = time.monotonic()
-        n = len(messages)
-        # Every frame costs its bytes plus a fixed overhead, so empty messages
-        # are not free: a flood of them closes the window like any other.
-        cost = total + n * wire.FRAME_OVERHEAD
-        self.replay_bytes += cost
-        if self.replay_bytes > self.plane.config.replay_buffer:
-            self.plane.stats.replay_overflows += 1
-            if self.span is not None:
-                self.plane.tracer.child(
-                    self.span, "pmlb.replay_overflow", {"pmlb.replay_bytes": self.replay_bytes}
-                )
-            log.warning(
-                "mark=%s replay buffer over %d bytes (upstream %s is not acknowledging)",
-                mark,
-                self.plane.config.replay_buffer,
-                link.id,
-            )
-            self.close(reasons.REPLAY_OVERFLOW, "unacknowledged client data over the replay bound")
-            return
-        writer.add_payload(cost)
-        writer.kick()
-        self.frames_in += n
-        self.bytes_in += total
-        stats = self.plane.stats
-        stats.frames_in += n
-        stats.bytes_in += total
-        self.credit -= total + n * link.overhead
-        if writer.pending_bytes > self.plane.config.link_buffer:
-            link.check_congestion()
+        n = self.take(messages)
+        if n:
+            writer = link.writer
+            mark = self.mark
+            seq = self.seq - n
+            total = 0
+            for i in range(n):
+                msg = messages[i]
+                seq += 1
+                f = writer.frame()
+                f.mark = mark
+                d = f.data
+                d.seq = seq
+                d.payload = msg
+                total += len(msg)
+            if not link.expect_since:
+                link.expect_since = time.monotonic()
+            if self.replay_overflowed:
+                self._replay_overflow(link)
+                return
+            # Every frame costs its bytes plus a fixed overhead, so empty
+            # messages are not free: a flood of them fills the link like any other.
+            writer.add_payload(total + n * wire.FRAME_OVERHEAD)
+            writer.kick()
+            self.frames_in += n
+            self.bytes_in += total
+            stats = self.plane.stats
+            stats.frames_in += n
+            stats.bytes_in += total
+            if writer.pending_bytes > self.plane.config.link_buffer:
+                link.check_congestion()
         if self.credit <= 0 or link.congested or self.parked is not None:
             self._pause_reading()
 
+    def _replay_overflow(self, link: Link) -> None:
+        self.plane.stats.replay_overflows += 1
+        if self.span is not None:
+            self.plane.tracer.child(
+                self.span, "pmlb.replay_overflow", {"pmlb.replay_bytes": self.replay_bytes}
+            )
+        log.warning(
+            "mark=%s replay buffer over %d bytes (upstream %s is not acknowledging)",
+            self.mark,
+            self.plane.config.replay_buffer,
+            link.id,
+        )
+        self.close(reasons.REPLAY_OVERFLOW, "unacknowledged client data over the replay bound")
+
     def eof_received(self) -> bool:
-        if self.state == BOUND and self.parked is not None:
-            self.parked_eof = True  # passed on once the parked messages are sent
-            return True
         if self.state == BOUND:
+            if not self.client_eof():
+                return True  # passed on once the parked messages are sent
             # Half-close: tell the upstream, keep our write side open so its
             # last replies still reach the client, bounded by close_linger.
             self._send_close(reasons.CLIENT_CLOSED, "")
-            self.state = CLIENT_EOF
             self.close_reason = reasons.CLIENT_CLOSED
             self._detach()
             self._arm(self.plane.config.close_linger, self._linger_expired)
@@ -295,15 +250,7 @@ class ClientConn(asyncio.Protocol):
         """Bind this (waiting) mark to ``link``: send its Open, then replay what
         the previous upstream had not acknowledged, with the same seq numbers."""
         self._disarm()
-        self.link = link
-        if link is self.moved_from:
-            self.moved_from = None
-        self.binds += 1
-        self.state = BOUND
-        self.credit = link.peer_window - (
-            self.replay_bytes if link.overhead else self._replay_payload()
-        )
-        self.owed = 0
+        next_seq, resumed = self.bind_to(link)
         link.attach(self)
         cfg = self.plane.config
         writer = link.writer
@@ -315,11 +262,11 @@ class ClientConn(asyncio.Protocol):
         o.client_port = self.client_port
         o.node_id = cfg.node_id
         replay = self.replay
-        o.next_seq = replay[0][0] if replay else self.seq + 1
+        o.next_seq = next_seq
         o.framing = cfg.framing
         o.listener = self.plane.listener_name
         o.accepted_at_unix_ms = self.accepted_ms
-        o.resumed = self.binds > 1
+        o.resumed = resumed
         if self.meta:
             o.metadata.update(self.meta)
         if self.span is not None:
@@ -327,11 +274,11 @@ class ClientConn(asyncio.Protocol):
             o.trace_context.update(tracer.carrier(self.span))
             tracer.child(
                 self.span,
-                "pmlb.failover" if self.binds > 1 else "pmlb.bind",
+                "pmlb.failover" if resumed else "pmlb.bind",
                 {
                     "pmlb.mark": self.mark,
                     "pmlb.upstream": link.id,
-                    "pmlb.resumed": self.binds > 1,
+                    "pmlb.resumed": resumed,
                     "pmlb.replayed_frames": len(replay or ()),
                 },
             )
@@ -347,7 +294,7 @@ class ClientConn(asyncio.Protocol):
             if not link.expect_since:
                 link.expect_since = time.monotonic()
         writer.kick()
-        if self.binds > 1:
+        if resumed:
             self.plane.stats.failovers += 1
             log.info(
                 "mark=%s resumed on upstream=%s, %d frames replayed from seq %d",
@@ -387,13 +334,13 @@ class ClientConn(asyncio.Protocol):
     def deliver(self, payload: bytes, acked: int, link: Link | None) -> None:
         """Data for the client from an upstream (``link``) or the control API (None);
         ``acked`` is the acknowledgement riding on it."""
-        if link is not None and link is self.moved_from:
+        if self.is_stale(link):
             # A late reply of the upstream this mark was moved off after its
             # move timed out: the frames it answers were replayed to the next
             # upstream, which answers them; delivering both would duplicate.
             self.plane.stats.stale_replies += 1
             return
-        if acked and link is not None and link is self.link:
+        if acked and link is not None and link is self.route:
             self.on_ack(acked)
         transport = self.transport
         if self.state >= CLOSING or transport is None:
@@ -415,12 +362,10 @@ class ClientConn(asyncio.Protocol):
         n = len(payload)
         self.bytes_out += n
         self.frames_out += 1
-        if link is not None and link is self.link:
-            self.owed += n + link.overhead
-            if not self.write_paused:
-                if self.owed >= self.plane.grant_threshold:
-                    self._grant()
-                return
+        if self.replied(n, link) and not self.write_paused:
+            if self.grant_due():
+                self._grant()
+            return
         if not self.write_paused:
             return
         self.paused_frames += 1
@@ -435,33 +380,17 @@ class ClientConn(asyncio.Protocol):
             self.close(reasons.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
 
     def on_ack(self, acked: int) -> None:
-        replay = self.replay
-        if not replay:
-            return
-        size = 0
-        while replay and replay[0][0] <= acked:
-            size += len(replay.popleft()[1]) + wire.FRAME_OVERHEAD
-        self.replay_bytes -= size
-        if not replay:
-            self.replay = None
-        if self.strikes and acked >= self.strike_seq:
+        if self.ack(acked):
             # What was in flight when the last link broke has been processed:
             # this mark did not break it.
-            self.strikes = 0
             self.plane.cleared(self)
 
-    def _replay_payload(self) -> int:
-        """Payload bytes awaiting acknowledgement (credit for a protocol 1 peer)."""
-        return self.replay_bytes - len(self.replay or ()) * wire.FRAME_OVERHEAD
-
     def on_flow(self, credit: int, acked: int, link: Link) -> None:
-        if link is not self.link:
+        if link is not self.route:
             return
         if acked:
             self.on_ack(acked)
-        was_blocked = self.credit <= 0
-        self.credit += credit
-        if was_blocked and self.credit > 0:
+        if self.add_credit(credit):
             self._maybe_resume()
 
     def on_meta(self, meta: pb.Meta, max_bytes: int) -> bool:
@@ -476,19 +405,18 @@ class ClientConn(asyncio.Protocol):
         return True
 
     def upstream_close(self, reason: str, detail: str, link: Link) -> None:
-        if link is self.moved_from:
+        if self.stale_close(link):
             # The answer to our "moved" close, after the move had timed out.
-            self.moved_from = None
             self.plane.stats.stale_replies += 1
             return
         if self.state >= CLOSING:
             return
-        if self.state == MOVING and link is self.link:
+        if self.state == MOVING and link is self.route:
             # The old upstream acknowledged the move after answering everything
             # it had: now bind elsewhere and replay whatever is still unacked.
             self._finish_move()
             return
-        if link is not self.link and self.state == BOUND:
+        if link is not self.route and self.state == BOUND:
             # Closed by another upstream (push): the bound one must forget it too.
             self._send_close(reason, detail)
         self.close(reason, detail, notify=False)
@@ -496,63 +424,58 @@ class ClientConn(asyncio.Protocol):
     def on_link_lost(self) -> None:
         """The bound upstream is gone: keep the mark and move it (failover),
         unless its frames were in flight on the previous broken link too."""
-        replay = self.replay
-        if replay and self.state in (BOUND, MOVING, CLIENT_EOF):
-            self.strikes += 1
-            first, last = replay[0][0], replay[-1][0]
-            self.strike_seq = last
-            if self.strikes >= 2:
-                # Like a poison message in a queue: the frames this mark had in
-                # flight took down two upstreams in a row. Replaying them to a
-                # third would most likely take it down as well, and every mark
-                # on it; close this one mark instead.
-                self.plane.stats.poisoned += 1
-                log.warning(
-                    "mark=%s frames %d..%d were in flight on two upstream links that broke "
-                    "in a row; closing the mark instead of replaying them again",
-                    self.mark,
-                    first,
-                    last,
-                )
-                if self.span is not None:
-                    self.plane.tracer.child(
-                        self.span, "pmlb.poison", {"pmlb.first_seq": first, "pmlb.last_seq": last}
-                    )
-                self.close(
-                    reasons.POISON,
-                    f"frames {first}..{last} in flight on two links that broke",
-                    notify=False,
-                )
-                return
-        if self.state in (BOUND, MOVING):
-            self._detach()
-            self.link = None
-            self.state = WAITING
-            self.plane.rebind(self)
-        elif self.state == CLIENT_EOF:
-            self.link = None
-            if self.replay:
-                # The client is done sending but replies are owed: resume elsewhere
-                # and pass the EOF on after the replay.
-                self.state = WAITING
+        was_eof = self.state == CLIENT_EOF
+        link = self.route
+        verdict = self.route_lost()
+        if verdict == POISONED:
+            self._poisoned()
+        elif verdict == FINISHED:
+            self.close(reasons.CLIENT_CLOSED, "upstream lost after the last reply", notify=False)
+        elif verdict == RESUME:
+            if link is not None:
+                link.detach(self)
+            if was_eof:
+                # The client is done sending but replies are owed: resume
+                # elsewhere and pass the EOF on after the replay.
                 (self.early or self._start_early()).append(b"")
-                self.plane.rebind(self)
-            else:
-                self.close(
-                    reasons.CLIENT_CLOSED, "upstream lost after the last reply", notify=False
-                )
+            self.plane.rebind(self)
+
+    def _poisoned(self) -> None:
+        # Like a poison message in a queue: the frames this mark had in flight
+        # took down two upstreams in a row. Replaying them to a third would
+        # most likely take it down as well, and every mark on it.
+        replay = self.replay
+        first, last = (replay[0][0], replay[-1][0]) if replay else (0, 0)
+        self.plane.stats.poisoned += 1
+        log.warning(
+            "mark=%s frames %d..%d were in flight on two upstream links that broke "
+            "in a row; closing the mark instead of replaying them again",
+            self.mark,
+            first,
+            last,
+        )
+        if self.span is not None:
+            self.plane.tracer.child(
+                self.span, "pmlb.poison", {"pmlb.first_seq": first, "pmlb.last_seq": last}
+            )
+        self.close(
+            reasons.POISON,
+            f"frames {first}..{last} in flight on two links that broke",
+            notify=False,
+        )
 
     def start_move(self, detail: str) -> None:
         """Move this mark off its upstream gracefully (drain): stop reading, ask the
         upstream to close it after answering what it has, then rebind."""
-        if self.state != BOUND or self.link is None:
+        link = self.route
+        if link is None or self.state != BOUND:
             return
         self._send_close(reasons.MOVED, detail)
+        self.begin_move()
         if self.span is not None:
             self.plane.tracer.child(
-                self.span, "pmlb.move", {"pmlb.from_upstream": self.link.id, "pmlb.why": detail}
+                self.span, "pmlb.move", {"pmlb.from_upstream": link.id, "pmlb.why": detail}
             )
-        self.state = MOVING
         self._pause_reading()
         self._arm(self.plane.config.ack_timeout, self._move_timed_out)
 
@@ -560,13 +483,13 @@ class ClientConn(asyncio.Protocol):
         self.timer = None
         if self.state != MOVING:
             return
-        self.moved_from = self.link
+        self.move_timed_out()
         self.plane.stats.move_timeouts += 1
         log.warning(
             "mark=%s upstream %s did not answer the move within %.1fs; moving on, "
             "its late replies for this mark will be dropped",
             self.mark,
-            self.link.id if self.link else "-",
+            self.route.id if self.route else "-",
             self.plane.config.ack_timeout,
         )
         self._finish_move()
@@ -576,8 +499,7 @@ class ClientConn(asyncio.Protocol):
         if self.state != MOVING:
             return
         self._detach()
-        self.link = None
-        self.state = WAITING
+        self.end_move()
         self.plane.rebind(self)
 
     def close(
@@ -593,7 +515,7 @@ class ClientConn(asyncio.Protocol):
         if self.state != CLIENT_EOF or not self.close_reason:
             self.close_reason = reason
         self._detach()
-        self.state = CLOSING
+        self.closing()
         self._disarm()
         transport = self.transport
         if transport is None:
@@ -611,8 +533,8 @@ class ClientConn(asyncio.Protocol):
             "mark": self.mark,
             "client_addr": self.client_addr,
             "client_port": self.client_port,
-            "upstream": self.link.id if self.link else "",
-            "state": _STATE_NAMES[self.state],
+            "upstream": self.route.id if self.route else "",
+            "state": STATE_NAMES[self.state],
             "metadata": dict(self.meta or {}),
             "accepted_at_unix_ms": self.accepted_ms,
             "bytes_in": self.bytes_in,
@@ -626,7 +548,7 @@ class ClientConn(asyncio.Protocol):
     # -- internals ---------------------------------------------------------
 
     def _send_close(self, reason: str, detail: str) -> None:
-        link = self.link
+        link = self.route
         if link is None or not link.is_up:
             return
         f = link.writer.frame()
@@ -638,17 +560,16 @@ class ClientConn(asyncio.Protocol):
         link.writer.kick()
 
     def _grant(self) -> None:
-        link = self.link
+        link = self.route
         if link is None or not link.is_up:
             return
         f = link.writer.frame()
         f.mark = self.mark
-        f.flow.credit = self.owed
-        self.owed = 0
+        f.flow.credit = self.take_grant()
         link.writer.kick()
 
     def _detach(self) -> None:
-        link = self.link
+        link = self.route
         if link is not None:
             link.detach(self)
 
@@ -658,12 +579,12 @@ class ClientConn(asyncio.Protocol):
             self.transport.pause_reading()
             if self.state == BOUND:
                 self.plane.stats.credit_stalls += 1
-                if self.link is not None and self.link.congested:
-                    self.link.stalled.add(self)
+                if self.route is not None and self.route.congested:
+                    self.route.stalled.add(self)
 
     def _maybe_resume(self) -> None:
         """Resume reading when nothing holds it back any more."""
-        link = self.link
+        link = self.route
         if (
             self.read_paused
             and self.state == BOUND
@@ -672,9 +593,8 @@ class ClientConn(asyncio.Protocol):
             and not link.congested
             and self.transport is not None
         ):
-            parked = self.parked
+            parked = self.unpark()
             if parked is not None:
-                self.parked = None
                 self._forward(parked)
                 if self.parked is not None or self.state != BOUND:
                     return
@@ -717,7 +637,7 @@ class ClientConn(asyncio.Protocol):
         )
         self.proxy_buf = None
         self._disarm()
-        self.state = CLOSING
+        self.closing()
         if self.transport is not None:
             self.transport.abort()
 

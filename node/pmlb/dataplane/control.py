@@ -148,7 +148,8 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         while i < len(keys) and len(out.marks) < size:
             conn = marks.get(keys[i])
             if conn is not None and (
-                not request.upstream or (conn.link is not None and conn.link.id == request.upstream)
+                not request.upstream
+                or (conn.route is not None and conn.route.id == request.upstream)
             ):
                 out.marks.append(mark_info(conn))
             i += 1

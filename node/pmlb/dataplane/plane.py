@@ -31,6 +31,7 @@ from pmlb.dataplane.balancer import make_balancer
 from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
+from pmlb.dataplane.mark import MarkLimits
 from pmlb.ids import MarkFactory
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
@@ -63,6 +64,7 @@ class DataPlane:
         # Return credit in chunks of half a window (like HTTP/2 WINDOW_UPDATE),
         # so small messages do not each cost a Flow frame.
         self.grant_threshold = max(1, config.window // 2)
+        self.mark_limits = MarkLimits(config.replay_buffer, self.grant_threshold)
         self.write_hard_limit = config.client_buffer + 2 * config.window
         self.listener_name = format_hostport(*config.listen[0])
         self.proxy_trusted = [ipaddress.ip_network(n) for n in config.proxy_trusted]
@@ -292,7 +294,7 @@ class DataPlane:
             conn.client_addr,
             conn.client_port,
             reasons.for_log(reason),
-            conn.link.id if conn.link else "-",
+            conn.route.id if conn.route else "-",
             conn.frames_in,
             conn.bytes_in,
             conn.frames_out,
@@ -351,7 +353,7 @@ class DataPlane:
 
     def cleared(self, conn: ClientConn) -> None:
         """``conn``'s frames from a broken link were acknowledged: not a poison."""
-        link = conn.link
+        link = conn.route
         if link is not None and link.probation is conn:
             link.end_probation()
 
@@ -398,7 +400,7 @@ class DataPlane:
         affected = [
             c
             for c in self.marks.values()
-            if c.link is link and c.state in (BOUND, MOVING, CLIENT_EOF)
+            if c.route is link and c.state in (BOUND, MOVING, CLIENT_EOF)
         ]
         if affected:
             link.failed_over += len(affected)
