@@ -65,7 +65,6 @@ class Mark(Generic[R]):
         "binds",
         "credit",
         "limits",
-        "moved_from",
         "owed",
         "parked",
         "parked_eof",
@@ -73,6 +72,7 @@ class Mark(Generic[R]):
         "replay_bytes",
         "route",
         "seq",
+        "stale",
         "state",
         "strike_seq",
         "strikes",
@@ -100,9 +100,11 @@ class Mark(Generic[R]):
         # latest such break. An ack reaching strike_seq clears the strikes.
         self.strikes = 0
         self.strike_seq = 0
-        # The route a move timed out on: what it still sends for this mark is
-        # stale (the next upstream answers the same messages) until it closes.
-        self.moved_from: R | None = None
+        # Routes a move timed out on: what they still send for this mark is
+        # stale (the next upstream answers the same messages) until each one
+        # answers the move with its close, or the mark is bound to it again: at
+        # most one entry per upstream of the service.
+        self.stale: list[R] | None = None
 
     # -- client -> upstream -------------------------------------------------------
 
@@ -185,15 +187,23 @@ class Mark(Generic[R]):
 
     def is_stale(self, route: R | None) -> bool:
         """Whether a frame from ``route`` is a late answer to a timed-out move."""
-        return route is not None and route is self.moved_from
+        stale = self.stale
+        return stale is not None and route is not None and any(r is route for r in stale)
 
     def stale_close(self, route: R) -> bool:
-        """A close from ``route``: True (and the move is settled) if it is the
+        """A close from ``route``: True (and that move is settled) if it is the
         late answer to a timed-out move, to be dropped."""
-        if route is not self.moved_from:
+        if not self.is_stale(route):
             return False
-        self.moved_from = None
+        self._unstale(route)
         return True
+
+    def _unstale(self, route: R) -> None:
+        stale = self.stale
+        if stale is not None:
+            stale[:] = [r for r in stale if r is not route]
+            if not stale:
+                self.stale = None
 
     def replied(self, size: int, route: R | None) -> bool:
         """``size`` payload bytes were written to the client. True when they came
@@ -217,8 +227,7 @@ class Mark(Generic[R]):
         whether it resumes an earlier bind). The caller sends the Open, then
         ``replay`` in order."""
         self.route = route
-        if route is self.moved_from:
-            self.moved_from = None
+        self._unstale(route)
         self.binds += 1
         self.state = BOUND
         unacked = self.replay_bytes
@@ -258,7 +267,12 @@ class Mark(Generic[R]):
     def move_timed_out(self) -> None:
         """The old route did not answer the move in time: what it sends for
         this mark from now on is stale."""
-        self.moved_from = self.route
+        route = self.route
+        if route is None:
+            return
+        if self.stale is None:
+            self.stale = []
+        self.stale.append(route)
 
     def end_move(self) -> bool:
         """The move is over (answered or timed out): WAITING for a new bind."""
