@@ -250,3 +250,64 @@ async def test_reconnect_backoff_starts_over_after_a_stable_session(cluster: Clu
         )
     finally:
         await server.stop(0)
+
+
+class Rude(Handler):
+    """Closes a mark with a reason no node should print or count as is."""
+
+    def on_message(self, conn: Conn, data: bytes) -> None:
+        conn.close("evil\nFORGED pmlb.app: node n1 hacked" + "x" * 500, "detail\r\nalso forged")
+
+
+async def test_close_reasons_from_upstreams_are_cleaned_and_counted_as_other(
+    cluster: Cluster,
+) -> None:
+    server = UpstreamServer(Rude(), upstream_id="rude")
+    await server.start()
+    try:
+        node = await asyncio.to_thread(cluster.node, [f"rude=127.0.0.1:{server.port}"])
+        async with asyncio.timeout(20):
+            r, w = await asyncio.open_connection("127.0.0.1", node.port)
+            w.write(b"hi\n")
+            assert await r.read() == b""
+        await async_wait_until(
+            lambda: node.metrics().get('pmlb_connections_closed_total{reason="other"}') == 1,
+            10,
+            "the close counted as other",
+        )
+        m = await asyncio.to_thread(node.metrics)
+        assert not [k for k in m if "evil" in k or "FORGED" in k], "no label from the peer"
+        lines = node.proc.log().splitlines()
+        assert not [ln for ln in lines if ln.startswith("FORGED") or "also forged" in ln[:12]]
+        closed = [ln for ln in lines if "closed reason='evil?FORGED" in ln]
+        assert len(closed) == 1, "the reason is quoted, cleaned and cut in one log line"
+        assert len(closed[0]) < 400
+    finally:
+        await server.stop(0)
+
+
+async def test_a_crafted_etcd_value_does_not_stop_discovery(cluster: Cluster, etcd: Etcd) -> None:
+    """A 2 KB value nested 1,000 levels deep killed the discovery task (its
+    RecursionError escaped): the node then ignored every later change."""
+    handlers, servers = await _servers("good")
+    try:
+        etcd.put("/services/echo/upstreams/evil", '{"addr":' + "[" * 1000 + "]" * 1000 + "}")
+        etcd.put("/services/echo/health/evil", "[" * 1000 + "]" * 1000)
+        node = await asyncio.to_thread(
+            cluster.node, [], etcd=etcd.url, prefix=etcd.prefix, wait_links=[]
+        )
+        etcd.put("/services/echo/upstreams/good", f"127.0.0.1:{servers['good'].port}")
+        await async_wait_until(
+            lambda: node.metrics().get('pmlb_upstream_up{upstream="good"}') == 1,
+            10,
+            "the upstream added after the crafted value is routed",
+        )
+        async with asyncio.timeout(10):
+            c = await asyncio.open_connection("127.0.0.1", node.port)
+            assert await _ask(c, b"hi") == b"good hi"
+            c[1].close()
+        assert "nested deeper" in node.proc.log(), "the bad value is logged and ignored"
+        assert handlers["good"].calls
+    finally:
+        for s in servers.values():
+            await s.stop(0)
