@@ -13,14 +13,23 @@ An upstream is a handful of handlers::
     server = UpstreamServer(Chat(), upstream_id="u1", listen="127.0.0.1:7001")
     await server.start()
 
-Handlers may be plain functions or coroutines; within one node's stream they
-run one at a time, in frame order. The SDK implements ``pmlb.v1.Upstream``
-and serves ``grpc.health.v1.Health`` (``set_serving`` flips it). It handles
-the protocol for you: flow control both ways (``send`` queues, bounded, when
-the node has no credit for the mark; credit is granted back to the node only
-while the mark's outgoing queue is short, so a client that does not read
-slows its own sender and nobody else), acknowledgements riding on replies,
-and de-duplication of replayed frames by sequence number.
+Handlers may be plain functions or coroutines. Handlers of one mark run one
+at a time, in frame order; handlers of different marks run concurrently (at
+most ``concurrency`` marks at once per node stream), so a slow handler delays
+only its own mark. A handler that raises closes only its mark, with reason
+``upstream_error`` (logged with its traceback, counted in
+``stats["handler_errors"]``); the stream and every other mark carry on.
+
+The SDK implements ``pmlb.v1.Upstream`` and serves ``grpc.health.v1.Health``
+(``set_serving`` flips it). It handles the protocol for you: flow control both
+ways (``send`` queues, bounded, when the node has no credit for the mark;
+credit is granted back to the node only while the mark's outgoing queue is
+short, so a client that does not read slows its own sender and nobody else),
+acknowledgements riding on replies (and sent on their own for messages that
+produce none), answers to the node's pings straight from the reader, and
+de-duplication of replayed frames by sequence number. Delivery is
+at-least-once across failovers: ``(conn.mark, conn.seq)`` is the idempotency
+key (see ``pmlb.upstream.ledger``).
 """
 
 from __future__ import annotations
