@@ -157,8 +157,9 @@ async def test_replay_buffer_is_bounded(cluster: Cluster) -> None:
             other_w.write(b"small\n")
             for _ in range(300):  # 30 KB, never acknowledged
                 w.write(b"x" * 99 + b"\n")
-            # Closed with unread input pending, the kernel may answer with a RST.
-            with contextlib.suppress(ConnectionResetError):
+            # Closed with unread input pending, the kernel may answer with a RST
+            # (or, while we still write, EPIPE); the metrics below say why.
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                 assert await r.read() == b"", "closed once its replay buffer overflowed"
             other_w.write(b"still here\n")
             await other_w.drain()
