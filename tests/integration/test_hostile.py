@@ -10,6 +10,7 @@ answered twice and closed the client, the reconnect backoff never reset.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ import pytest
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.conftest import Cluster, Etcd
 from tests.faults.report import record
-from tests.support import async_wait_until
+from tests.support import async_wait_until, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -311,3 +312,40 @@ async def test_a_crafted_etcd_value_does_not_stop_discovery(cluster: Cluster, et
     finally:
         for s in servers.values():
             await s.stop(0)
+
+
+class Silent(Handler):
+    """Answers nothing to ``quiet`` messages (a handler that only has effects)."""
+
+    def __init__(self) -> None:
+        self.quiet = 0
+
+    def on_message(self, conn: Conn, data: bytes) -> None:
+        if data == b"quiet":
+            self.quiet += 1
+            return
+        conn.send(data)
+
+
+async def test_messages_without_a_reply_are_acknowledged(cluster: Cluster) -> None:
+    """The SDK acknowledges a message whose handler returned without replying,
+    so the node's replay buffer empties and a failover would not replay it."""
+    handler = Silent()
+    server = UpstreamServer(handler, upstream_id="s")
+    await server.start()
+    try:
+        node = await asyncio.to_thread(cluster.node, [f"s=127.0.0.1:{server.port}"])
+        async with asyncio.timeout(20):
+            c = await asyncio.open_connection("127.0.0.1", node.port)
+            assert await _ask(c, b"hi") == b"hi"
+            c[1].write(b"quiet\n" * 50)
+            await async_wait_until(lambda: handler.quiet == 50, 10, "all handled")
+
+            def unacked() -> int:
+                _, body = http_get(f"http://127.0.0.1:{node.admin}/connections")
+                return sum(m["unacked_frames"] for m in json.loads(body)["marks"])
+
+            await async_wait_until(lambda: unacked() == 0, 10, "every quiet message acknowledged")
+            c[1].close()
+    finally:
+        await server.stop(0)
