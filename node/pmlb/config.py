@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,68 @@ def _positive_float(v: str) -> float:
     return n
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+# HAProxy-style k/m/g and the IEC KiB/MiB/GiB are powers of 1024; KB/MB/GB are SI.
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
+
+
+def parse_duration(v: str) -> float:
+    """Seconds from ``500ms``, ``30s``, ``5m``, ``1h`` or a bare number of seconds."""
+    m = _DURATION.match(v)
+    if not m:
+        raise ValueError("expected a duration like 500ms, 30s, 5m or a number of seconds")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(v: str) -> int:
+    """Bytes from ``64KiB``, ``1MiB``, ``512k``, ``10MB`` or a bare number of bytes."""
+    m = _SIZE.match(v)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError("expected a size like 65536, 64KiB, 1MiB or 10MB")
+    return int(m.group(1)) * _SIZE_UNITS[unit]
+
+
+def _duration(v: str) -> float:
+    """A duration of zero or more (0 usually means "never")."""
+    return parse_duration(v)
+
+
+def _positive_duration(v: str) -> float:
+    n = parse_duration(v)
+    if n <= 0:
+        raise ValueError("must be positive")
+    return n
+
+
+def _whole_seconds(v: str) -> int:
+    n = parse_duration(v)
+    if n < 1 or n != int(n):
+        raise ValueError("must be a whole number of seconds, at least 1")
+    return int(n)
+
+
+def _positive_size(v: str) -> int:
+    n = parse_size(v)
+    if n <= 0:
+        raise ValueError("must be positive")
+    return n
+
+
 def _hostport(v: str) -> str:
     parse_hostport(v)
     return v
@@ -92,66 +155,71 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("etcd-ca", "CA bundle (PEM) to verify etcd"),
     Option("etcd-cert", "client certificate (PEM) for etcd"),
     Option("etcd-key", "client key (PEM) for etcd"),
-    Option("lease-ttl", "seconds the node's etcd lease lives without keepalive", 10, _positive_int),
-    Option("check-interval", "seconds between health checks (checker only)", 1.0, _positive_float),
-    Option("check-timeout", "seconds one health check may take", 0.5, _positive_float),
+    Option(
+        "lease-ttl", "how long the node's etcd lease lives without keepalive", 10, _whole_seconds
+    ),
+    Option("check-interval", "time between health checks (checker only)", 1.0, _positive_duration),
+    Option("check-timeout", "time one health check may take", 0.5, _positive_duration),
     Option("check-rise", "successes in a row to turn SERVING", 2, _positive_int),
     Option("check-fall", "failures in a row to turn NOT_SERVING", 2, _positive_int),
     Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
     Option("control-token", "bearer token the control API requires (prefer PMLB_CONTROL_TOKEN)"),
     Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
     Option("framing", "client framing", "raw", choices=FRAMINGS),
-    Option("max-frame", "maximum message size in bytes", 65535, _positive_int),
+    Option("max-frame", "maximum message size", 65535, _positive_size),
     Option("balancer", "how new marks pick an upstream", "round-robin", choices=BALANCERS),
-    Option("window", "per-mark flow-control window in bytes, each way", 262144, _positive_int),
+    Option("window", "per-mark flow-control window, each way", 262144, _positive_size),
     Option(
         "client-buffer",
-        "bytes buffered for a slow client before its mark stops taking upstream data",
+        "buffered for a slow client before its mark stops taking upstream data",
         65536,
-        _positive_int,
+        _positive_size,
     ),
     Option(
         "link-buffer",
-        "bytes queued on one link before its clients stop being read",
+        "queued on one link before its clients stop being read",
         8 << 20,
-        _positive_int,
+        _positive_size,
     ),
     Option(
         "connect-timeout",
-        "seconds a new client waits for a routable upstream",
+        "how long a new client waits for a routable upstream",
         5.0,
-        _positive_float,
+        _positive_duration,
     ),
     Option(
         "close-linger",
-        "seconds a client that closed its side waits for the upstream's last replies",
+        "how long a client that closed its side waits for the upstream's last replies",
         5.0,
-        _positive_float,
+        _positive_duration,
     ),
     Option(
         "replay-buffer",
-        "unacknowledged client bytes kept per mark for failover",
+        "unacknowledged client data kept per mark for failover (each frame + 64 bytes)",
         1 << 20,
-        _positive_int,
+        _positive_size,
     ),
     Option(
         "ack-timeout",
-        "seconds an upstream may leave sent data unanswered before its link counts as hung",
+        "how long an upstream may leave the link unanswered before it counts as hung",
         5.0,
-        _positive_float,
+        _positive_duration,
     ),
     Option("drain-rate", "marks per second moved off a draining upstream", 200.0, _positive_float),
     Option(
-        "drain-timeout", "seconds a draining node keeps serving its marks", 30.0, _positive_float
+        "drain-timeout",
+        "how long a draining node keeps serving its marks",
+        30.0,
+        _positive_duration,
     ),
     Option(
         "drain-window",
-        "seconds over which a draining node closes what is left",
+        "time over which a draining node closes what is left",
         5.0,
-        _positive_float,
+        _positive_duration,
     ),
     Option(
-        "shutdown-timeout", "seconds to flush links at the end of a stop", 10.0, _positive_float
+        "shutdown-timeout", "time to flush links at the end of a stop", 10.0, _positive_duration
     ),
     Option("backlog", "listen backlog", 4096, _positive_int),
     Option("tls-cert", "serve clients TLS with this certificate chain (PEM); SIGHUP reloads"),
@@ -163,10 +231,13 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("max-connections", "open client connections per node; 0 = no limit", 0, int),
     Option("max-per-client", "open connections per client IP; 0 = no limit", 0, int),
     Option("accept-rate", "new connections accepted per second; 0 = no limit", 0.0, float),
-    Option("max-meta", "bytes of upstream-set metadata kept per mark", 16384, _positive_int),
-    Option("idle-timeout", "close a client silent both ways this long (s); 0 = never", 0.0, float),
+    Option("max-meta", "upstream-set metadata kept per mark", 16384, _positive_size),
+    Option("idle-timeout", "close a client silent both ways this long; 0 = never", 0.0, _duration),
     Option(
-        "max-lifetime", "close a connection after this long (s, -10% jitter); 0 = never", 0.0, float
+        "max-lifetime",
+        "close a connection after this long (-10% jitter); 0 = never",
+        0.0,
+        _duration,
     ),
     Option(
         "proxy-trusted",
@@ -174,7 +245,10 @@ NODE_OPTIONS: tuple[Option, ...] = (
         repeated=True,
     ),
     Option(
-        "proxy-timeout", "seconds a trusted peer has to send its PROXY header", 5.0, _positive_float
+        "proxy-timeout",
+        "how long a trusted peer has to send its PROXY header",
+        5.0,
+        _positive_duration,
     ),
     Option("dns-name", "publish this node under a DNS name (CoreDNS etcd plugin keys)"),
     Option("dns-prefix", "etcd prefix of the CoreDNS etcd plugin", "/skydns"),
@@ -185,13 +259,13 @@ NODE_OPTIONS: tuple[Option, ...] = (
 )
 
 ECHO_OPTIONS: tuple[Option, ...] = (
-    Option("listen", "gRPC HOST:PORT to serve on", "127.0.0.1:7001", _hostport),
+    Option("listen", "gRPC HOST:PORT to serve on", "127.0.0.1:4770", _hostport),
     Option("tls-cert", "serve gRPC over TLS with this certificate chain (PEM)"),
     Option("tls-key", "private key (PEM) for --tls-cert"),
     Option("tls-client-ca", "require node certificates signed by this CA (mTLS)"),
     Option("id", "upstream id, shown in replies", "u1"),
     Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
-    Option("window", "per-mark flow-control window in bytes", 262144, _positive_int),
+    Option("window", "per-mark flow-control window", 262144, _positive_size),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
 )
@@ -214,8 +288,14 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
     """Declare ``options`` on ``parser`` with every default None (so we see what was given)."""
     for opt in options:
         flag = "--" + opt.name
+        default = opt.default
+        shown = (
+            f"default {','.join(default) if isinstance(default, list) else default}; "
+            if default not in (None, False, [])
+            else ""
+        )
         # argparse %-formats help text: a literal % (e.g. "-10% jitter") must be doubled.
-        help_ = opt.help.replace("%", "%%")
+        help_ = f"{opt.help} ({shown}env {opt.env})".replace("%", "%%")
         if opt.default is False:
             parser.add_argument(flag, dest=opt.dest, action="store_const", const=True, help=help_)
         elif opt.repeated:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pmlb.cli import build_parser
-from pmlb.config import NODE_OPTIONS, node_config, resolve
+from pmlb.config import NODE_OPTIONS, node_config, parse_duration, parse_size, resolve
 from pmlb.errors import ConfigError
 
 
@@ -110,3 +110,57 @@ def test_cli_exits_2_with_one_line() -> None:
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 30.0), ("30s", 30.0), ("500ms", 0.5), ("5m", 300.0), ("1h", 3600.0), ("1.5", 1.5)],
+)
+def test_durations_take_units(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("65536", 65536), ("64KiB", 65536), ("1MiB", 1 << 20), ("512k", 512 << 10), ("10MB", 10**7)],
+)
+def test_sizes_take_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_units_everywhere_a_flag_variable_or_file_takes_one(tmp_path: Path) -> None:
+    """--drain-timeout 30s and --window 1M were refused; now flags, PMLB_* and
+    TOML all take units, and bare numbers keep working."""
+    conf = tmp_path / "node.toml"
+    conf.write_text('replay-buffer = "2MiB"\nidle-timeout = "5m"\nack-timeout = 2\n')
+    c = _cfg(
+        [
+            "--listen",
+            "127.0.0.1:9000",
+            "--upstream",
+            "127.0.0.1:7001",
+            "--drain-timeout",
+            "30s",
+            "--window",
+            "1MiB",
+            "--config",
+            str(conf),
+        ],
+        {"PMLB_CONNECT_TIMEOUT": "750ms", "PMLB_MAX_FRAME": "16KiB"},
+    )
+    assert c.drain_timeout == 30.0
+    assert c.window == 1 << 20
+    assert c.connect_timeout == 0.75
+    assert c.max_frame == 16 << 10
+    assert c.replay_buffer == 2 << 20
+    assert c.idle_timeout == 300.0
+    assert c.ack_timeout == 2.0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--window", "1 parsec"), ("--drain-timeout", "30 fortnights"), ("--lease-ttl", "500ms")],
+)
+def test_bad_units_are_one_clear_line(flag: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        _cfg(["--listen", "127.0.0.1:9000", "--upstream", "127.0.0.1:7001", flag, value])
