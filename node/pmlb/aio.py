@@ -46,11 +46,16 @@ async def supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
 
-def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
+def run(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, T]],
+    on_hup: Callable[[], object] | None = None,
+) -> T:
     """Run ``main(stop_event)`` on uvloop when available.
 
     The first SIGINT or SIGTERM sets the event (graceful stop); a second one
-    exits at once with status 1, like uvicorn.
+    exits at once with status 1, like uvicorn. SIGHUP calls ``on_hup`` (a
+    reload) and never stops the process; without ``on_hup`` it is logged and
+    ignored (its default action would kill the process).
     """
     try:
         import uvloop
@@ -74,8 +79,19 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
                 log.warning("%s received again: exiting now", signame)
                 os._exit(1)
 
+        def on_sighup() -> None:
+            if on_hup is None:
+                log.info("SIGHUP received: nothing to reload here")
+                return
+            log.info("SIGHUP received: reloading")
+            try:
+                on_hup()
+            except Exception:  # a reload must never take the process down
+                log.exception("reload failed; the running configuration is kept")
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         return await main(stop)
 
     return runner(wrapper())

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import signal
 import time
 import urllib.parse
+from collections.abc import Callable
 
 import grpc
 
@@ -27,9 +28,10 @@ from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.dns import advertised_ip, skydns_key, skydns_value
 from pmlb.cluster.session import Session
-from pmlb.config import NodeConfig, format_hostport
+from pmlb.config import NodeConfig, config_changes, format_hostport
 from pmlb.dataplane.control import start_control
 from pmlb.dataplane.plane import DataPlane
+from pmlb.errors import ConfigError
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.stats import NodeStats
@@ -43,8 +45,12 @@ log = logging.getLogger("pmlb.app")
 
 
 class NodeApp:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(
+        self, config: NodeConfig, reload_config: Callable[[], NodeConfig] | None = None
+    ) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self.reloads = 0
         self.stats = NodeStats()
         self.tracer = ConnTracer(config.node_id, config.service, config.otlp_endpoint)
         self.plane = DataPlane(config, self.stats, self.tracer)
@@ -146,11 +152,50 @@ class NodeApp:
             await self.admin.stop()
         log.info("node %s stopped", self.config.node_id)
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration and apply what can change live.
+
+        A configuration that does not parse is refused as a whole (logged;
+        the running one stays). Of one that does, the fields in
+        config.RELOADABLE are applied and every other change is refused with
+        a log line naming it (it needs a restart). TLS certificates are
+        re-read from their files every time."""
+        if self.plane.tls is not None:
+            self.plane.tls.reload()
+        if self._reload_config is None:
+            return
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration is kept: %s", exc)
+            return
+        apply, refused = config_changes(self.config, new)
+        for name in refused:
+            log.warning(
+                "reload: --%s changed but cannot change live (needs a restart); kept",
+                name.replace("_", "-"),
+            )
+        if not apply:
+            log.info("reload: nothing to apply")
+            return
+        self.config = dataclasses.replace(self.config, **apply)
+        self.plane.reconfigure(self.config)
+        if "log_level" in apply:
+            logging.getLogger().setLevel(self.config.log_level.upper())
+        if self.checker is not None:
+            self.checker.settings = CheckSettings(
+                self.config.check_interval,
+                self.config.check_timeout,
+                self.config.check_rise,
+                self.config.check_fall,
+            )
+        if "upstreams" in apply and self.store is None:
+            self.plane.set_upstreams(self.config.upstreams)
+        self.reloads += 1
+        log.info("reload %d applied: %s", self.reloads, ", ".join(sorted(apply)))
+
     async def run(self, stop: asyncio.Event) -> int:
         self._stop_event = stop
-        if self.plane.tls is not None:
-            tls = self.plane.tls
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tls.reload)
         await self.start()
         await stop.wait()
         await self.stop()

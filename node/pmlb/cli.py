@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     node = sub.add_parser("node", help="run a load-balancer node")
     add_options(node, NODE_OPTIONS)
+    node.add_argument(
+        "--check",
+        action="store_true",
+        help="validate flags, PMLB_* variables and the --config file; print every error; "
+        "exit 0 (valid) or 2",
+    )
     echo = sub.add_parser("echo-upstream", help="run the example echo upstream")
     add_options(echo, ECHO_OPTIONS)
     dns = sub.add_parser("dns-sync", help="keep a dnsmasq hosts file of the live nodes")
@@ -87,13 +93,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
+    if args.check:
+        return _check_node(args)
     config = node_config(resolve(NODE_OPTIONS, args))
     from pmlb import aio
     from pmlb.app import NodeApp
     from pmlb.observability.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format, f"node/{config.node_id}")
-    return aio.run(NodeApp(config).run)
+    # SIGHUP re-reads the same flags, variables and --config file.
+    app = NodeApp(config, reload_config=lambda: node_config(resolve(NODE_OPTIONS, args)))
+    return aio.run(app.run, on_hup=app.reload)
+
+
+def _check_node(args: argparse.Namespace) -> int:
+    """``pmlb node --check``: every problem, one per line; 0 when there is none."""
+    errors: list[str] = []
+    values = resolve(NODE_OPTIONS, args, errors=errors)
+    if not errors:
+        try:
+            config = node_config(values)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        for problem in errors:
+            print(f"pmlb node: error: {problem}", file=sys.stderr)
+        return 2
+    source = (
+        "etcd " + ",".join(config.etcd)
+        if config.etcd
+        else f"{len(config.upstreams)} static upstream(s)"
+    )
+    print(
+        f"pmlb node: configuration OK (node {config.node_id}, service {config.service!r}, "
+        f"{len(config.listen)} listener(s), {source})"
+    )
+    return 0
 
 
 def _echo(args: argparse.Namespace) -> int:

@@ -329,15 +329,22 @@ def resolve(
     options: Sequence[Option],
     args: argparse.Namespace,
     environ: Mapping[str, str] | None = None,
+    errors: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Merge flags, environment and config file into one dict keyed by dest."""
+    """Merge flags, environment and config file into one dict keyed by dest.
+
+    The first invalid value raises ConfigError; with ``errors`` given, every
+    invalid value is appended there instead (and its default used), which is
+    what ``--check`` reports."""
     env = os.environ if environ is None else environ
     config_path = getattr(args, "config", None) or env.get("PMLB_CONFIG")
     file_values = _load_toml(config_path) if config_path else {}
     known = {o.dest for o in options}
-    unknown = sorted(set(file_values) - known)
-    if unknown:
-        raise ConfigError(f"config file {config_path}: unknown option {unknown[0]!r}")
+    for name in sorted(set(file_values) - known):
+        problem = f"config file {config_path}: unknown option {name!r}"
+        if errors is None:
+            raise ConfigError(problem)
+        errors.append(problem)
     out: dict[str, Any] = {}
     for opt in options:
         raw: Any = getattr(args, opt.dest, None)
@@ -352,7 +359,13 @@ def resolve(
                 raw = [raw]
             elif not opt.repeated and isinstance(raw, (int, float, bool)):
                 raw = str(raw).lower() if isinstance(raw, bool) else str(raw)
-        out[opt.dest] = _convert(opt, raw, source)
+        try:
+            out[opt.dest] = _convert(opt, raw, source)
+        except ConfigError as exc:
+            if errors is None:
+                raise
+            errors.append(str(exc))
+            out[opt.dest] = _convert(opt, None, source)
     return out
 
 
@@ -396,6 +409,50 @@ class UpstreamSpec:
     # SERVING / NOT_SERVING as written by the service's checker, UNKNOWN when
     # there is no health entry (and always in static mode).
     health: str = "UNKNOWN"
+
+
+# NodeConfig fields SIGHUP applies to a running node; any other change in the
+# reloaded configuration is refused (logged, needs a restart).
+RELOADABLE: frozenset[str] = frozenset(
+    {
+        "upstreams",  # static mode: links added, removed, re-weighted
+        "log_level",
+        "check_interval",
+        "check_timeout",
+        "check_rise",
+        "check_fall",
+        "connect_timeout",
+        "close_linger",
+        "ack_timeout",
+        "drain_rate",
+        "drain_timeout",
+        "drain_window",
+        "shutdown_timeout",
+        "max_connections",
+        "max_per_client",
+        "max_meta",
+        "idle_timeout",
+        "max_lifetime",
+        "proxy_timeout",
+        "tls_cert",  # the files are re-read on every SIGHUP in any case
+        "tls_key",
+    }
+)
+
+
+def config_changes(old: NodeConfig, new: NodeConfig) -> tuple[dict[str, Any], list[str]]:
+    """What differs between two configs: (reloadable field -> new value, refused fields)."""
+    apply: dict[str, Any] = {}
+    refused: list[str] = []
+    for name in NodeConfig.__dataclass_fields__:
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if name in RELOADABLE:
+            apply[name] = after
+        else:
+            refused.append(name)
+    return apply, refused
 
 
 @dataclass(frozen=True, slots=True)

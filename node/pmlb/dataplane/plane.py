@@ -86,6 +86,19 @@ class DataPlane:
         self._limit_logged = 0.0
         self._sweeper: asyncio.Task[None] | None = None
 
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Take a reloaded config (only config.RELOADABLE fields differ): the
+        plane and its marks read timeouts and limits from ``self.config`` when
+        they use them; cached copies and the sweeper follow here."""
+        limits_before = (self.config.idle_timeout, self.config.max_lifetime)
+        self.config = config
+        self.max_meta = config.max_meta
+        if (config.idle_timeout, config.max_lifetime) != limits_before:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self._sweeper = None
+            self.start_sweeper()
+
     # -- wiring -------------------------------------------------------------------
 
     def expects_proxy(self, addr: str) -> bool:
