@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_upstream_parser(sub)
     add_status_parser(sub)
+    conn = sub.add_parser(
+        "connect", help="an interactive line client: type messages, see each reply"
+    )
+    conn.add_argument("target", metavar="HOST:PORT", help="a node's client listener")
+    conn.add_argument("--framing", default="line", help="line, len16, len32 or raw (default line)")
+    conn.add_argument(
+        "--linger",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the node to close after the input ends (default 5)",
+    )
     demo = sub.add_parser("demo", help="run a local cluster: two echo upstreams and a node")
     demo.add_argument("--port", type=int, default=9000, help="client port of the node")
     demo.add_argument(
@@ -77,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pmlb.admincli import run_status
 
             return run_status(args)
+        if args.command == "connect":
+            from pmlb import aio
+            from pmlb.connect import connect
+
+            return aio.run(lambda stop: connect(args.target, args.framing, args.linger, stop))
         if args.command == "demo":
             from pmlb.demo import run_demo
 

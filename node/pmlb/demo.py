@@ -181,9 +181,9 @@ def run_demo(port: int, upstream_port: int = 7001) -> int:
         print(
             f"\npmlb demo is up: etcd at {etcd.url}, echo upstreams u1 and u2, "
             f"nodes n1 on {a} and n2 on {b} (line framing); checker: {checker}.\n"
-            f"  connect:  nc {a.replace(':', ' ')}     then type: hello\n"
+            f"  connect:  .venv/bin/pmlb connect {a}     then type: hello\n"
             f"            -> '<mark> u1 hello': your mark, and which upstream answered\n"
-            f"            nc {b.replace(':', ' ')}     (the other node: its marks start n2.)\n"
+            f"            .venv/bin/pmlb connect {b}     (the other node: its marks start n2.)\n"
             f"  cluster:  .venv/bin/pmlb status --etcd {etcd.url}\n"
             f"  upstreams: .venv/bin/pmlb upstream drain echo u1 --etcd {etcd.url}"
             f"   (its marks move to u2, nothing lost)\n"

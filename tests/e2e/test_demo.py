@@ -52,8 +52,21 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         children = _children(demo.pid)
         assert len(children) == 5, "etcd, two upstreams and two nodes"
         banner = (tmp_path / "demo.log").read_text()
-        addrs = re.findall(r"nc (127\.0\.0\.\d+) (\d+)", banner)
+        addrs = re.findall(r"pmlb connect (127\.0\.0\.\d+):(\d+)", banner)
         assert len(addrs) == 2
+        # The README's quick start, as written: the client pmlb ships, fed a line.
+        typed = subprocess.run(
+            [sys.executable, "-m", "pmlb", "connect", ":".join(addrs[0])],
+            input="hello\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            check=False,
+        )
+        assert typed.returncode == 0, typed.stderr
+        mark, upstream, text = typed.stdout.strip().split(" ", 2)
+        assert (mark.split(".")[0], upstream in ("u1", "u2"), text) == ("n1", True, "hello")
         for (host, p), node in zip(addrs, ("n1", "n2"), strict=True):
             seen = set()
             for _ in range(4):

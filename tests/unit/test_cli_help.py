@@ -9,7 +9,7 @@ import pytest
 
 from tests.support import ROOT
 
-COMMANDS = ["", "node", "upstream", "status", "demo", "echo-upstream", "dns-sync"]
+COMMANDS = ["", "node", "upstream", "status", "demo", "echo-upstream", "dns-sync", "connect"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
