@@ -26,7 +26,7 @@ import grpc
 from pmlb import __version__
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
-from pmlb.cluster.dns import advertised_ip, skydns_key, skydns_value
+from pmlb.cluster.dns import advertised_host, advertised_ip, skydns_key, skydns_value
 from pmlb.cluster.session import Session
 from pmlb.config import NodeConfig, config_changes, format_hostport
 from pmlb.dataplane.control import start_control
@@ -68,7 +68,8 @@ class NodeApp:
         self.control_port = 0
         if config.dns_name:  # fail at start-up, not at the first registration
             skydns_key(config.dns_prefix, config.dns_name, config.node_id)
-            advertised_ip(config.listen[0][0], config.dns_address)
+            if config.dns_address or config.advertise:
+                advertised_ip(config.advertise or config.listen[0][0], config.dns_address)
         if config.etcd:
             self.store = EtcdStore(
                 EtcdSettings(
@@ -204,10 +205,15 @@ class NodeApp:
     async def _register(self, lease: int) -> None:
         assert self.store is not None
         cfg = self.config
+
+        def reach(host: str, port: int) -> str:
+            # What others dial: never a wildcard bind address (see --advertise).
+            return format_hostport(advertised_host(host, cfg.advertise, cfg.etcd), port)
+
         info = {
-            "listen": [format_hostport(h, p) for h, p in self.plane.bound_addresses],
-            "control": format_hostport(cfg.control[0], self.control_port) if cfg.control else "",
-            "admin": format_hostport(self.admin.host, self.admin.port) if self.admin else "",
+            "listen": [reach(h, p) for h, p in self.plane.bound_addresses],
+            "control": reach(cfg.control[0], self.control_port) if cfg.control else "",
+            "admin": reach(self.admin.host, self.admin.port) if self.admin else "",
             "services": [cfg.service],
             "version": __version__,
             "started_at": self.started_at,
@@ -215,7 +221,8 @@ class NodeApp:
         await self.store.put(self.keys.node(cfg.node_id), format_node(info), lease=lease)
         log.info("registered %s under lease %x", self.keys.node(cfg.node_id), lease)
         if cfg.dns_name:
-            ip = advertised_ip(self.plane.bound_addresses[0][0], cfg.dns_address)
+            bind = self.plane.bound_addresses[0][0]
+            ip = advertised_ip(advertised_host(bind, cfg.advertise, cfg.etcd), cfg.dns_address)
             key = skydns_key(cfg.dns_prefix, cfg.dns_name, cfg.node_id)
             await self.store.put(key, skydns_value(ip, cfg.lease_ttl), lease=lease)
             log.info("published %s -> %s (%s) under the same lease", cfg.dns_name, ip, key)

@@ -252,7 +252,13 @@ NODE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("dns-name", "publish this node under a DNS name (CoreDNS etcd plugin keys)"),
     Option("dns-prefix", "etcd prefix of the CoreDNS etcd plugin", "/skydns"),
-    Option("dns-address", "IP to publish (default: the first --listen host)"),
+    Option("dns-address", "IP to publish in DNS (default: the advertised address)"),
+    Option(
+        "advertise",
+        "host other nodes, tools and upstreams reach this node at, for every address it "
+        "registers (default: the bind address; for a wildcard bind, the local address "
+        "the node reaches etcd from)",
+    ),
     Option("otlp-endpoint", "OTLP/gRPC trace endpoint (default: the OTEL_* variables; off)"),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
@@ -508,6 +514,7 @@ class NodeConfig:
     dns_name: str | None = None
     dns_prefix: str = "/skydns"
     dns_address: str | None = None
+    advertise: str | None = None
     otlp_endpoint: str | None = None
     log_level: str = "info"
     log_format: str = "text"
@@ -611,6 +618,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         dns_name=values["dns_name"],
         dns_prefix=values["dns_prefix"],
         dns_address=values["dns_address"],
+        advertise=values["advertise"],
         otlp_endpoint=values["otlp_endpoint"],
         log_level=values["log_level"].lower(),
         log_format=values["log_format"],

@@ -19,6 +19,9 @@ import json
 import logging
 import os
 import signal
+import socket
+import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 
 from pmlb.config import parse_hostport
@@ -53,6 +56,46 @@ def advertised_ip(listen_host: str, override: str | None) -> str:
     if addr.is_unspecified:
         raise ConfigError("the node listens on all addresses: set --dns-address to publish one")
     return str(addr)
+
+
+def local_address_towards(url: str) -> str | None:
+    """The local IP this machine uses to reach ``url``'s host (an etcd endpoint).
+
+    A UDP socket is "connected" (which sends nothing) and asked for its own
+    address: the kernel's routing choice, so etcd on loopback gives loopback.
+    None when the host does not resolve or is unreachable."""
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    host, port = parsed.hostname, parsed.port or 2379
+    if not host:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            return str(s.getsockname()[0])
+    except OSError:
+        return None
+
+
+def advertised_host(bind_host: str, advertise: str | None, etcd: Sequence[str]) -> str:
+    """The host to register for an address bound on ``bind_host``: ``--advertise``
+    when given; the bind host when it is a specific address; for a wildcard
+    bind, the local address towards the first etcd endpoint that answers the
+    routing question, else the machine's host name."""
+    if advertise:
+        return advertise
+    try:
+        wildcard = ipaddress.ip_address(bind_host).is_unspecified
+    except ValueError:
+        return bind_host  # a host name: registered as given
+    if not wildcard:
+        return bind_host
+    for endpoint in etcd:
+        local = local_address_towards(endpoint)
+        if local is not None:
+            return local
+    return socket.gethostname()
 
 
 def node_addresses(infos: dict[str, dict[str, object]], service: str | None) -> list[str]:
