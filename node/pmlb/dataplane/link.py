@@ -123,6 +123,11 @@ class Link:
         return self.state == UP
 
     @property
+    def stopped(self) -> bool:
+        """Stopping or stopped: it will not reconnect."""
+        return self._stopping
+
+    @property
     def routable(self) -> bool:
         return self.state == UP and not self.retired and not self.spec.drain
 

@@ -158,6 +158,8 @@ class DataPlane:
                 self._retire(link)
         for uid, spec in wanted.items():
             existing = self.links.get(uid)
+            if existing is None and (revived := self._revive(spec)) is not None:
+                existing = self.links[uid] = revived
             if existing is None:
                 link = Link(spec, self)
                 self.links[uid] = link
@@ -185,6 +187,24 @@ class DataPlane:
                 existing.spec = spec
         self._bind_waiting()
 
+    def _revive(self, spec: UpstreamSpec) -> Link | None:
+        """A retired link to the same upstream (id and address) that still
+        carries marks, taken back into service: an upstream removed and
+        re-added (an etcd restored from scratch, a hand-made mistake undone)
+        keeps its marks instead of having them all moved."""
+        for link in self._retired:
+            if link.id == spec.id and link.spec.addr == spec.addr and not link.stopped:
+                self._retired.remove(link)
+                link.retired = False
+                log.info(
+                    "upstream %s at %s is back: its %d marks stay",
+                    spec.id,
+                    spec.addr,
+                    len(link.marks),
+                )
+                return link
+        return None
+
     def _retire(self, link: Link) -> None:
         # No new marks go there; existing ones are moved off gradually.
         link.retired = True
@@ -196,6 +216,7 @@ class DataPlane:
             len(link.marks),
         )
         if link.marks:
+            self._retired = [lk for lk in self._retired if not lk.stopped]
             self._retired.append(link)
         else:
             link.stop()
