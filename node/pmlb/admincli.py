@@ -13,7 +13,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from pmlb.config import parse_hostport
+from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError, PmlbError
 from pmlb.store.etcd import EtcdSettings, EtcdStore
 from pmlb.store.keys import (
@@ -59,7 +59,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         key = keys.upstream(args.service, args.id) if args.id else ""
         if args.action == "add":
-            from pmlb.config import UpstreamSpec
+            from pmlb.domain import UpstreamSpec
 
             spec = UpstreamSpec(id=args.id, addr=args.addr, weight=args.weight)
             await store.put(key, format_upstream(spec))

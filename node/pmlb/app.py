@@ -28,9 +28,10 @@ from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.dns import advertised_host, advertised_ip, skydns_key, skydns_value
 from pmlb.cluster.session import Session
-from pmlb.config import NodeConfig, config_changes, format_hostport
+from pmlb.config import NodeConfig, config_changes
 from pmlb.dataplane.control import start_control
 from pmlb.dataplane.plane import DataPlane
+from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body

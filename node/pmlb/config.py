@@ -19,24 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmlb.dataplane.balancer import BALANCERS
-from pmlb.dataplane.framing import FRAMINGS, check_framing
+from pmlb.domain import (
+    BALANCERS,
+    FRAMINGS,
+    UpstreamSpec,
+    check_framing,
+    parse_hostport,
+)
 from pmlb.errors import ConfigError
 from pmlb.ids import valid_node_id
-
-
-def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` to a tuple; ConfigError when malformed."""
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,19 +393,6 @@ def _convert(opt: Option, raw: Any, source: str) -> Any:
 def _check_choice(opt: Option, value: str) -> None:
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{value!r} is not one of {', '.join(opt.choices)}")
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSpec:
-    """One upstream as the node routes to it."""
-
-    id: str
-    addr: str
-    weight: int = 1
-    drain: bool = False
-    # SERVING / NOT_SERVING as written by the service's checker, UNKNOWN when
-    # there is no health entry (and always in static mode).
-    health: str = "UNKNOWN"
 
 
 # NodeConfig fields SIGHUP applies to a running node; any other change in the

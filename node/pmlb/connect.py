@@ -18,7 +18,7 @@ import struct
 import sys
 from typing import Final
 
-from pmlb.config import parse_hostport
+from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError
 
 FRAMINGS: Final = ("line", "len16", "len32", "raw")

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pmlb.aio import supervised
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.session import Session
-from pmlb.config import UpstreamSpec
+from pmlb.domain import UpstreamSpec
 from pmlb.store.etcd import EtcdStore, StoreError
 from pmlb.store.keys import NOT_SERVING, SERVING, Health, Keys, format_health, now_rfc3339
 

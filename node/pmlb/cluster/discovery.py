@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from pmlb.aio import supervised
-from pmlb.config import UpstreamSpec
+from pmlb.domain import UpstreamSpec
 from pmlb.store.etcd import EtcdStore, Event, StoreError, WatchReset
 from pmlb.store.keys import UNKNOWN, Health, InvalidValue, Keys, parse_health, parse_upstream
 

@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from pmlb.config import parse_hostport
+from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError
 from pmlb.store.etcd import EtcdStore, StoreError, WatchReset
 from pmlb.store.keys import InvalidValue, Keys, parse_node

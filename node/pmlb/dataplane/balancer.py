@@ -21,8 +21,9 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
-from typing import Final, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from pmlb.domain import BALANCERS
 from pmlb.errors import ConfigError
 
 
@@ -122,9 +123,6 @@ class ClientHash:
             if score > best_score:
                 best, best_score = t, score
         return best
-
-
-BALANCERS: Final = ("round-robin", "least-marks", "p2c", "hash")
 
 
 def make_balancer(name: str) -> Balancer:

@@ -20,10 +20,8 @@ import struct
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from pmlb.errors import ConfigError, FrameTooLarge
-
-FRAMINGS: Final = ("raw", "line", "len16", "len32")
-MESSAGE_FRAMINGS: Final = ("line", "len16", "len32")
+from pmlb.domain import MESSAGE_FRAMINGS, check_framing
+from pmlb.errors import FrameTooLarge
 
 
 class Decoder(Protocol):
@@ -139,15 +137,6 @@ _ENCODERS: Final[dict[str, Encoder]] = {
     "len16": _len16_encode,
     "len32": _len32_encode,
 }
-
-
-def check_framing(framing: str, max_frame: int) -> None:
-    if framing not in FRAMINGS:
-        raise ConfigError(f"unknown framing {framing!r} (choose from {', '.join(FRAMINGS)})")
-    if max_frame < 1:
-        raise ConfigError(f"max frame size must be positive, got {max_frame}")
-    if framing == "len16" and max_frame > 0xFFFF:
-        raise ConfigError(f"len16 framing carries at most 65535 bytes, max frame is {max_frame}")
 
 
 def make_decoder(framing: str, max_frame: int) -> Decoder:

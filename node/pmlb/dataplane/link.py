@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 import grpc
 
 from pmlb import __version__, reasons, wire
-from pmlb.config import UpstreamSpec
+from pmlb.domain import UpstreamSpec
 from pmlb.errors import PmlbError
 
 if TYPE_CHECKING:

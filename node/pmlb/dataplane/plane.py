@@ -25,13 +25,14 @@ from collections.abc import Iterable
 from typing import Final
 
 from pmlb import reasons
-from pmlb.config import NodeConfig, UpstreamSpec, format_hostport
+from pmlb.config import NodeConfig
 from pmlb.dataplane.acceptor import Acceptor
 from pmlb.dataplane.balancer import make_balancer
 from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
+from pmlb.domain import UpstreamSpec, format_hostport
 from pmlb.ids import MarkFactory
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer

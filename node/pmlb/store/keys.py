@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pmlb.config import UpstreamSpec, parse_hostport
+from pmlb.domain import UpstreamSpec, parse_hostport
 from pmlb.errors import ConfigError, PmlbError
 
 SERVING: Final = "SERVING"
