@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test lint format proto bench bench-quick bench-deps bench-etcd fuzz test-faults soak clean
+.PHONY: install demo test lint format proto docs bench bench-quick bench-deps bench-etcd fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -36,6 +36,9 @@ format: install
 
 proto: install
 	$(PY) scripts/gen_proto.py
+
+docs: install
+	$(PY) scripts/gen_docs.py
 
 $(BENCH_BIN)/loadgen: scripts/bench/loadgen.c
 	@mkdir -p $(BENCH_BIN)

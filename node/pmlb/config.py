@@ -39,6 +39,7 @@ class Option:
     repeated: bool = False
     choices: Sequence[str] | None = None
     metavar: str | None = None
+    reloadable: bool = False  # SIGHUP applies a change to a running node
 
     @property
     def dest(self) -> str:
@@ -138,6 +139,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "upstream",
         "static upstream HOST:PORT or ID=HOST:PORT, no etcd (repeatable)",
         repeated=True,
+        reloadable=True,
     ),
     Option("etcd", "etcd endpoints URL[,URL]; upstreams then come from etcd", repeated=True),
     Option("etcd-prefix", "etcd key prefix", "/pmlb"),
@@ -149,16 +151,31 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option(
         "lease-ttl", "how long the node's etcd lease lives without keepalive", 10, _whole_seconds
     ),
-    Option("check-interval", "time between health checks (checker only)", 1.0, _positive_duration),
-    Option("check-timeout", "time one health check may take", 0.5, _positive_duration),
-    Option("check-rise", "successes in a row to turn SERVING", 2, _positive_int),
-    Option("check-fall", "failures in a row to turn NOT_SERVING", 2, _positive_int),
+    Option(
+        "check-interval",
+        "time between health checks (checker only)",
+        1.0,
+        _positive_duration,
+        reloadable=True,
+    ),
+    Option(
+        "check-timeout", "time one health check may take", 0.5, _positive_duration, reloadable=True
+    ),
+    Option("check-rise", "successes in a row to turn SERVING", 2, _positive_int, reloadable=True),
+    Option(
+        "check-fall", "failures in a row to turn NOT_SERVING", 2, _positive_int, reloadable=True
+    ),
     Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
     Option("control-token", "bearer token the control API requires (prefer PMLB_CONTROL_TOKEN)"),
     Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
     Option("framing", "client framing", "raw", choices=FRAMINGS),
     Option("max-frame", "maximum message size", 65535, _positive_size),
-    Option("balancer", "how new marks pick an upstream", "round-robin", choices=BALANCERS),
+    Option(
+        "balancer",
+        "how new marks pick an upstream, all weighted (hash: by client IP)",
+        "round-robin",
+        choices=BALANCERS,
+    ),
     Option("window", "per-mark flow-control window, each way", 262144, _positive_size),
     Option(
         "client-buffer",
@@ -177,12 +194,14 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "how long a new client waits for a routable upstream",
         5.0,
         _positive_duration,
+        reloadable=True,
     ),
     Option(
         "close-linger",
         "how long a client that closed its side waits for the upstream's last replies",
         5.0,
         _positive_duration,
+        reloadable=True,
     ),
     Option(
         "replay-buffer",
@@ -195,40 +214,70 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "how long an upstream may leave the link unanswered before it counts as hung",
         5.0,
         _positive_duration,
+        reloadable=True,
     ),
-    Option("drain-rate", "marks per second moved off a draining upstream", 200.0, _positive_float),
+    Option(
+        "drain-rate",
+        "marks per second moved off a draining upstream",
+        200.0,
+        _positive_float,
+        reloadable=True,
+    ),
     Option(
         "drain-timeout",
         "how long a draining node keeps serving its marks",
         30.0,
         _positive_duration,
+        reloadable=True,
     ),
     Option(
         "drain-window",
         "time over which a draining node closes what is left",
         5.0,
         _positive_duration,
+        reloadable=True,
     ),
     Option(
-        "shutdown-timeout", "time to flush links at the end of a stop", 10.0, _positive_duration
+        "shutdown-timeout",
+        "time to flush links at the end of a stop",
+        10.0,
+        _positive_duration,
+        reloadable=True,
     ),
     Option("backlog", "listen backlog", 4096, _positive_int),
-    Option("tls-cert", "serve clients TLS with this certificate chain (PEM); SIGHUP reloads"),
-    Option("tls-key", "private key (PEM) for --tls-cert"),
+    Option(
+        "tls-cert",
+        "serve clients TLS with this certificate chain (PEM); SIGHUP reloads",
+        reloadable=True,
+    ),
+    Option("tls-key", "private key (PEM) for --tls-cert", reloadable=True),
     Option("tls-client-ca", "require client certificates signed by this CA (PEM)"),
     Option("upstream-ca", "CA (PEM) that signs upstreams' certificates: links use TLS"),
     Option("upstream-cert", "client certificate (PEM) the node shows upstreams (mTLS)"),
     Option("upstream-key", "private key (PEM) for --upstream-cert"),
-    Option("max-connections", "open client connections per node; 0 = no limit", 0, int),
-    Option("max-per-client", "open connections per client IP; 0 = no limit", 0, int),
+    Option(
+        "max-connections", "open client connections per node; 0 = no limit", 0, int, reloadable=True
+    ),
+    Option(
+        "max-per-client", "open connections per client IP; 0 = no limit", 0, int, reloadable=True
+    ),
     Option("accept-rate", "new connections accepted per second; 0 = no limit", 0.0, float),
-    Option("max-meta", "upstream-set metadata kept per mark", 16384, _positive_size),
-    Option("idle-timeout", "close a client silent both ways this long; 0 = never", 0.0, _duration),
+    Option(
+        "max-meta", "upstream-set metadata kept per mark", 16384, _positive_size, reloadable=True
+    ),
+    Option(
+        "idle-timeout",
+        "close a client silent both ways this long; 0 = never",
+        0.0,
+        _duration,
+        reloadable=True,
+    ),
     Option(
         "max-lifetime",
         "close a connection after this long (-10% jitter); 0 = never",
         0.0,
         _duration,
+        reloadable=True,
     ),
     Option(
         "proxy-trusted",
@@ -240,6 +289,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "how long a trusted peer has to send its PROXY header",
         5.0,
         _positive_duration,
+        reloadable=True,
     ),
     Option("dns-name", "publish this node under a DNS name (CoreDNS etcd plugin keys)"),
     Option("dns-prefix", "etcd prefix of the CoreDNS etcd plugin", "/skydns"),
@@ -251,7 +301,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "the node reaches etcd from)",
     ),
     Option("otlp-endpoint", "OTLP/gRPC trace endpoint (default: the OTEL_* variables; off)"),
-    Option("log-level", "debug, info, warning or error", "info"),
+    Option("log-level", "debug, info, warning or error", "info", reloadable=True),
     Option("log-format", "text or json", "text", choices=("text", "json")),
 )
 
@@ -279,6 +329,28 @@ DNS_SYNC_OPTIONS: tuple[Option, ...] = (
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
 )
+
+
+def options_markdown(options: Sequence[Option]) -> str:
+    """The README's option table, generated from ``options`` (a test checks it)."""
+    rows = ["| flag | default | variable | SIGHUP | meaning |", "|---|---|---|---|---|"]
+    for o in options:
+        if o.default in (None, False, []):
+            default = ""
+        elif isinstance(o.default, list):
+            default = f"`{','.join(o.default)}`"
+        else:
+            default = f"`{o.default}`"
+        meaning = o.help.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        if o.choices:
+            meaning += ": " + ", ".join(f"`{c}`" for c in o.choices)
+        if o.repeated and "repeatable" not in meaning:
+            meaning += " (repeatable)"
+        rows.append(
+            f"| `--{o.name}` | {default} | `{o.env}` | {'live' if o.reloadable else ''} "
+            f"| {meaning} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
@@ -395,32 +467,11 @@ def _check_choice(opt: Option, value: str) -> None:
         raise ConfigError(f"{value!r} is not one of {', '.join(opt.choices)}")
 
 
-# NodeConfig fields SIGHUP applies to a running node; any other change in the
+# NodeConfig fields SIGHUP applies to a running node (from the options marked
+# reloadable; --upstream is the "upstreams" field); any other change in the
 # reloaded configuration is refused (logged, needs a restart).
 RELOADABLE: frozenset[str] = frozenset(
-    {
-        "upstreams",  # static mode: links added, removed, re-weighted
-        "log_level",
-        "check_interval",
-        "check_timeout",
-        "check_rise",
-        "check_fall",
-        "connect_timeout",
-        "close_linger",
-        "ack_timeout",
-        "drain_rate",
-        "drain_timeout",
-        "drain_window",
-        "shutdown_timeout",
-        "max_connections",
-        "max_per_client",
-        "max_meta",
-        "idle_timeout",
-        "max_lifetime",
-        "proxy_timeout",
-        "tls_cert",  # the files are re-read on every SIGHUP in any case
-        "tls_key",
-    }
+    "upstreams" if o.dest == "upstream" else o.dest for o in NODE_OPTIONS if o.reloadable
 )
 
 

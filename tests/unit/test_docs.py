@@ -1,0 +1,25 @@
+"""The README's option tables are generated from the option declarations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pmlb.config import NODE_OPTIONS, RELOADABLE, NodeConfig
+from tests.support import ROOT
+
+
+def test_readme_option_tables_match_the_declarations() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_every_reloadable_option_is_a_config_field() -> None:
+    assert set(NodeConfig.__dataclass_fields__) >= RELOADABLE
+    assert {o.env for o in NODE_OPTIONS} == {"PMLB_" + o.dest.upper() for o in NODE_OPTIONS}
