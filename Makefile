@@ -10,11 +10,11 @@ BENCH_ARGS ?=
 
 .PHONY: install demo test lint format proto docs bench bench-quick bench-deps bench-etcd fuzz test-faults soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[node,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -52,7 +52,7 @@ bench-deps: install $(BENCH_BIN)/loadgen $(BENCH_BIN)/echo_server
 	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy)
 	@$(PY) -c 'import matplotlib' 2>/dev/null || \
-		$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+		$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[bench]'
 
 bench: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) $(BENCH_ARGS)

@@ -6,3 +6,5 @@ tagged with the mark, over gRPC streams to stateless upstream servers.
 """
 
 __version__ = "0.1.0"
+# The distribution's name on the package index ("pmlb" there is another project).
+DISTRIBUTION = "pmlb-lb"

@@ -11,11 +11,10 @@ import asyncio
 import json
 import urllib.request
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError, PmlbError
-from pmlb.store.etcd import EtcdSettings, EtcdStore
 from pmlb.store.keys import (
     UNKNOWN,
     InvalidValue,
@@ -25,6 +24,9 @@ from pmlb.store.keys import (
     parse_node,
     parse_upstream,
 )
+
+if TYPE_CHECKING:  # the etcd client is imported when a command runs (node extra)
+    from pmlb.store.etcd import EtcdStore
 
 
 def add_upstream_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -53,6 +55,8 @@ def run_upstream(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     endpoints = tuple(p.strip() for p in args.etcd.split(",") if p.strip())
+    from pmlb.store.etcd import EtcdSettings, EtcdStore
+
     store = EtcdStore(EtcdSettings(endpoints=endpoints))
     keys = Keys(args.etcd_prefix)
     await store.connect()
@@ -184,6 +188,8 @@ async def _scrape(admin: str) -> dict[str, float] | None:
 
 async def _status(args: argparse.Namespace) -> dict[str, Any]:
     endpoints = tuple(p.strip() for p in args.etcd.split(",") if p.strip())
+    from pmlb.store.etcd import EtcdSettings, EtcdStore
+
     store = EtcdStore(EtcdSettings(endpoints=endpoints))
     keys = Keys(args.etcd_prefix)
     await store.connect()

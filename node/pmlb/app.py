@@ -36,11 +36,9 @@ from pmlb.errors import ConfigError
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.stats import NodeStats
-from pmlb.observability.tracing import ConnTracer, make_provider
+from pmlb.observability.tracing import ConnTracer
 from pmlb.store.etcd import EtcdSettings, EtcdStore
 from pmlb.store.keys import Keys, format_node, now_rfc3339
-from pmlb.upstream.echo import EchoHandler
-from pmlb.upstream.sdk import UpstreamServer
 
 log = logging.getLogger("pmlb.app")
 
@@ -394,28 +392,3 @@ class NodeApp:
 
         admin.route("GET", "/connections", connections)
         admin.route("POST", "/drain", drain)
-
-
-async def run_echo(
-    listen: str,
-    upstream_id: str,
-    plain: bool,
-    window: int,
-    stop: asyncio.Event,
-    credentials: grpc.ServerCredentials | None = None,
-) -> int:
-    provider = make_provider("pmlb-echo-upstream", upstream_id, None)
-    server = UpstreamServer(
-        EchoHandler(upstream_id, plain),
-        upstream_id=upstream_id,
-        listen=listen,
-        window=window,
-        tracer_provider=provider,
-        credentials=credentials,
-    )
-    await server.start()
-    await stop.wait()
-    await server.stop(1.0)
-    if provider is not None:
-        await asyncio.to_thread(provider.shutdown)
-    return 0

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from pmlb import __version__
+from pmlb import DISTRIBUTION, __version__
 from pmlb.config import (
     DNS_SYNC_OPTIONS,
     ECHO_OPTIONS,
@@ -100,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pmlb {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        # The SDK installs without the node's server-side dependencies.
+        print(
+            f"pmlb {args.command}: needs the node's dependencies (missing {exc.name}): "
+            f"pip install '{DISTRIBUTION}[node]'",
+            file=sys.stderr,
+        )
+        return 2
     except (PmlbError, OSError) as exc:
         print(f"pmlb {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -150,8 +158,8 @@ def _check_node(args: argparse.Namespace) -> int:
 def _echo(args: argparse.Namespace) -> int:
     values = resolve(ECHO_OPTIONS, args)
     from pmlb import aio
-    from pmlb.app import run_echo
     from pmlb.observability.logs import setup_logging
+    from pmlb.upstream.echo import run_echo
 
     setup_logging(values["log_level"], values["log_format"], f"echo/{values['id']}")
     creds = None

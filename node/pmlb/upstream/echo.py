@@ -7,7 +7,15 @@ payload unchanged, which is what the benchmarks use.
 
 from __future__ import annotations
 
-from pmlb.upstream.sdk import Conn, Handler
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+
+from pmlb.upstream.sdk import Conn, Handler, UpstreamServer
+
+log = logging.getLogger("pmlb.upstream")
 
 
 class EchoHandler(Handler):
@@ -26,3 +34,35 @@ class EchoHandler(Handler):
 
     def on_close(self, conn: Conn, reason: str) -> None:
         self.closed += 1
+
+
+async def run_echo(
+    listen: str,
+    upstream_id: str,
+    plain: bool,
+    window: int,
+    stop: asyncio.Event,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """``pmlb echo-upstream``: serve until ``stop`` is set."""
+    provider: Any = None
+    try:  # tracing is part of the node's dependencies, optional here
+        from pmlb.observability.tracing import make_provider
+
+        provider = make_provider("pmlb-echo-upstream", upstream_id, None)
+    except ImportError as exc:
+        log.info("tracing off: %s", exc)
+    server = UpstreamServer(
+        EchoHandler(upstream_id, plain),
+        upstream_id=upstream_id,
+        listen=listen,
+        window=window,
+        tracer_provider=provider,
+        credentials=credentials,
+    )
+    await server.start()
+    await stop.wait()
+    await server.stop(1.0)
+    if provider is not None:
+        await asyncio.to_thread(provider.shutdown)
+    return 0

@@ -40,16 +40,18 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pmlb import __version__, reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.client import MarkClient
 from pmlb.errors import BackpressureError, MarkGone
 from pmlb.ids import node_of
+
+if TYPE_CHECKING:
+    from pmlb.client import MarkClient
 
 log = logging.getLogger("pmlb.upstream")
 
@@ -549,7 +551,13 @@ class UpstreamServer:
         self._marks: dict[str, Conn] = {}
         # Reaching marks of nodes we have no link with goes through their
         # control API, found in etcd (only when etcd endpoints are given).
-        self._marks_client = MarkClient(etcd, etcd_prefix) if etcd else None
+        self._marks_client: MarkClient | None = None
+        if etcd:
+            # Imported here: the etcd client is a dependency of the node (the
+            # "node" extra), not of an upstream that never reaches other nodes.
+            from pmlb.client import MarkClient
+
+            self._marks_client = MarkClient(etcd, etcd_prefix)
         self._credentials = credentials  # TLS / mTLS (pmlb.tlsconf helps build them)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Spans for on_open/on_close join the mark's trace (Open.trace_context).
