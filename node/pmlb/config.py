@@ -335,7 +335,7 @@ def options_markdown(options: Sequence[Option]) -> str:
     """The README's option table, generated from ``options`` (a test checks it)."""
     rows = ["| flag | default | variable | SIGHUP | meaning |", "|---|---|---|---|---|"]
     for o in options:
-        if o.default in (None, False, []):
+        if o.default is None or o.default is False or o.default == []:
             default = ""
         elif isinstance(o.default, list):
             default = f"`{','.join(o.default)}`"
@@ -360,7 +360,7 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         default = opt.default
         shown = (
             f"default {','.join(default) if isinstance(default, list) else default}; "
-            if default not in (None, False, [])
+            if not (default is None or default is False or default == [])
             else ""
         )
         # argparse %-formats help text: a literal % (e.g. "-10% jitter") must be doubled.

@@ -20,6 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from pmlb.dataplane import proxyproto
+from pmlb.dataplane.proxyproto import ProxyHeader
+
 log = logging.getLogger("pmlb.acceptor")
 
 ACCEPTS_PER_WAKEUP: Final = 128
@@ -33,13 +36,22 @@ class Acceptor:
         host: str,
         port: int,
         backlog: int,
-        factory: Callable[[], asyncio.Protocol],
+        factory: Callable[[ProxyHeader | None], asyncio.Protocol],
         at_limit: Callable[[], bool],
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | None = None,
         rate: float = 0.0,
+        proxy_before_tls: Callable[[str], bool] | None = None,
+        proxy_failed: Callable[[str, int, str], None] | None = None,
     ) -> None:
+        # factory(header): the protocol for one connection; header is the PROXY
+        # header already read (before TLS) for trusted peers, else None.
         self.factory = factory
+        # With TLS, a trusted load balancer (HAProxy send-proxy, AWS NLB) sends
+        # its PROXY header in clear *before* the client's TLS handshake: for
+        # peers this says yes to, it is read from the raw socket first.
+        self.proxy_before_tls = proxy_before_tls
+        self.proxy_failed = proxy_failed
         # Token bucket for --accept-rate: up to ``rate`` accepts a second, bursts
         # of one second's worth; when empty, accepting pauses until a token is due.
         self.rate = rate
@@ -145,18 +157,62 @@ class Acceptor:
     async def _connect(self, conn: socket.socket) -> None:
         try:
             if self.ssl_context is not None:
+                header = None
+                peer = conn.getpeername()
+                if self.proxy_before_tls is not None and self.proxy_before_tls(peer[0]):
+                    try:
+                        header = await self._read_proxy_header(conn)
+                    except (proxyproto.BadProxyHeader, TimeoutError) as exc:
+                        if self.proxy_failed is not None:
+                            self.proxy_failed(peer[0], peer[1], str(exc) or "timed out")
+                        conn.close()
+                        return
                 await self.loop.connect_accepted_socket(
-                    self.factory,
+                    lambda: self.factory(header),
                     conn,
                     ssl=self.ssl_context,
                     ssl_handshake_timeout=self.handshake_timeout,
                 )
             else:
-                await self.loop.connect_accepted_socket(self.factory, conn)
+                await self.loop.connect_accepted_socket(lambda: self.factory(None), conn)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             # A TLS handshake that failed or timed out: only that client is gone.
             log.debug("connection setup failed: %r", exc)
             conn.close()
+
+    async def _read_proxy_header(self, conn: socket.socket) -> ProxyHeader:
+        """Read exactly one PROXY header off the raw socket (the TLS handshake
+        that follows stays in the kernel): peek until it parses, then consume
+        its bytes. Bounded by the handshake timeout and the header's size."""
+        timeout = self.handshake_timeout or 5.0
+        async with asyncio.timeout(timeout):
+            seen = 0
+            while True:
+                await self._readable(conn)
+                peek = conn.recv(proxyproto.MAX_V2, socket.MSG_PEEK)
+                if not peek:
+                    raise proxyproto.BadProxyHeader("closed before a complete PROXY header")
+                header, used = proxyproto.parse(peek)
+                if header is not None:
+                    conn.recv(used)
+                    return header
+                if len(peek) == seen:  # nothing new: the rest is on its way
+                    await asyncio.sleep(0.005)
+                seen = len(peek)
+
+    async def _readable(self, conn: socket.socket) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        fd = conn.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            self.loop.remove_reader(fd)
 
     def _log(self, what: str) -> None:
         now = time.monotonic()

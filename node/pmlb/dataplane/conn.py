@@ -56,6 +56,7 @@ __all__ = ["BOUND", "CLIENT_EOF", "CLOSED", "CLOSING", "MOVING", "WAITING", "Cli
 
 class ClientConn(Mark["Link"], asyncio.Protocol):
     __slots__ = (
+        "_proxied",
         "accepted_ms",
         "bytes_in",
         "bytes_out",
@@ -79,8 +80,11 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, proxied: proxyproto.ProxyHeader | None = None) -> None:
         super().__init__(plane.mark_limits)
+        # A PROXY header the acceptor already read (before a TLS handshake).
+        self.proxy_buf: bytes | None = None
+        self._proxied = proxied
         self.plane = plane
         self.transport: asyncio.Transport | None = None
         self.mark = ""
@@ -97,8 +101,6 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         # Frames written to the client while its transport was paused.
         self.paused_frames = 0
         self.span: Any = None  # the connection's root span when tracing is on
-        # Bytes of a PROXY header still being read (a trusted peer), else None.
-        self.proxy_buf: bytes | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.close_reason = ""
         self.client_addr = ""
@@ -115,6 +117,13 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             self.client_addr, self.client_port = peer[0], peer[1]
         self.accepted_ms = int(time.time() * 1000)
         transport.set_write_buffer_limits(high=self.plane.config.client_buffer)
+        header = self._proxied
+        if header is not None:
+            self._proxied = None
+            if not header.local:
+                self.client_addr, self.client_port = header.src_addr, header.src_port
+            self.plane.accept(self)
+            return
         if self.plane.expects_proxy(self.client_addr):
             # The mark is made once the PROXY header says who the client is.
             self.proxy_buf = b""

@@ -112,6 +112,10 @@ class DataPlane:
             return False
         return any(ip in net for net in self.proxy_trusted)
 
+    def _proxy_failed(self, addr: str, port: int, why: str) -> None:
+        self.stats.proxy_errors += 1
+        log.warning("client=%s:%d (trusted proxy) closed: %s", addr, port, why)
+
     def new_decoder(self) -> Decoder:
         return make_decoder(self.config.framing, self.config.max_frame)
 
@@ -121,11 +125,13 @@ class DataPlane:
                 host,
                 port,
                 self.config.backlog,
-                lambda: ClientConn(self),
+                lambda header: ClientConn(self, header),
                 self._at_limit,
                 ssl_context=self.tls.context if self.tls else None,
                 handshake_timeout=self.config.proxy_timeout if self.tls else None,
                 rate=self.config.accept_rate,
+                proxy_before_tls=self.expects_proxy if self.proxy_trusted else None,
+                proxy_failed=self._proxy_failed,
             )
             self.acceptors.append(acceptor)
             log.info(
