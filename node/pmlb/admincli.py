@@ -13,6 +13,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from pmlb.config import ETCD_OPTIONS, add_options, resolve
 from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError, PmlbError
 from pmlb.store.keys import (
@@ -36,9 +37,8 @@ def add_upstream_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     up.add_argument("id", nargs="?")
     up.add_argument("addr", nargs="?", metavar="HOST:PORT")
     up.add_argument("--weight", type=int, default=1)
-    up.add_argument("--etcd", default="http://127.0.0.1:2379", help="etcd endpoints URL[,URL]")
-    up.add_argument("--etcd-prefix", default="/pmlb")
     up.add_argument("--json", action="store_true", help="ls: print JSON")
+    add_options(up, ETCD_OPTIONS)
 
 
 def run_upstream(args: argparse.Namespace) -> int:
@@ -54,11 +54,7 @@ def run_upstream(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    endpoints = tuple(p.strip() for p in args.etcd.split(",") if p.strip())
-    from pmlb.store.etcd import EtcdSettings, EtcdStore
-
-    store = EtcdStore(EtcdSettings(endpoints=endpoints))
-    keys = Keys(args.etcd_prefix)
+    store, keys = _store(args)
     await store.connect()
     try:
         key = keys.upstream(args.service, args.id) if args.id else ""
@@ -152,9 +148,17 @@ async def _ls(store: EtcdStore, keys: Keys, args: argparse.Namespace) -> None:
 
 def add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     st = sub.add_parser("status", help="the cluster at a glance, from etcd and the nodes")
-    st.add_argument("--etcd", default="http://127.0.0.1:2379", help="etcd endpoints URL[,URL]")
-    st.add_argument("--etcd-prefix", default="/pmlb")
     st.add_argument("--json", action="store_true", help="print JSON")
+    add_options(st, ETCD_OPTIONS)
+
+
+def _store(args: argparse.Namespace) -> tuple[EtcdStore, Keys]:
+    """The etcd client and key layout from the shared etcd options (flags,
+    PMLB_ETCD* variables, --config)."""
+    from pmlb.store.etcd import EtcdStore, settings_from
+
+    values = resolve(ETCD_OPTIONS, args)
+    return EtcdStore(settings_from(values)), Keys(values["etcd_prefix"])
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -187,11 +191,7 @@ async def _scrape(admin: str) -> dict[str, float] | None:
 
 
 async def _status(args: argparse.Namespace) -> dict[str, Any]:
-    endpoints = tuple(p.strip() for p in args.etcd.split(",") if p.strip())
-    from pmlb.store.etcd import EtcdSettings, EtcdStore
-
-    store = EtcdStore(EtcdSettings(endpoints=endpoints))
-    keys = Keys(args.etcd_prefix)
+    store, keys = _store(args)
     await store.connect()
     try:
         _, kvs = await store.get_prefix(keys.prefix + "/")

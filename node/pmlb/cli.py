@@ -187,13 +187,13 @@ def _dns_sync(args: argparse.Namespace) -> int:
     from pmlb import aio
     from pmlb.cluster.dns import HostsFileSync
     from pmlb.observability.logs import setup_logging
-    from pmlb.store.etcd import EtcdSettings, EtcdStore, endpoints_from
+    from pmlb.store.etcd import EtcdStore, settings_from
     from pmlb.store.keys import Keys
 
     setup_logging(values["log_level"], values["log_format"], "dns-sync")
 
     async def run(stop: asyncio.Event) -> int:
-        store = EtcdStore(EtcdSettings(endpoints=endpoints_from(values["etcd"])))
+        store = EtcdStore(settings_from(values))
         await store.connect()
         sync = HostsFileSync(
             store,

@@ -23,9 +23,10 @@ import grpc
 
 from pmlb._proto.pmlb.v1 import node_pb2 as npb
 from pmlb._proto.pmlb.v1 import node_pb2_grpc
+from pmlb.config import etcd_values_from_env
 from pmlb.errors import MarkGone, PmlbError
 from pmlb.ids import node_of
-from pmlb.store.etcd import EtcdSettings, EtcdStore, StoreError
+from pmlb.store.etcd import EtcdSettings, EtcdStore, StoreError, settings_from
 from pmlb.store.keys import InvalidValue, Keys, parse_node
 
 CALL_TIMEOUT = 5.0
@@ -33,10 +34,25 @@ CALL_TIMEOUT = 5.0
 
 class MarkClient:
     def __init__(
-        self, etcd: Sequence[str], prefix: str = "/pmlb", token: str | None = None
+        self,
+        etcd: Sequence[str] = (),
+        prefix: str | None = None,
+        token: str | None = None,
+        settings: EtcdSettings | None = None,
     ) -> None:
-        """``token``: the nodes' --control-token (default: PMLB_CONTROL_TOKEN)."""
-        self.store = EtcdStore(EtcdSettings(endpoints=tuple(etcd)))
+        """Reach marks through etcd and the nodes' control APIs.
+
+        ``etcd``/``prefix`` default to ``PMLB_ETCD``/``PMLB_ETCD_PREFIX``, and TLS,
+        user and password come from the same ``PMLB_ETCD_*`` variables as every
+        pmlb command; ``settings`` overrides all of it. ``token``: the nodes'
+        --control-token (default: PMLB_CONTROL_TOKEN)."""
+        values = etcd_values_from_env()
+        if settings is None:
+            if etcd:
+                values["etcd"] = list(etcd)
+            settings = settings_from(values)
+        self.store = EtcdStore(settings)
+        prefix = prefix if prefix is not None else str(values["etcd_prefix"])
         token = token if token is not None else os.environ.get("PMLB_CONTROL_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.keys = Keys(prefix)

@@ -131,6 +131,23 @@ def _hostport(v: str) -> str:
     return v
 
 
+# How every command reaches etcd (node, upstream, status, dns-sync; MarkClient
+# reads the same PMLB_ETCD* variables): one declaration, so they cannot differ.
+ETCD_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "etcd",
+        "etcd endpoints URL[,URL] (every member: hostnames and [IPv6] accepted)",
+        ["http://127.0.0.1:2379"],
+        repeated=True,
+    ),
+    Option("etcd-prefix", "etcd key prefix", "/pmlb"),
+    Option("etcd-user", "etcd user name (password from --etcd-password)"),
+    Option("etcd-password", "etcd password (prefer PMLB_ETCD_PASSWORD)"),
+    Option("etcd-ca", "CA bundle (PEM) to verify etcd"),
+    Option("etcd-cert", "client certificate (PEM) for etcd"),
+    Option("etcd-key", "client key (PEM) for etcd"),
+)
+
 NODE_OPTIONS: tuple[Option, ...] = (
     Option("listen", "client listener HOST:PORT (repeatable)", repeated=True, type=_hostport),
     Option("service", "the service this node's listeners serve", "default"),
@@ -142,12 +159,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         reloadable=True,
     ),
     Option("etcd", "etcd endpoints URL[,URL]; upstreams then come from etcd", repeated=True),
-    Option("etcd-prefix", "etcd key prefix", "/pmlb"),
-    Option("etcd-user", "etcd user name (password from --etcd-password)"),
-    Option("etcd-password", "etcd password (prefer PMLB_ETCD_PASSWORD)"),
-    Option("etcd-ca", "CA bundle (PEM) to verify etcd"),
-    Option("etcd-cert", "client certificate (PEM) for etcd"),
-    Option("etcd-key", "client key (PEM) for etcd"),
+    *(o for o in ETCD_OPTIONS if o.name != "etcd"),
     Option(
         "lease-ttl", "how long the node's etcd lease lives without keepalive", 10, _whole_seconds
     ),
@@ -319,8 +331,7 @@ ECHO_OPTIONS: tuple[Option, ...] = (
 
 
 DNS_SYNC_OPTIONS: tuple[Option, ...] = (
-    Option("etcd", "etcd endpoints URL[,URL]", ["http://127.0.0.1:2379"], repeated=True),
-    Option("etcd-prefix", "etcd key prefix", "/pmlb"),
+    *ETCD_OPTIONS,
     Option("hosts-file", "the hosts file to keep current (dnsmasq --addn-hosts)"),
     Option("name", "the DNS name the nodes answer for", "pmlb.local"),
     Option("service", "only nodes serving this service"),
@@ -566,7 +577,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
     if not listen:
         raise ConfigError("--listen HOST:PORT is required")
     ups = tuple(parse_static_upstream(v) for v in values["upstream"])
-    etcd = tuple(p.strip() for v in values["etcd"] for p in v.split(",") if p.strip())
+    etcd = etcd_endpoints(values["etcd"])
     if etcd and ups:
         raise ConfigError(
             "use either --etcd (upstreams from etcd) or --upstream (static), not both"
@@ -681,3 +692,14 @@ def _default_node_id(port: int) -> str:
     host = socket.gethostname().split(".")[0] or "node"
     cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in host).strip("-_") or "node"
     return f"{cleaned[:50]}-{port}"
+
+
+def etcd_endpoints(values: Sequence[str]) -> tuple[str, ...]:
+    """``--etcd`` values (each maybe comma-separated) as one tuple of endpoints."""
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+
+
+def etcd_values_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The etcd options from ``PMLB_ETCD*`` variables alone (for library users
+    such as MarkClient, which have no command line)."""
+    return resolve(ETCD_OPTIONS, argparse.Namespace(), environ)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -111,18 +112,42 @@ class EtcdStore:
     # -- connection ------------------------------------------------------------
 
     def _target(self) -> tuple[str, bool]:
-        hosts: list[str] = []
+        """One gRPC target over every endpoint: hostnames are resolved here (all
+        their addresses), IPv6 literals accepted, and the channel balances
+        over all members (round_robin), so a dead member is skipped."""
+        v4: list[str] = []
+        v6: list[str] = []
         secure = False
         for ep in self.settings.endpoints:
             url = urlsplit(ep if "://" in ep else f"http://{ep}")
-            if url.scheme not in ("http", "https") or not url.hostname or not url.port:
+            try:
+                port = url.port
+            except ValueError:
+                port = None
+            if url.scheme not in ("http", "https") or not url.hostname or not port:
                 raise ConfigError(f"--etcd: bad endpoint {ep!r} (use http://HOST:PORT)")
             secure = secure or url.scheme == "https"
-            host = "127.0.0.1" if url.hostname == "localhost" else url.hostname
-            hosts.append(f"{host}:{url.port}")
-        if all(h.split(":")[0].replace(".", "").isdigit() for h in hosts):
-            return "ipv4:" + ",".join(hosts), secure
-        return f"dns:///{hosts[0]}", secure
+            try:
+                infos = socket.getaddrinfo(url.hostname, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                log.warning("etcd endpoint %s does not resolve (%s); skipped", ep, exc)
+                continue
+            for family, _, _, _, addr in infos:
+                if family == socket.AF_INET6:
+                    v6.append(f"[{addr[0]}]:{port}")
+                else:
+                    v4.append(f"{addr[0]}:{port}")
+        v4, v6 = list(dict.fromkeys(v4)), list(dict.fromkeys(v6))
+        if not v4 and not v6:
+            raise ConfigError(
+                f"--etcd: no endpoint resolves ({', '.join(self.settings.endpoints)})"
+            )
+        # A gRPC target holds one address family; IPv4 wins when both appear.
+        if v4 and v6:
+            log.info("etcd: using the IPv4 addresses %s (IPv6 %s left out)", v4, v6)
+        target = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+        log.debug("etcd target %s", target)
+        return target, secure
 
     async def connect(self) -> None:
         target, secure = self._target()
@@ -374,8 +399,15 @@ def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def endpoints_from(values: Sequence[str]) -> tuple[str, ...]:
-    out: list[str] = []
-    for v in values:
-        out += [p.strip() for p in v.split(",") if p.strip()]
-    return tuple(out)
+def settings_from(values: Mapping[str, Any]) -> EtcdSettings:
+    """EtcdSettings from resolved ETCD_OPTIONS values (flags, PMLB_ETCD*, file)."""
+    from pmlb.config import etcd_endpoints
+
+    return EtcdSettings(
+        endpoints=etcd_endpoints(values["etcd"]),
+        user=values.get("etcd_user"),
+        password=values.get("etcd_password"),
+        ca_file=values.get("etcd_ca"),
+        cert_file=values.get("etcd_cert"),
+        key_file=values.get("etcd_key"),
+    )
