@@ -50,12 +50,19 @@ class LocalEtcd:
         port: int | None = None,
         log_path: Path | None = None,
         tls: tuple[str, str, str] | None = None,
+        name: str = "pmlb-local",
+        peer_port: int | None = None,
+        initial_cluster: str | None = None,
     ) -> None:
-        """``tls`` = (CA file, server cert, server key): serve https, require client certs."""
+        """``tls`` = (CA file, server cert, server key): serve https, require client certs.
+        ``name``, ``peer_port`` and ``initial_cluster`` make it one member of a
+        cluster (``name=http://host:peer,...``); alone by default."""
         self.tls = tls
         self.host = host
         self.port = port or _free_port(host)
-        self.peer_port = _free_port(host)
+        self.peer_port = peer_port or _free_port(host)
+        self.name = name
+        self.initial_cluster = initial_cluster
         self.log_path = log_path
         self.data_dir = ""
         self.proc: subprocess.Popen[bytes] | None = None
@@ -73,7 +80,7 @@ class LocalEtcd:
         args = [
             etcd_binary(),
             "--name",
-            "pmlb-local",
+            self.name,
             "--data-dir",
             self.data_dir,
             "--listen-client-urls",
@@ -85,7 +92,7 @@ class LocalEtcd:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"pmlb-local={peer}",
+            self.initial_cluster or f"{self.name}={peer}",
             "--log-level",
             "warn",
         ]

@@ -104,3 +104,19 @@ def test_over_deep_or_over_large_json_is_an_invalid_value(parse: Any) -> None:
 def test_depth_counting_ignores_brackets_inside_strings() -> None:
     value = {"addr": "[" * 20 + '\\"' + "{" * 10, "n": [[1]]}
     assert load_json("v", json.dumps(value)) == value
+
+
+def test_etcd_target_uses_every_endpoint_resolving_names_and_ipv6_literals() -> None:
+    """With hostnames only the first endpoint was used (dns:///first); an IPv6
+    literal made an invalid target."""
+    from pmlb.store.etcd import EtcdSettings, EtcdStore
+
+    def target(*endpoints: str) -> str:
+        return EtcdStore(EtcdSettings(endpoints=endpoints))._target()[0]
+
+    assert target("http://localhost:2379", "http://127.0.0.2:2379", "127.0.0.3:2379") == (
+        "ipv4:127.0.0.1:2379,127.0.0.2:2379,127.0.0.3:2379"
+    )
+    assert target("http://[::1]:2379", "http://[::1]:2380") == "ipv6:[::1]:2379,[::1]:2380"
+    with pytest.raises(ConfigError, match="bad endpoint"):
+        target("http://[::1]")
