@@ -55,7 +55,11 @@ class NodeApp:
         self.plane = DataPlane(config, self.stats, self.tracer)
         self.admin: AdminServer | None = None
         if config.admin is not None:
-            self.admin = AdminServer(*config.admin)
+            self.admin = AdminServer(
+                *config.admin,
+                token=config.admin_token,
+                names=[config.advertise] if config.advertise else (),
+            )
             self._routes(self.admin)
         self.store: EtcdStore | None = None
         self.session: Session | None = None
@@ -390,5 +394,6 @@ class NodeApp:
                 self._stop_event.set()
             return 200, "text/plain", b"draining\n"
 
-        admin.route("GET", "/connections", connections)
-        admin.route("POST", "/drain", drain)
+        # Client addresses and metadata, and an action: behind the admin token.
+        admin.route("GET", "/connections", connections, protected=True)
+        admin.route("POST", "/drain", drain, protected=True)

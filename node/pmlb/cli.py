@@ -173,7 +173,13 @@ def _echo(args: argparse.Namespace) -> int:
         )
     return aio.run(
         lambda stop: run_echo(
-            values["listen"], values["id"], values["plain"], values["window"], stop, creds
+            values["listen"],
+            values["id"],
+            values["plain"],
+            values["window"],
+            stop,
+            creds,
+            values["upstream_token"],
         )
     )
 

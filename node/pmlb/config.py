@@ -180,6 +180,22 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
     Option("control-token", "bearer token the control API requires (prefer PMLB_CONTROL_TOKEN)"),
     Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
+    Option(
+        "admin-token",
+        "bearer token POST /drain and /connections require (prefer PMLB_ADMIN_TOKEN); "
+        "without one they answer only on a loopback admin address",
+    ),
+    Option(
+        "upstream-token",
+        "shared token sent to upstreams on every Bridge stream; SDK upstreams given the "
+        "same PMLB_UPSTREAM_TOKEN refuse streams without it",
+    ),
+    Option(
+        "push-upstreams",
+        "upstream ids allowed to send to, close or set metadata on marks bound elsewhere "
+        "(* for all); others act only on their own marks (repeatable)",
+        repeated=True,
+    ),
     Option("framing", "client framing", "raw", choices=FRAMINGS),
     Option("max-frame", "maximum message size", 65535, _positive_size),
     Option(
@@ -323,6 +339,11 @@ ECHO_OPTIONS: tuple[Option, ...] = (
     Option("tls-key", "private key (PEM) for --tls-cert"),
     Option("tls-client-ca", "require node certificates signed by this CA (mTLS)"),
     Option("id", "upstream id, shown in replies", "u1"),
+    Option(
+        "upstream-token",
+        "refuse Bridge streams from nodes that do not present this token (the nodes' "
+        "--upstream-token; prefer PMLB_UPSTREAM_TOKEN)",
+    ),
     Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
     Option("window", "per-mark flow-control window", 262144, _positive_size),
     Option("log-level", "debug, info, warning or error", "info"),
@@ -537,6 +558,9 @@ class NodeConfig:
     shutdown_timeout: float = 10.0
     backlog: int = 4096
     control_token: str | None = field(default=None, repr=False)  # never logged
+    admin_token: str | None = field(default=None, repr=False)  # never logged
+    upstream_token: str | None = field(default=None, repr=False)  # never logged
+    push_upstreams: tuple[str, ...] = ()
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -641,6 +665,9 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
         control_token=values["control_token"],
+        admin_token=values["admin_token"],
+        upstream_token=values["upstream_token"],
+        push_upstreams=tuple(values["push_upstreams"]),
         tls_cert=values["tls_cert"],
         tls_key=values["tls_key"],
         tls_client_ca=values["tls_client_ca"],

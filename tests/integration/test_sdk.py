@@ -59,7 +59,9 @@ async def test_health_meta_close_and_push(cluster: Cluster) -> None:
             await servers[0].set_serving(True)
 
         node = await asyncio.to_thread(
-            cluster.node, [f"a=127.0.0.1:{servers[0].port}", f"b=127.0.0.1:{servers[1].port}"]
+            cluster.node,
+            [f"a=127.0.0.1:{servers[0].port}", f"b=127.0.0.1:{servers[1].port}"],
+            extra=["--push-upstreams", "a"],  # a may push to marks bound to b
         )
         async with asyncio.timeout(30):
             conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(2)]

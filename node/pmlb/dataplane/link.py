@@ -92,6 +92,7 @@ class Link:
         self._channel: grpc.aio.Channel | None = None
         self._stopping = False
         self._unknown_logged = 0.0
+        self._foreign_logged = 0.0
         self._ping_id = 0
         self.last_received = 0.0
         # When we first sent something the upstream has not answered yet (0: all
@@ -225,11 +226,12 @@ class Link:
             else grpc.aio.insecure_channel(self.spec.addr, options=CHANNEL_OPTIONS)
         )
         self._channel = channel
+        token = self.plane.config.upstream_token
         call = channel.stream_stream(
             wire.BRIDGE_METHOD,
             request_serializer=wire.serialize_batch,
             response_deserializer=wire.parse_batch_lenient,
-        )()  # type: ignore[call-arg]  # no request iterator: we write() explicitly
+        )(metadata=(("authorization", f"Bearer {token}"),) if token else None)  # type: ignore[call-arg]
         self._call = call
         writer = wire.BatchWriter(call.write, on_drain=self._on_drain)
         self.writer = writer
@@ -388,6 +390,7 @@ class Link:
         self.last_received = time.monotonic()
         marks = plane.marks
         unknown: list[str] = []
+        anywhere = self.acts_anywhere
         for f in batch.frames:
             kind = f.WhichOneof("kind")
             if kind == "ping":
@@ -397,6 +400,11 @@ class Link:
                 if kind != "close":
                     stats.unknown_mark_frames += 1
                     unknown.append(f.mark)
+                continue
+            if conn.route is not self and not anywhere and not conn.is_stale(self):
+                # Push, close or metadata for a mark bound elsewhere: only from
+                # upstreams allowed to act on any mark (--push-upstreams).
+                self._refuse_foreign(conn.mark, kind)
                 continue
             if kind == "data":
                 d = f.data
@@ -438,6 +446,26 @@ class Link:
                 )
         if unknown:
             self._reject_unknown(unknown)
+
+    @property
+    def acts_anywhere(self) -> bool:
+        """Whether this upstream may act on marks bound to other upstreams."""
+        allowed = self.plane.config.push_upstreams
+        return "*" in allowed or self.id in allowed
+
+    def _refuse_foreign(self, mark: str, kind: str | None) -> None:
+        self.plane.stats.refused_pushes += 1
+        now = time.monotonic()
+        if now - self._foreign_logged > 1.0:  # at most once a second
+            self._foreign_logged = now
+            log.warning(
+                "link %s: %s for mark %s, which is bound elsewhere: refused (the upstream "
+                "is not in --push-upstreams); %d refused so far",
+                self.id,
+                kind,
+                mark,
+                self.plane.stats.refused_pushes,
+            )
 
     def _reject_unknown(self, marks: list[str]) -> None:
         """Tell the upstream these marks are gone; log at most once a second."""

@@ -55,6 +55,11 @@ _COUNTERS = (
     ("pmlb_move_timeouts", "move_timeouts", "Moves (drain) the old upstream did not answer."),
     ("pmlb_link_pings", "pings", "Liveness pings sent to upstreams."),
     (
+        "pmlb_refused_pushes",
+        "refused_pushes",
+        "Frames for marks bound elsewhere from upstreams not in --push-upstreams.",
+    ),
+    (
         "pmlb_proxy_header_errors",
         "proxy_errors",
         "Trusted peers closed for a bad, late or missing PROXY header.",

@@ -34,6 +34,7 @@ class NodeStats:
         "pings",
         "poisoned",
         "proxy_errors",
+        "refused_pushes",
         "replay_overflows",
         "stale_replies",
         "unknown_mark_frames",
@@ -68,6 +69,7 @@ class NodeStats:
         self.stale_replies = 0  # late frames from an upstream a move timed out on
         self.move_timeouts = 0
         self.pings = 0  # liveness pings sent on links
+        self.refused_pushes = 0  # frames for marks bound elsewhere, not allowed
 
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = {k: getattr(self, k) for k in self.__slots__}

@@ -43,6 +43,7 @@ async def run_echo(
     window: int,
     stop: asyncio.Event,
     credentials: grpc.ServerCredentials | None = None,
+    token: str | None = None,
 ) -> int:
     """``pmlb echo-upstream``: serve until ``stop`` is set."""
     provider: Any = None
@@ -59,6 +60,7 @@ async def run_echo(
         window=window,
         tracer_provider=provider,
         credentials=credentials,
+        token=token,
     )
     await server.start()
     await stop.wait()

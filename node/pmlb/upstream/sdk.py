@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import logging
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -528,10 +530,14 @@ class UpstreamServer:
         tracer_provider: Any = None,
         credentials: grpc.ServerCredentials | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        token: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.handler = handler
+        # Nodes must present this token on the Bridge (the node's
+        # --upstream-token); default PMLB_UPSTREAM_TOKEN; None: anyone may call.
+        self.token = token if token is not None else os.environ.get("PMLB_UPSTREAM_TOKEN")
         # Marks whose async handlers may run at once on one node's stream.
         self.concurrency = concurrency
         self.upstream_id = upstream_id
@@ -546,6 +552,7 @@ class UpstreamServer:
             "duplicates_skipped": 0,
             "unexpected_frames": 0,
             "handler_errors": 0,
+            "unauthenticated": 0,
         }
         self._sessions: dict[str, set[_Session]] = {}
         self._marks: dict[str, Conn] = {}
@@ -701,6 +708,15 @@ class UpstreamServer:
         request_iterator: AsyncIterator[pb.Batch],
         context: grpc.aio.ServicerContext[pb.Batch, pb.Batch],
     ) -> None:
+        if self.token:
+            given = dict(context.invocation_metadata() or ()).get("authorization", "")
+            if not hmac.compare_digest(str(given).encode(), f"Bearer {self.token}".encode()):
+                self.stats["unauthenticated"] += 1
+                log.warning(
+                    "refused a Bridge stream without the upstream token from %s", context.peer()
+                )
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "upstream token required")
+                return
         try:
             first = await wire.read_batch(context.read)
         except wire.StreamEnded:

@@ -1,0 +1,138 @@
+"""Secure by default: the admin API's sensitive endpoints, the Bridge and
+marks bound to other upstreams are closed to whoever merely reaches them.
+
+Before: POST /drain and /connections answered anyone (any Host, no token), an
+upstream's Bridge accepted any caller, and any upstream could push to, close
+or change the metadata of any mark on the node."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+
+import pytest
+
+from pmlb.upstream import Conn, Handler, UpstreamServer
+from tests.conftest import Cluster
+from tests.support import async_wait_until, http_get
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+
+def _request(port: int, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        c.request(method, path, headers=headers)
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
+
+
+async def test_admin_token_and_host_check(cluster: Cluster) -> None:
+    up = cluster.echo("u1")
+    node = await asyncio.to_thread(
+        cluster.node, [f"u1={up.addr}"], env={"PMLB_ADMIN_TOKEN": "adm1n-s3cret"}
+    )
+    req = lambda *a: asyncio.to_thread(_request, node.admin, *a)  # noqa: E731
+    ok = {"Authorization": "Bearer adm1n-s3cret"}
+    assert (await req("GET", "/connections", {}))[0] == 401, "no token, no client list"
+    assert (await req("GET", "/connections", {"Authorization": "Bearer nope"}))[0] == 401
+    status, body = await req("GET", "/connections", ok)
+    assert status == 200
+    assert "marks" in json.loads(body)
+    # DNS rebinding: the right token cannot help a request for someone else's name.
+    assert (await req("GET", "/connections", {**ok, "Host": "evil.example:80"}))[0] == 421
+    assert (await req("POST", "/drain", {"Host": "evil.example"}))[0] == 421
+    assert (await req("POST", "/drain", {}))[0] == 401, "a cross-site form cannot drain"
+    # Probes and scrapers need nothing.
+    assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.admin}/healthz"))[0] == 200
+    assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.admin}/metrics"))[0] == 200
+    assert "adm1n-s3cret" not in node.proc.log(), "the token is never logged"
+
+
+class Echo(Handler):
+    def on_message(self, conn: Conn, data: bytes) -> None:
+        conn.send(data)
+
+
+async def test_upstreams_refuse_nodes_without_the_token(cluster: Cluster) -> None:
+    server = UpstreamServer(Echo(), upstream_id="t", token="up-s3cret")
+    await server.start()
+    try:
+        node = await asyncio.to_thread(cluster.node, [f"t=127.0.0.1:{server.port}"], wait_links=[])
+        await async_wait_until(lambda: server.stats["unauthenticated"] >= 1, 10, "refused")
+        assert node.metrics().get('pmlb_upstream_up{upstream="t"}') == 0
+        good = await asyncio.to_thread(
+            cluster.node,
+            [f"t=127.0.0.1:{server.port}"],
+            node_id="n2",
+            env={"PMLB_UPSTREAM_TOKEN": "up-s3cret"},
+        )
+        async with asyncio.timeout(10):
+            r, w = await asyncio.open_connection("127.0.0.1", good.port)
+            w.write(b"with the token\n")
+            assert await r.readuntil(b"\n") == b"with the token\n"
+            w.close()
+    finally:
+        await server.stop(0)
+
+
+class Meddler(Handler):
+    """On ``meddle MARK``, tries to push to, re-label and close another mark."""
+
+    server: UpstreamServer
+
+    async def on_message(self, conn: Conn, data: bytes) -> None:
+        cmd, _, mark = data.decode().partition(" ")
+        if cmd == "meddle":
+            await self.server.push(mark, b"hijacked")
+            session = self.server._session_for(mark)
+            assert session is not None
+            f = session.writer.frame()
+            f.mark = mark
+            f.meta.set["user"] = "mallory"
+            session.writer.kick()
+            await self.server.close_mark(mark)
+        conn.send(data)
+
+
+async def test_an_upstream_acts_only_on_its_own_marks(cluster: Cluster) -> None:
+    victim_up = cluster.echo("v")
+    meddler = Meddler()
+    meddler.server = UpstreamServer(meddler, upstream_id="m")
+    await meddler.server.start()
+    try:
+        node = await asyncio.to_thread(
+            cluster.node,
+            [f"v={victim_up.addr}", f"m=127.0.0.1:{meddler.server.port}"],
+        )
+        async with asyncio.timeout(20):
+            conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(2)]
+            replies = []
+            for r, w in conns:
+                w.write(b"who\n")
+                replies.append(await r.readuntil(b"\n"))
+            # Round-robin: one client on v (reply "<mark> v who"), one on m ("who").
+            on_v = next(i for i, line in enumerate(replies) if b" v who" in line)
+            on_m = 1 - on_v
+            assert replies[on_m] == b"who\n", replies
+            victim_mark = replies[on_v].split()[0].decode()
+            conns[on_m][1].write(f"meddle {victim_mark}\n".encode())
+            assert await conns[on_m][0].readuntil(b"\n") == f"meddle {victim_mark}\n".encode()
+            conns[on_v][1].write(b"still mine\n")
+            assert (await conns[on_v][0].readuntil(b"\n")).endswith(b" v still mine\n"), (
+                "no hijacked push arrived first, and the mark is still open"
+            )
+            _, body = await asyncio.to_thread(
+                http_get, f"http://127.0.0.1:{node.admin}/connections"
+            )
+            meta = {m["mark"]: m["metadata"] for m in json.loads(body)["marks"]}
+            assert meta[victim_mark] == {}, "the metadata was not changed"
+            for _, w in conns:
+                w.close()
+        m = await asyncio.to_thread(node.metrics)
+        assert m["pmlb_refused_pushes_total"] == 3
+    finally:
+        await meddler.server.stop(0)
