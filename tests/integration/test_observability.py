@@ -90,6 +90,7 @@ async def test_a_trace_per_mark_reaches_the_receiver(cluster: Cluster) -> None:
             cluster.node,
             [f"{n}=127.0.0.1:{s.port}" for n, s in servers.items()],
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"},
+            extra=["--log-format", "json"],
         )
         async with asyncio.timeout(30):
             r, w = await asyncio.open_connection("127.0.0.1", node.port)
@@ -129,6 +130,14 @@ async def test_a_trace_per_mark_reaches_the_receiver(cluster: Cluster) -> None:
         assert a["pmlb.close_reason"] == "client_closed"
         assert root["resource"]["service.name"] == "pmlb-node"
         assert root["resource"]["service.instance.id"] == "n1"
+        # The log lines of this mark carry its trace id: from a log to Jaeger.
+        logged = [
+            json.loads(line)
+            for line in node.proc.log().splitlines()
+            if line.startswith("{") and f'"mark": "{mark}"' in line
+        ]
+        assert logged
+        assert {r.get("trace_id") for r in logged if "trace_id" in r} == {root["trace_id"]}
         failover = ours("pmlb.failover")
         assert failover
         assert failover[0]["trace_id"] == root["trace_id"]
@@ -167,7 +176,7 @@ def test_metrics_move_with_traffic_and_closes(cluster: Cluster) -> None:
     after = metric_samples(node.admin)
     assert after["pmlb_frames_in_total"] - before["pmlb_frames_in_total"] == 10
     assert after["pmlb_frames_out_total"] - before["pmlb_frames_out_total"] == 10
-    assert after["pmlb_bytes_in_total"] - before["pmlb_bytes_in_total"] == 20
+    assert after["pmlb_in_bytes_total"] - before["pmlb_in_bytes_total"] == 20
     assert after['pmlb_connections_closed_total{reason="frame_too_large"}'] == 1
     assert after['pmlb_connections_closed_total{reason="client_closed"}'] >= 1
     assert after['pmlb_upstream_up{upstream="u1"}'] == 1
@@ -278,5 +287,21 @@ def test_json_logs_one_object_per_line_without_payloads(cluster: Cluster) -> Non
     events = [r["msg"] for r in lines if r["logger"] == "pmlb.plane" and "mark=" in r["msg"]]
     assert any("accepted" in m for m in events)
     assert any("closed reason=client_closed" in m for m in events)
+    # The fields operators query are keys of their own, not only in the message.
+    closed = next(r for r in lines if "closed reason=" in r["msg"])
+    assert closed["reason"] == "client_closed"
+    assert closed["upstream"] == "u1"
+    assert closed["mark"].startswith("n1.")
+    assert closed["client"].startswith("127.0.0.1:")
+    assert closed["node"] == "node/n1"
+    accepted = next(r for r in lines if r["msg"].endswith(" accepted"))
+    assert accepted["mark"] == closed["mark"]
+    # Prometheus conventions: build info, process metrics, histograms in seconds.
+    m = node.metrics()
+    assert [k for k in m if k.startswith("pmlb_build_info{")]
+    assert m["process_open_fds"] > 0
+    assert m["pmlb_connection_duration_seconds_count"] >= 1
+    assert m['pmlb_connection_duration_seconds_bucket{le="+Inf"}'] >= 1
+    assert m["pmlb_upstream_ack_latency_seconds_count"] >= 1
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in lines)
     assert "top-secret-payload" not in node.proc.log()

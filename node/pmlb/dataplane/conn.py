@@ -43,6 +43,7 @@ from pmlb.dataplane.mark import (
     Mark,
 )
 from pmlb.errors import FrameTooLarge
+from pmlb.observability.logs import fields
 
 if TYPE_CHECKING:
     from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
@@ -68,6 +69,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         "frames_in",
         "frames_out",
         "last_active",
+        "lost_at",
         "mark",
         "meta",
         "paused_frames",
@@ -107,6 +109,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         self.client_port = 0
         self.accepted_ms = 0
         self.last_active = 0.0  # monotonic time of the last byte either way
+        self.lost_at = 0.0  # when its link broke, until it resumes (failover time)
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -305,12 +308,16 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         writer.kick()
         if resumed:
             self.plane.stats.failovers += 1
+            if self.lost_at:
+                self.plane.stats.failover_time.observe(time.monotonic() - self.lost_at)
+                self.lost_at = 0.0
             log.info(
                 "mark=%s resumed on upstream=%s, %d frames replayed from seq %d",
                 self.mark,
                 link.id,
                 len(replay or ()),
                 o.next_seq,
+                extra=fields(mark=self.mark, upstream=link.id),
             )
         else:
             log.debug("mark=%s bound upstream=%s", self.mark, link.id)
@@ -441,6 +448,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         elif verdict == FINISHED:
             self.close(reasons.CLIENT_CLOSED, "upstream lost after the last reply", notify=False)
         elif verdict == RESUME:
+            self.lost_at = time.monotonic()
             if link is not None:
                 link.detach(self)
             if was_eof:
@@ -462,6 +470,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             self.mark,
             first,
             last,
+            extra=fields(mark=self.mark, reason=reasons.POISON),
         )
         if self.span is not None:
             self.plane.tracer.child(

@@ -386,8 +386,10 @@ class Link:
         plane = self.plane
         stats = plane.stats
         stats.batches_in += 1
-        self.expect_since = 0.0
-        self.last_received = time.monotonic()
+        now = self.last_received = time.monotonic()
+        if self.expect_since:
+            stats.ack_latency.observe(now - self.expect_since)
+            self.expect_since = 0.0
         marks = plane.marks
         unknown: list[str] = []
         anywhere = self.acts_anywhere

@@ -34,6 +34,7 @@ from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
 from pmlb.domain import UpstreamSpec, format_hostport
 from pmlb.ids import MarkFactory
+from pmlb.observability.logs import fields
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.tlsconf import ListenerTLS, upstream_channel_credentials
@@ -258,7 +259,17 @@ class DataPlane:
             return
         if self.tracer.enabled:
             conn.span = self.tracer.start(conn)
-        log.info("mark=%s client=%s:%d accepted", mark, conn.client_addr, conn.client_port)
+        log.info(
+            "mark=%s client=%s:%d accepted",
+            mark,
+            conn.client_addr,
+            conn.client_port,
+            extra=fields(
+                mark=mark,
+                client=f"{conn.client_addr}:{conn.client_port}",
+                trace_id=self.tracer.trace_id(conn.span),
+            ),
+        )
         link = self.balancer.pick(self.routable(), _client_key(conn.client_addr))
         if link is not None:
             conn.bind(link)
@@ -323,6 +334,8 @@ class DataPlane:
         stats.open -= 1
         reason = conn.close_reason or reasons.CLIENT_CLOSED
         stats.closed[reasons.label(reason)] += 1
+        if conn.accepted_ms:
+            stats.connection_duration.observe(max(0.0, time.time() - conn.accepted_ms / 1000))
         if self.config.max_per_client:
             left = self.per_client.get(conn.client_addr, 1) - 1
             if left > 0:
@@ -340,6 +353,13 @@ class DataPlane:
             conn.bytes_in,
             conn.frames_out,
             conn.bytes_out,
+            extra=fields(
+                mark=conn.mark,
+                client=f"{conn.client_addr}:{conn.client_port}",
+                upstream=conn.route.id if conn.route else "",
+                reason=reason,
+                trace_id=self.tracer.trace_id(conn.span),
+            ),
         )
         if conn.span is not None:
             upstreams = [

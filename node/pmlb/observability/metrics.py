@@ -7,13 +7,20 @@ or label lookup is ever paid per message.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from pmlb import __version__
 from pmlb.aio import RESTARTS
 from pmlb.observability.stats import NodeStats
 
@@ -24,8 +31,8 @@ _COUNTERS = (
     ("pmlb_connections_accepted", "accepted", "Client connections accepted."),
     ("pmlb_frames_in", "frames_in", "Frames from clients to upstreams."),
     ("pmlb_frames_out", "frames_out", "Frames from upstreams to clients."),
-    ("pmlb_bytes_in", "bytes_in", "Payload bytes from clients to upstreams."),
-    ("pmlb_bytes_out", "bytes_out", "Payload bytes from upstreams to clients."),
+    ("pmlb_in_bytes", "bytes_in", "Payload bytes from clients to upstreams."),
+    ("pmlb_out_bytes", "bytes_out", "Payload bytes from upstreams to clients."),
     ("pmlb_batches_in", "batches_in", "Batches received from upstreams."),
     ("pmlb_garbage_batches", "garbage_batches", "Upstream messages that were not Batches."),
     ("pmlb_unknown_mark_frames", "unknown_mark_frames", "Upstream frames for unknown marks."),
@@ -100,6 +107,31 @@ class NodeCollector(Collector):
         for name, attr, help_ in _COUNTERS:
             yield CounterMetricFamily(name, help_, value=getattr(s, attr))
         yield GaugeMetricFamily("pmlb_marks_open", "Marks open on this node.", value=s.open)
+        info = GaugeMetricFamily(
+            "pmlb_build_info", "pmlb's version (value 1).", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+        for name, help_, hist in (
+            (
+                "pmlb_connection_duration_seconds",
+                "How long client connections lived.",
+                s.connection_duration,
+            ),
+            (
+                "pmlb_failover_seconds",
+                "From a mark's link breaking to its resume on another upstream.",
+                s.failover_time,
+            ),
+            (
+                "pmlb_upstream_ack_latency_seconds",
+                "From sending an upstream something to its next answer, per batch.",
+                s.ack_latency,
+            ),
+        ):
+            fam = HistogramMetricFamily(name, help_)
+            fam.add_metric([], hist.cumulative(), sum_value=hist.total)
+            yield fam
         restarts = CounterMetricFamily(
             "pmlb_task_restarts",
             "Supervised loops restarted after an unexpected error, by loop.",
@@ -176,6 +208,8 @@ class NodeCollector(Collector):
 def make_registry(collector: NodeCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    # The standard process_* metrics (CPU seconds, resident memory, open fds...).
+    ProcessCollector(registry=registry)
     return registry
 
 

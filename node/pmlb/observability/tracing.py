@@ -106,6 +106,13 @@ class ConnTracer:
         self._tracer.start_span(name, context=ctx, attributes=attributes).end()
         span.add_event(name, attributes)
 
+    @staticmethod
+    def trace_id(span: Any) -> str:
+        """The span's trace id in hex (what Jaeger shows), "" without tracing."""
+        if span is None:
+            return ""
+        return f"{span.get_span_context().trace_id:032x}"
+
     def carrier(self, span: Any) -> dict[str, str]:
         """W3C trace context of ``span``, for Open.trace_context."""
         out: dict[str, str] = {}
