@@ -39,6 +39,7 @@ from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.store.etcd import EtcdSettings, EtcdStore
 from pmlb.store.keys import Keys, format_node, now_rfc3339
+from pmlb.tlsconf import grpc_server_credentials
 
 log = logging.getLogger("pmlb.app")
 
@@ -118,8 +119,15 @@ class NodeApp:
         if self.admin is not None:
             await self.admin.start()
         if self.config.control is not None:
+            cfg = self.config
+            creds = (
+                grpc_server_credentials(cfg.control_cert, cfg.control_key, cfg.control_client_ca)
+                if cfg.control_cert and cfg.control_key
+                else None
+            )
+            host, port = self.config.control
             self.control, self.control_port = await start_control(
-                self.plane, *self.config.control, token=self.config.control_token
+                self.plane, host, port, token=cfg.control_token, credentials=creds
             )
         if self.session is not None and self.checker is not None:
             self.session.start()  # registers once the listeners are bound

@@ -28,6 +28,7 @@ from pmlb.errors import MarkGone, PmlbError
 from pmlb.ids import node_of
 from pmlb.store.etcd import EtcdSettings, EtcdStore, StoreError, settings_from
 from pmlb.store.keys import InvalidValue, Keys, parse_node
+from pmlb.tlsconf import upstream_channel_credentials
 
 CALL_TIMEOUT = 5.0
 
@@ -39,6 +40,9 @@ class MarkClient:
         prefix: str | None = None,
         token: str | None = None,
         settings: EtcdSettings | None = None,
+        control_ca: str | None = None,
+        control_cert: str | None = None,
+        control_key: str | None = None,
     ) -> None:
         """Reach marks through etcd and the nodes' control APIs.
 
@@ -54,6 +58,13 @@ class MarkClient:
         self.store = EtcdStore(settings)
         prefix = prefix if prefix is not None else str(values["etcd_prefix"])
         token = token if token is not None else os.environ.get("PMLB_CONTROL_TOKEN")
+        # TLS to the nodes' control APIs (their --control-cert): verify with
+        # this CA, and show this client certificate when they require one.
+        env = os.environ.get
+        control_ca = control_ca or env("PMLB_CONTROL_CA")
+        control_cert = control_cert or env("PMLB_CONTROL_CLIENT_CERT")
+        control_key = control_key or env("PMLB_CONTROL_CLIENT_KEY")
+        self._tls = upstream_channel_credentials(control_ca, control_cert, control_key)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.keys = Keys(prefix)
         self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
@@ -97,7 +108,11 @@ class MarkClient:
             control = ""
         if not control:
             raise PmlbError(f"node {node_id} serves no control API (start it with --control)")
-        channel = grpc.aio.insecure_channel(control)
+        channel = (
+            grpc.aio.secure_channel(control, self._tls)
+            if self._tls is not None
+            else grpc.aio.insecure_channel(control)
+        )
         stub = node_pb2_grpc.NodeStub(channel)
         self._stubs[node_id] = (channel, stub)
         return stub

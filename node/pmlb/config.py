@@ -179,6 +179,9 @@ NODE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
     Option("control-token", "bearer token the control API requires (prefer PMLB_CONTROL_TOKEN)"),
+    Option("control-cert", "serve the control API over TLS with this certificate chain (PEM)"),
+    Option("control-key", "private key (PEM) for --control-cert"),
+    Option("control-client-ca", "control API clients must show a certificate signed by this CA"),
     Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
     Option(
         "admin-token",
@@ -559,6 +562,9 @@ class NodeConfig:
     backlog: int = 4096
     control_token: str | None = field(default=None, repr=False)  # never logged
     admin_token: str | None = field(default=None, repr=False)  # never logged
+    control_cert: str | None = None
+    control_key: str | None = None
+    control_client_ca: str | None = None
     upstream_token: str | None = field(default=None, repr=False)  # never logged
     push_upstreams: tuple[str, ...] = ()
     tls_cert: str | None = None
@@ -610,6 +616,10 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         raise ConfigError("give --etcd URL (cluster mode) or at least one --upstream HOST:PORT")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if bool(values["control_cert"]) != bool(values["control_key"]):
+        raise ConfigError("--control-cert and --control-key go together")
+    if values["control_client_ca"] and not values["control_cert"]:
+        raise ConfigError("--control-client-ca needs --control-cert (TLS)")
     if bool(values["upstream_cert"]) != bool(values["upstream_key"]):
         raise ConfigError("--upstream-cert and --upstream-key go together")
     if values["dns_name"] and not etcd:
@@ -666,6 +676,9 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         backlog=values["backlog"],
         control_token=values["control_token"],
         admin_token=values["admin_token"],
+        control_cert=values["control_cert"],
+        control_key=values["control_key"],
+        control_client_ca=values["control_client_ca"],
         upstream_token=values["upstream_token"],
         push_upstreams=tuple(values["push_upstreams"]),
         tls_cert=values["tls_cert"],

@@ -70,6 +70,12 @@ def upstream_channel_credentials(
     )
 
 
+def grpc_server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
+    """Credentials for a gRPC server (an upstream's Bridge, the node's control
+    API); with ``client_ca`` it demands a client certificate signed by it (mTLS)."""
+    return upstream_server_credentials(cert, key, client_ca)
+
+
 def upstream_server_credentials(
     cert: str, key: str, client_ca: str | None
 ) -> grpc.ServerCredentials:

@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+from pathlib import Path
 
 import pytest
 
+from pmlb.client import MarkClient
+from pmlb.errors import PmlbError
 from pmlb.upstream import Conn, Handler, UpstreamServer
-from tests.conftest import Cluster
+from tests.certs import make_chain
+from tests.conftest import Cluster, Etcd
 from tests.support import async_wait_until, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -136,3 +140,50 @@ async def test_an_upstream_acts_only_on_its_own_marks(cluster: Cluster) -> None:
         assert m["pmlb_refused_pushes_total"] == 3
     finally:
         await meddler.server.stop(0)
+
+
+async def test_control_api_over_mutual_tls(cluster: Cluster, etcd: Etcd, tmp_path: Path) -> None:
+    """The control API's token travelled in clear; now it can be served over TLS,
+    and with a client CA only callers with a certificate signed by it get in."""
+    chain = await asyncio.to_thread(make_chain, tmp_path / "pki")
+    up = cluster.echo("u1")
+    etcd.put("/services/echo/upstreams/u1", up.addr)
+    node = await asyncio.to_thread(
+        cluster.node,
+        [],
+        etcd=etcd.url,
+        prefix=etcd.prefix,
+        wait_links=["u1"],
+        extra=[
+            "--control",
+            "127.0.0.1:0",
+            "--control-cert",
+            str(chain.server_cert),
+            "--control-key",
+            str(chain.server_key),
+            "--control-client-ca",
+            str(chain.ca),
+        ],
+        env={"PMLB_CONTROL_TOKEN": "ctl-s3cret"},
+    )
+    async with asyncio.timeout(30):
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(b"hi\n")
+        mark = (await r.readuntil(b"\n")).split()[0].decode()
+        async with MarkClient(
+            [etcd.url],
+            etcd.prefix,
+            token="ctl-s3cret",
+            control_ca=str(chain.ca),
+            control_cert=str(chain.client_cert),
+            control_key=str(chain.client_key),
+        ) as marks:
+            await marks.send(mark, b"over mutual TLS")
+        assert await r.readuntil(b"\n") == b"over mutual TLS\n"
+        for kwargs in ({}, {"control_ca": str(chain.ca)}):  # in clear; TLS without a cert
+            async with MarkClient([etcd.url], etcd.prefix, token="ctl-s3cret", **kwargs) as m:
+                with pytest.raises(PmlbError):
+                    await m.send(mark, b"must not arrive")
+        w.write(b"after\n")
+        assert (await r.readuntil(b"\n")).endswith(b" u1 after\n"), "nothing else arrived"
+        w.close()

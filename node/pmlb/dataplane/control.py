@@ -159,13 +159,23 @@ class NodeControl(node_pb2_grpc.NodeServicer):
 
 
 async def start_control(
-    plane: DataPlane, host: str, port: int, token: str | None = None
+    plane: DataPlane,
+    host: str,
+    port: int,
+    token: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
+    """The control API; over TLS (mTLS with a client CA) when ``credentials``."""
     server = grpc.aio.server()
     node_pb2_grpc.add_NodeServicer_to_server(NodeControl(plane, token), server)
-    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if not bound:
         raise OSError(f"cannot listen on {host}:{port} for the control API")
     await server.start()
-    log.info("control API (pmlb.v1.Node) on %s:%d", host, bound)
+    log.info("control API (pmlb.v1.Node) on %s:%d%s", host, bound, " (TLS)" if credentials else "")
     return server, bound

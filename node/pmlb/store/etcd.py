@@ -207,7 +207,7 @@ class EtcdStore:
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_delay(self.settings.deadline if deadline is None else deadline),
-                wait=wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.1),
+                wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.1),
                 retry=retry_if_exception(retryable),
                 reraise=True,
             ):
