@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test lint format proto docs bench bench-quick bench-deps bench-etcd fuzz test-faults soak clean
+.PHONY: install demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -56,6 +56,13 @@ bench-deps: install $(BENCH_BIN)/loadgen $(BENCH_BIN)/echo_server
 
 bench: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) $(BENCH_ARGS)
+
+# The etcd and cluster integration tests once more against etcd in a container
+# (testcontainers, an image built here FROM scratch; needs a running engine).
+test-containers: install
+	PMLB_TEST_ETCD=container TESTCONTAINERS_RYUK_DISABLED=true $(PY) -m pytest \
+		tests/integration/test_etcd_cluster.py tests/integration/test_persistent.py \
+		tests/integration/test_advertise.py -k "not static_stability" $(PYTEST_ARGS)
 
 test-faults: install
 	$(PY) -m pytest tests/faults tests/integration/test_failover.py \

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,7 +203,18 @@ def etcdctl_binary() -> str:
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    server = LocalEtcd(log_path=tmp_path / "etcd.log")
+    """A real etcd: a process by default; with PMLB_TEST_ETCD=container, a
+    container (tests/containers.py), skipped only where no engine can run."""
+    server: Any
+    if os.environ.get("PMLB_TEST_ETCD") == "container":
+        from tests.containers import ContainerEtcd, engine_error
+
+        why = engine_error()
+        if why is not None:
+            pytest.skip(f"PMLB_TEST_ETCD=container: {why}")
+        server = ContainerEtcd(log_path=tmp_path / "etcd.log")
+    else:
+        server = LocalEtcd(log_path=tmp_path / "etcd.log")
     server.start()
     try:
         yield Etcd(server, f"/pmlb-{tmp_path.name}")
