@@ -154,7 +154,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("node-id", "node id, part of every mark (default: <hostname>-<first port>)"),
     Option(
         "upstream",
-        "static upstream HOST:PORT or ID=HOST:PORT, no etcd (repeatable)",
+        "static upstream HOST:PORT or ID=HOST:PORT, optionally ' weight=N'; no etcd (repeatable)",
         repeated=True,
         reloadable=True,
     ),
@@ -292,7 +292,13 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option(
         "max-per-client", "open connections per client IP; 0 = no limit", 0, int, reloadable=True
     ),
-    Option("accept-rate", "new connections accepted per second; 0 = no limit", 0.0, float),
+    Option(
+        "accept-rate",
+        "new connections accepted per second; 0 = no limit",
+        0.0,
+        float,
+        reloadable=True,
+    ),
     Option(
         "max-meta", "upstream-set metadata kept per mark", 16384, _positive_size, reloadable=True
     ),
@@ -592,14 +598,22 @@ class NodeConfig:
 
 
 def parse_static_upstream(value: str) -> UpstreamSpec:
-    """``host:port`` (id = the address) or ``id=host:port``."""
-    ident, sep, addr = value.partition("=")
+    """``host:port`` (id = the address) or ``id=host:port``, optionally followed
+    by `` weight=N`` (1..10000), like etcd's JSON form."""
+    first, *rest = value.split()
+    ident, sep, addr = first.partition("=")
     if not sep:
-        ident, addr = value, value
+        ident, addr = first, first
     parse_hostport(addr, "upstream")
     if not ident:
         raise ConfigError(f"upstream id is empty in {value!r}")
-    return UpstreamSpec(id=ident, addr=addr)
+    weight = 1
+    for extra in rest:
+        name, _, raw = extra.partition("=")
+        if name != "weight" or not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+            raise ConfigError(f"upstream {value!r}: only 'weight=N' (1..10000) may follow")
+        weight = int(raw)
+    return UpstreamSpec(id=ident, addr=addr, weight=weight)
 
 
 def node_config(values: Mapping[str, Any]) -> NodeConfig:

@@ -32,7 +32,8 @@ async def test_sighup_applies_what_it_can_and_refuses_the_rest(
         assert (await r.readuntil(b"\n")).endswith(b" u1 hi\n")
 
         conf.write_text(
-            f'upstream = ["u1={u1.addr}", "u2={u2.addr}"]\nidle-timeout = "1s"\nwindow = "1MiB"\n'
+            f'upstream = ["u1={u1.addr} weight=3", "u2={u2.addr}"]\n'
+            'idle-timeout = "1s"\nwindow = "1MiB"\n'
         )
         node.proc.signal(signal.SIGHUP)
         await async_wait_until(
@@ -44,6 +45,7 @@ async def test_sighup_applies_what_it_can_and_refuses_the_rest(
         log = node.proc.log()
         assert "--window changed but cannot change live" in log
         assert "reload 1 applied: idle_timeout, upstreams" in log
+        assert "upstream u1 changed: weight 1 -> 3" in log, "a static weight, live"
 
         conf.write_text("idle-timeout = [this is not TOML\n")
         node.proc.signal(signal.SIGHUP)

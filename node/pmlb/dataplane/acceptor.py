@@ -145,6 +145,13 @@ class Acceptor:
         if self.paused_at_limit and not self.closed and not self.at_limit():
             self.resume()
 
+    def set_rate(self, rate: float) -> None:
+        """A new --accept-rate (SIGHUP); 0 lifts the limit."""
+        self.rate = rate
+        self.tokens = min(self.tokens, rate)
+        if not rate and not self.paused_at_limit:
+            self.resume()
+
     def _take_token(self) -> bool:
         now = time.monotonic()
         self.tokens = min(self.rate, self.tokens + (now - self.refilled) * self.rate)

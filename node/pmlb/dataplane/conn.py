@@ -350,14 +350,14 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
     def deliver(self, payload: bytes, acked: int, link: Link | None) -> None:
         """Data for the client from an upstream (``link``) or the control API (None);
         ``acked`` is the acknowledgement riding on it."""
-        if self.is_stale(link):
+        if self.stale is not None and self.is_stale(link):
             # A late reply of the upstream this mark was moved off after its
             # move timed out: the frames it answers were replayed to the next
             # upstream, which answers them; delivering both would duplicate.
             self.plane.stats.stale_replies += 1
             return
-        if acked and link is not None and link is self.route:
-            self.on_ack(acked)
+        if acked and link is not None and link is self.route and self.replay and self.ack(acked):
+            self.plane.cleared(self)
         transport = self.transport
         if self.state >= CLOSING or transport is None:
             return
@@ -378,10 +378,13 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         n = len(payload)
         self.bytes_out += n
         self.frames_out += 1
-        if self.replied(n, link) and not self.write_paused:
-            if self.grant_due():
-                self._grant()
-            return
+        if link is not None and link is self.route:
+            # Mark.replied and Mark.grant_due, inlined: this runs for every frame.
+            self.owed += n + link.overhead
+            if not self.write_paused:
+                if self.owed >= self.limits.grant_threshold:
+                    self._grant()
+                return
         if not self.write_paused:
             return
         self.paused_frames += 1

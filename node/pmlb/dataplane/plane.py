@@ -95,6 +95,8 @@ class DataPlane:
         limits_before = (self.config.idle_timeout, self.config.max_lifetime)
         self.config = config
         self.max_meta = config.max_meta
+        for acceptor in self.acceptors:
+            acceptor.set_rate(config.accept_rate)
         if (config.idle_timeout, config.max_lifetime) != limits_before:
             if self._sweeper is not None:
                 self._sweeper.cancel()
