@@ -14,37 +14,15 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import struct
 import sys
 from typing import Final
 
+from pmlb.dataplane.framing import encoder_for, make_decoder
 from pmlb.domain import parse_hostport
-from pmlb.errors import ConfigError
+from pmlb.errors import ConfigError, FrameTooLarge
 
 FRAMINGS: Final = ("line", "len16", "len32", "raw")
-
-
-def encode(framing: str, msg: bytes) -> bytes:
-    if framing == "line":
-        return msg + b"\n"
-    if framing == "len16":
-        return struct.pack(">H", len(msg)) + msg
-    if framing == "len32":
-        return struct.pack(">I", len(msg)) + msg
-    return msg
-
-
-async def read_message(reader: asyncio.StreamReader, framing: str) -> bytes:
-    """One message; b"" at the end of the stream (IncompleteReadError for a cut one)."""
-    if framing == "line":
-        line = await reader.readline()
-        return line[:-1] if line.endswith(b"\n") else line
-    if framing == "raw":
-        return await reader.read(65536)
-    size = 2 if framing == "len16" else 4
-    header = await reader.readexactly(size)
-    (n,) = struct.unpack(">H" if size == 2 else ">I", header)
-    return await reader.readexactly(n) if n else b""
+MAX_MESSAGE: Final = 16 << 20
 
 
 async def _stdin_lines() -> asyncio.StreamReader | None:
@@ -78,15 +56,14 @@ async def connect(target: str, framing: str, linger: float, stop: asyncio.Event)
         return 1
     print(f"connected to {target} ({framing} framing); type a line, Ctrl-D to end", file=sys.stderr)
 
+    encode = encoder_for(framing)
+    # The node's own codecs; len16 carries at most 65535 bytes by construction.
+    decoder = make_decoder(framing, 0xFFFF if framing == "len16" else MAX_MESSAGE)
+
     async def show() -> None:
-        while True:
-            try:
-                msg = await read_message(reader, framing)
-            except asyncio.IncompleteReadError:
-                return
-            if not msg and reader.at_eof():
-                return
-            sys.stdout.write(msg.decode(errors="replace") + "\n")
+        while data := await reader.read(65536):
+            for msg in decoder.feed(data):
+                sys.stdout.write(msg.decode(errors="replace") + "\n")
             sys.stdout.flush()
 
     shown = asyncio.ensure_future(show())
@@ -105,7 +82,7 @@ async def connect(target: str, framing: str, linger: float, stop: asyncio.Event)
                 line = read.result()
             if not line:
                 break
-            writer.write(encode(framing, line.rstrip(b"\r\n")))
+            writer.write(encode(line.rstrip(b"\r\n")))
             await writer.drain()
             if shown.done():
                 break
@@ -114,7 +91,7 @@ async def connect(target: str, framing: str, linger: float, stop: asyncio.Event)
         await asyncio.wait_for(shown, linger)
     except TimeoutError:
         print(f"pmlb connect: no close from the node within {linger:g}s", file=sys.stderr)
-    except (ConnectionError, OSError) as exc:
+    except (ConnectionError, OSError, FrameTooLarge) as exc:
         print(f"pmlb connect: connection failed: {exc}", file=sys.stderr)
         return 1
     finally:
