@@ -600,7 +600,10 @@ class NodeConfig:
 def parse_static_upstream(value: str) -> UpstreamSpec:
     """``host:port`` (id = the address) or ``id=host:port``, optionally followed
     by `` weight=N`` (1..10000), like etcd's JSON form."""
-    first, *rest = value.split()
+    parts = value.split()
+    if not parts:
+        raise ConfigError("upstream is empty: give HOST:PORT or ID=HOST:PORT")
+    first, *rest = parts
     ident, sep, addr = first.partition("=")
     if not sep:
         ident, addr = first, first
