@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from pmlb.localetcd import LocalEtcd, etcd_binary
-from tests.support import ROOT, Proc, free_port, scrape, tcp_open, wait_until
+from tests.support import Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
 
 
 @dataclass
@@ -181,14 +180,7 @@ class Etcd:
 
     def pmlb(self, *args: str) -> str:
         """Run ``pmlb ARGS --etcd URL --etcd-prefix P``; its stdout (fails the test on error)."""
-        r = subprocess.run(
-            [sys.executable, "-m", "pmlb", *args, "--etcd", self.url, "--etcd-prefix", self.prefix],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            cwd=ROOT,
-        )
+        r = run_pmlb(*args, "--etcd", self.url, "--etcd-prefix", self.prefix)
         assert r.returncode == 0, r.stderr
         return r.stdout
 

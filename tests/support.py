@@ -190,3 +190,19 @@ def chunks(data: bytes, sizes: Iterator[int]) -> Iterator[bytes]:
         n = next(sizes)
         yield data[i : i + n]
         i += n
+
+
+def run_pmlb(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``pmlb ARGS`` as a user runs it (this checkout's code), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pmlb", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import ROOT, free_port, tcp_open, wait_until
+from tests.support import ROOT, free_port, run_pmlb, tcp_open, wait_until
 
 
 def _children(pid: int) -> list[int]:
@@ -55,15 +55,7 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         addrs = re.findall(r"pmlb connect (127\.0\.0\.\d+):(\d+)", banner)
         assert len(addrs) == 2
         # The README's quick start, as written: the client pmlb ships, fed a line.
-        typed = subprocess.run(
-            [sys.executable, "-m", "pmlb", "connect", ":".join(addrs[0])],
-            input="hello\n",
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-            check=False,
-        )
+        typed = run_pmlb("connect", ":".join(addrs[0]), stdin="hello\n", timeout=30)
         assert typed.returncode == 0, typed.stderr
         mark, upstream, text = typed.stdout.strip().split(" ", 2)
         assert (mark.split(".")[0], upstream in ("u1", "u2"), text) == ("n1", True, "hello")

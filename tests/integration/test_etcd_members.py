@@ -10,9 +10,7 @@ keep routing (including an upstream added meanwhile), and `pmlb upstream` and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 
 from pmlb.localetcd import LocalEtcd
 from tests.conftest import Cluster, etcdctl_binary
-from tests.support import ROOT, free_port, scrape, wait_until
+from tests.support import free_port, run_pmlb, scrape, wait_until
 
 PREFIX = "/pmlb-members"
 
@@ -56,16 +54,8 @@ def _ctl(endpoints: str, *args: str) -> str:
 
 
 def _pmlb(endpoints: str, *args: str) -> str:
-    r = subprocess.run(
-        [sys.executable, "-m", "pmlb", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-        # The CLI reads the same PMLB_ETCD* variables as the node.
-        env={**os.environ, "PMLB_ETCD": endpoints, "PMLB_ETCD_PREFIX": PREFIX},
-    )
+    # The CLI reads the same PMLB_ETCD* variables as the node.
+    r = run_pmlb(*args, env={"PMLB_ETCD": endpoints, "PMLB_ETCD_PREFIX": PREFIX})
     assert r.returncode == 0, r.stderr
     return r.stdout
 

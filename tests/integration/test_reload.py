@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cluster
-from tests.support import ROOT, async_wait_until
+from tests.support import async_wait_until, run_pmlb
 
 
 @pytest.mark.asyncio(loop_scope="function")
@@ -64,28 +62,14 @@ async def test_sighup_applies_what_it_can_and_refuses_the_rest(
 def test_check_lists_every_error_and_exits_2(tmp_path: Path) -> None:
     conf = tmp_path / "bad.toml"
     conf.write_text('window = "1 parsec"\nbogus = 1\n')
-    args = [sys.executable, "-m", "pmlb", "node", "--check", "--listen", "127.0.0.1:9000"]
-    r = subprocess.run(
-        [*args, "--upstream", "127.0.0.1:1", "--config", str(conf), "--ack-timeout", "x"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        check=False,
-    )
+    args = ["node", "--check", "--listen", "127.0.0.1:9000"]
+    r = run_pmlb(*args, "--upstream", "127.0.0.1:1", "--config", str(conf), "--ack-timeout", "x")
     assert r.returncode == 2
     problems = r.stderr.strip().splitlines()
     assert len(problems) == 3, problems
     assert any("bogus" in p for p in problems)
     assert any("window" in p for p in problems)
     assert any("--ack-timeout" in p for p in problems)
-    ok = subprocess.run(
-        [*args, "--upstream", "127.0.0.1:1", "--drain-timeout", "30s"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        check=False,
-    )
+    ok = run_pmlb(*args, "--upstream", "127.0.0.1:1", "--drain-timeout", "30s")
     assert ok.returncode == 0, ok.stderr
     assert "configuration OK" in ok.stdout
