@@ -158,15 +158,7 @@ class Etcd:
         self.prefix = prefix
 
     def ctl(self, *args: str) -> str:
-        r = subprocess.run(
-            [etcdctl_binary(), "--endpoints", self.url, *args],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
-        assert r.returncode == 0, r.stderr
-        return r.stdout
+        return etcdctl(self.url, *args)
 
     def put(self, key: str, value: str) -> None:
         self.ctl("put", self.prefix + key, value)
@@ -187,6 +179,19 @@ class Etcd:
     def keys(self, under: str) -> list[str]:
         out = self.ctl("get", "--prefix", "--keys-only", self.prefix + under)
         return [k for k in out.splitlines() if k]
+
+
+def etcdctl(endpoints: str, *args: str) -> str:
+    """``etcdctl --endpoints ENDPOINTS ARGS``; its stdout (fails the test on error)."""
+    r = subprocess.run(
+        [etcdctl_binary(), "--endpoints", endpoints, "--command-timeout", "5s", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def etcdctl_binary() -> str:

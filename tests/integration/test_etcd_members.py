@@ -10,7 +10,6 @@ keep routing (including an upstream added meanwhile), and `pmlb upstream` and
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pmlb.localetcd import LocalEtcd
-from tests.conftest import Cluster, etcdctl_binary
+from tests.conftest import Cluster, etcdctl
 from tests.support import free_port, run_pmlb, scrape, wait_until
 
 PREFIX = "/pmlb-members"
@@ -39,18 +38,6 @@ def members(tmp_path: Path) -> list[LocalEtcd]:
     finally:
         for m in ms:
             m.stop()
-
-
-def _ctl(endpoints: str, *args: str) -> str:
-    r = subprocess.run(
-        [etcdctl_binary(), "--endpoints", endpoints, "--command-timeout", "5s", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def _pmlb(endpoints: str, *args: str) -> str:
@@ -82,17 +69,17 @@ def test_nodes_and_cli_survive_a_dead_member_and_a_leader_change(
     survivors = ",".join(m.url for m in members[1:])
     # Past twice the lease TTL (3 s): the registrations were kept alive meanwhile.
     wait_until(lambda: time.monotonic() - t0 > 6.5, 10, "two lease TTLs")
-    keys = _ctl(survivors, "get", "--prefix", "--keys-only", f"{PREFIX}/nodes/")
+    keys = etcdctl(survivors, "get", "--prefix", "--keys-only", f"{PREFIX}/nodes/")
     assert f"{PREFIX}/nodes/n1" in keys
     assert f"{PREFIX}/nodes/n2" in keys
 
     # Then the leadership moves from one survivor to the other.
-    status = json.loads(_ctl(survivors, "endpoint", "status", "-w", "json"))
+    status = json.loads(etcdctl(survivors, "endpoint", "status", "-w", "json"))
     leader = status[0]["Status"]["leader"]
     by_id = {s["Status"]["header"]["member_id"]: s["Endpoint"] for s in status}
     follower = next(mid for mid in by_id if mid != leader)
-    _ctl(by_id[leader], "move-leader", f"{follower:x}")
-    after = json.loads(_ctl(survivors, "endpoint", "status", "-w", "json"))
+    etcdctl(by_id[leader], "move-leader", f"{follower:x}")
+    after = json.loads(etcdctl(survivors, "endpoint", "status", "-w", "json"))
     assert after[0]["Status"]["leader"] == follower, "the leader changed"
 
     _pmlb(urls, "upstream", "add", "echo", "u3", u3.addr)
