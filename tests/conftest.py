@@ -12,7 +12,40 @@ from typing import Any
 import pytest
 
 from pmlb.localetcd import LocalEtcd, etcd_binary
+from pmlb.transport import TRANSPORTS
 from tests.support import Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
+
+# Modules whose tests drive the node <-> upstream links: each of their tests runs
+# once per Bridge transport (pmlb.transport), node and upstreams alike, through
+# PMLB_LINK_TRANSPORT, which `pmlb node`, `pmlb echo-upstream` and the SDK read.
+LINK_MODULES = frozenset(
+    {
+        "test_dataplane",
+        "test_failover",
+        "test_hostile",
+        "test_sdk",
+        "test_bad_upstream",
+        "test_security",
+        "test_tls",
+        "test_persistent",
+        "test_fuzz_upstream",
+        "test_upstream_faults",
+    }
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in LINK_MODULES:
+        metafunc.parametrize("link_transport", TRANSPORTS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def link_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The Bridge transport under test (link modules), else the environment's."""
+    transport: str | None = getattr(request, "param", None)
+    if transport is not None:
+        monkeypatch.setenv("PMLB_LINK_TRANSPORT", transport)
+    return transport
 
 
 @dataclass

@@ -162,15 +162,13 @@ def _echo(args: argparse.Namespace) -> int:
     from pmlb.upstream.echo import run_echo
 
     setup_logging(values["log_level"], values["log_format"], f"echo/{values['id']}")
-    creds = None
+    tls = None
     if values["tls_cert"] or values["tls_key"]:
         if not (values["tls_cert"] and values["tls_key"]):
             raise ConfigError("--tls-cert and --tls-key go together")
-        from pmlb.tlsconf import upstream_server_credentials
+        from pmlb.transport import ServerTLS
 
-        creds = upstream_server_credentials(
-            values["tls_cert"], values["tls_key"], values["tls_client_ca"]
-        )
+        tls = ServerTLS(values["tls_cert"], values["tls_key"], values["tls_client_ca"])
     return aio.run(
         lambda stop: run_echo(
             values["listen"],
@@ -178,8 +176,9 @@ def _echo(args: argparse.Namespace) -> int:
             values["plain"],
             values["window"],
             stop,
-            creds,
-            values["upstream_token"],
+            tls=tls,
+            token=values["upstream_token"],
+            transport=values["link_transport"],
         )
     )
 

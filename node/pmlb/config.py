@@ -28,6 +28,7 @@ from pmlb.domain import (
 )
 from pmlb.errors import ConfigError
 from pmlb.ids import valid_node_id
+from pmlb.transport import DEFAULT_TRANSPORT, TRANSPORTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +200,13 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "(* for all); others act only on their own marks (repeatable)",
         repeated=True,
     ),
+    Option(
+        "link-transport",
+        "gRPC implementation of the links to upstreams (both speak the same gRPC; "
+        "grpclib measured cheaper per frame, see README Performance)",
+        DEFAULT_TRANSPORT,
+        choices=TRANSPORTS,
+    ),
     Option("framing", "client framing", "raw", choices=FRAMINGS),
     Option("max-frame", "maximum message size", 65535, _positive_size),
     Option(
@@ -352,6 +360,12 @@ ECHO_OPTIONS: tuple[Option, ...] = (
         "upstream-token",
         "refuse Bridge streams from nodes that do not present this token (the nodes' "
         "--upstream-token; prefer PMLB_UPSTREAM_TOKEN)",
+    ),
+    Option(
+        "link-transport",
+        "gRPC implementation serving the Bridge (any node transport can connect)",
+        DEFAULT_TRANSPORT,
+        choices=TRANSPORTS,
     ),
     Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
     Option("window", "per-mark flow-control window", 262144, _positive_size),
@@ -552,6 +566,7 @@ class NodeConfig:
     control: tuple[str, int] | None = None
     admin: tuple[str, int] | None = None
     framing: str = "raw"
+    link_transport: str = DEFAULT_TRANSPORT
     max_frame: int = 65535
     balancer: str = "round-robin"
     window: int = 262144
@@ -677,6 +692,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         control=parse_hostport(values["control"]) if values["control"] else None,
         admin=parse_hostport(values["admin"]) if values["admin"] else None,
         framing=values["framing"],
+        link_transport=values["link_transport"],
         max_frame=values["max_frame"],
         balancer=values["balancer"],
         window=values["window"],

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import ssl
-from pathlib import Path
 
 import grpc
 
 from pmlb.errors import ConfigError
+from pmlb.transport import ClientTLS, ServerTLS
+from pmlb.transport.cgrpc import channel_credentials, server_credentials
 
 log = logging.getLogger("pmlb.tls")
 
@@ -48,44 +49,23 @@ class ListenerTLS:
         return True
 
 
-def _read(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-
-
 def upstream_channel_credentials(
     ca: str | None, cert: str | None, key: str | None
 ) -> grpc.ChannelCredentials | None:
-    """Credentials for links to upstreams (mTLS when cert and key are given)."""
+    """grpcio credentials for reaching upstreams (the checker's health probes;
+    mTLS when cert and key are given)."""
     if not (ca or cert):
         return None
     if bool(cert) != bool(key):
         raise ConfigError("--upstream-cert and --upstream-key go together")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
-    )
+    return channel_credentials(ClientTLS(ca, cert, key))
 
 
 def grpc_server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
-    """Credentials for a gRPC server (an upstream's Bridge, the node's control
+    """Credentials for a grpcio server (an upstream's Bridge, the node's control
     API); with ``client_ca`` it demands a client certificate signed by it (mTLS)."""
-    return upstream_server_credentials(cert, key, client_ca)
+    return server_credentials(ServerTLS(cert, key, client_ca))
 
 
-def upstream_server_credentials(
-    cert: str, key: str, client_ca: str | None
-) -> grpc.ServerCredentials:
-    """Credentials for an upstream's gRPC server; with ``client_ca`` it demands
-    a client certificate signed by it (mTLS)."""
-    cert_b, key_b = _read(cert), _read(key)
-    assert cert_b is not None
-    assert key_b is not None
-    return grpc.ssl_server_credentials(
-        [(key_b, cert_b)],
-        root_certificates=_read(client_ca),
-        require_client_auth=client_ca is not None,
-    )
+# The SDK's name for the same thing, kept for upstreams written against 0.x.
+upstream_server_credentials = grpc_server_credentials

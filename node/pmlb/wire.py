@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
@@ -68,23 +67,8 @@ def parse_batch_lenient(data: bytes) -> pb.Batch | None:
         return None
 
 
-# grpc.aio's end-of-stream sentinel (missing from the grpc-stubs package).
-GRPC_EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]
-
-
 class StreamEnded(PmlbError):
     """The peer ended the Bridge stream."""
-
-
-async def read_batch(read: Callable[[], Awaitable[object]]) -> pb.Batch | None:
-    """The next Batch from a stream; None for an unparseable message.
-
-    Raises StreamEnded at the end of the stream.
-    """
-    msg = await read()
-    if msg is GRPC_EOF:
-        raise StreamEnded("the peer ended the stream")
-    return msg if isinstance(msg, pb.Batch) else None
 
 
 def serialize_batch(batch: pb.Batch) -> bytes:

@@ -33,6 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FD_LIMIT = 20_000  # per process on these machines (ulimit -n; not raisable here)
+# The node's --link-transport values, the default first (it is the "pmlb" row).
+TRANSPORTS = ("grpclib", "grpcio")
 
 
 def free_port() -> int:
@@ -129,6 +131,13 @@ class Bench:
         else:
             print("bench: haproxy not found; its rows are skipped", file=sys.stderr)
 
+        for transport in TRANSPORTS:
+            targets.append(self._start_pmlb(transport))
+        return targets
+
+    def _start_pmlb(self, transport: str) -> Target:
+        """One node in front of two echo upstreams, all on ``transport``."""
+        name = "pmlb" if transport == TRANSPORTS[0] else f"pmlb-{transport}"
         ups = []
         for uid in ("u1", "u2"):
             port = free_port()
@@ -143,10 +152,12 @@ class Bench:
                     uid,
                     "--listen",
                     f"127.0.0.1:{port}",
+                    "--link-transport",
+                    transport,
                     "--log-level",
                     "warning",
                 ],
-                uid,
+                f"{name}-{uid}",
             )
             ups.append((uid, port, p))
         for _, port, _ in ups:
@@ -165,16 +176,17 @@ class Bench:
             f"127.0.0.1:{admin}",
             "--framing",
             "raw",
+            "--link-transport",
+            transport,
             "--log-level",
             "warning",
         ]
         for uid, port, _ in ups:
             node_args += ["--upstream", f"{uid}=127.0.0.1:{port}"]
-        node = self.spawn(node_args, "node")
+        node = self.spawn(node_args, name)
         wait_port(nport)
         self._wait_links(admin, 2)
-        targets.append(Target("pmlb", nport, node.pid, [p.pid for _, _, p in ups]))
-        return targets
+        return Target(name, nport, node.pid, [p.pid for _, _, p in ups])
 
     def _wait_links(self, admin: int, n: int) -> None:
         import urllib.request
@@ -244,6 +256,7 @@ class Bench:
     def idle_case(self, t: Target, conns: int, hold: float) -> dict[str, Any]:
         pid = t.proxy_pid
         rss0 = rss_bytes(pid) if pid else 0
+        helpers0 = sum(rss_bytes(p) for p in t.helper_pids)
         fds0 = fd_count(pid) if pid else 0
         cpu0 = cpu_seconds(pid) if pid else 0.0
         cmd = [
@@ -266,6 +279,9 @@ class Bench:
                 out["proxy_cpu_during_open_s"] = cpu_seconds(pid) - cpu0
                 out["rss_per_conn_bytes"] = round((rss_bytes(pid) - rss0) / conns)
                 out["fds_per_conn"] = round((fd_count(pid) - fds0) / conns, 2)
+                if t.helper_pids and t.name.startswith("pmlb"):
+                    helpers = sum(rss_bytes(p) for p in t.helper_pids)
+                    out["upstream_rss_per_conn_bytes"] = round((helpers - helpers0) / conns)
             elif line.startswith("{"):
                 out.update(json.loads(line))
         rc = lg.wait(180)
@@ -377,21 +393,22 @@ def render_table(r: dict[str, Any]) -> str:
     ]
     lines += [
         "| case | target | msgs/s | p50 | p90 | p99 | proxy CPU/msg | vs HAProxy | "
-        "proxy CPU | loadgen CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "proxy CPU | upstream CPU/msg | loadgen CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, by_target in r["echo"].items():
         hap = by_target.get("haproxy", {}).get("proxy_cpu_per_msg_us")
         for name, m in by_target.items():
             if "error" in m:
-                lines.append(f"| {case} | {name} | error: {m['error']} ||||||||")
+                lines.append(f"| {case} | {name} | error: {m['error']} |||||||||")
                 continue
             cpu = m.get("proxy_cpu_per_msg_us")
             lines.append(
                 f"| {case} | {name} | {m['msgs_per_s'] / 1000:.1f}k | {_us(m['p50_us'])} | "
                 f"{_us(m['p90_us'])} | {_us(m['p99_us'])} | {f'{cpu:.2f} µs' if cpu else '-'} | "
-                f"{_ratio(cpu, hap) if name == 'pmlb' else '-'} | "
+                f"{_ratio(cpu, hap) if name.startswith('pmlb') else '-'} | "
                 f"{str(m.get('proxy_cpu_pct', '-')) + '%' if cpu else '-'} | "
+                f"{_upstream_cpu(name, m)} | "
                 f"{m['loadgen_cpu_pct']:.0f}% |"
             )
     floor = r.get("grpc_floor")
@@ -417,29 +434,89 @@ def render_table(r: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {m.get('mb_per_s', 0):.0f} | "
             f"{f'{per_mb:.0f} µs' if per_mb else '-'} | "
-            f"{_ratio(per_mb, hap_mb) if name == 'pmlb' else '-'} |"
+            f"{_ratio(per_mb, hap_mb) if name.startswith('pmlb') else '-'} |"
         )
     lines += [
         "",
-        "| idle | connections | RSS per conn | fds per conn | accepts/s | proxy CPU per accept |",
-        "|---|---|---|---|---|---|",
+        "| idle | connections | RSS per conn | fds per conn | accepts/s | proxy CPU per accept "
+        "| upstreams' RSS per mark |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in r["idle"].items():
         if "error" in m:
-            lines.append(f"| {name} | error: {m['error']} |||||")
+            lines.append(f"| {name} | error: {m['error']} ||||||")
             continue
         rss = m.get("rss_per_conn_bytes")
         lines.append(
             f"| {name} | {m['conns']} | {f'{rss / 1000:.2f} KB' if rss is not None else '-'} | "
             f"{m.get('fds_per_conn', '-')} | {m.get('accepts_per_s', 0):.0f} | "
-            f"{m.get('proxy_cpu_per_accept_us', '-')} µs |"
+            f"{m.get('proxy_cpu_per_accept_us', '-')} µs | "
+            f"{_kb(m.get('upstream_rss_per_conn_bytes'))} |"
         )
-    lines.append("")
+    lines += ["", "Goals of issue [10], from this run:", "", goal_table(r)]
     lines.append(
         f"fd limit {r['machine']['fd_limit']} per process: HAProxy (2 fds per client) "
         "is measured at 9,000 idle connections, the others at up to 15,000."
     )
     return "\n".join(lines) + "\n"
+
+
+def _kb(v: float | None) -> str:
+    return f"{v / 1000:.2f} KB" if v is not None else "-"
+
+
+def _upstream_cpu(name: str, m: dict[str, Any]) -> str:
+    """The echo upstreams' CPU per message (pmlb rows: the SDK's cost)."""
+    v = m.get("backend_cpu_per_msg_us")
+    return f"{v:.2f} µs" if name.startswith("pmlb") and v is not None else "-"
+
+
+def goal_table(r: dict[str, Any]) -> str:
+    """Issue [10]'s goals against HAProxy, each computed from this run."""
+    pmlbs = [n for n in r["idle"] if n.startswith("pmlb")]
+
+    def get(section: str, case: str | None, name: str, key: str) -> float | None:
+        d = r[section].get(case, {}) if case else r[section]
+        v = d.get(name, {}).get(key)
+        return float(v) if v else None
+
+    # (figure, goal text, where, key, unit, check of (pmlb, haproxy))
+    specs: list[tuple[str, str, str, str | None, str, str, Any]] = [
+        (f"CPU per msg {c}", f"≤ {g}x", "echo", c, "proxy_cpu_per_msg_us", "µs",
+         lambda p, h, g=g: p / h <= g)
+        for c, g in (("100x1x64", 1.5), ("1000x4x64", 1.0), ("100x16x1024", 1.5))
+    ]  # fmt: skip
+    specs += [
+        ("bulk CPU per MB", "≤ 1.25x", "bulk", None, "proxy_cpu_per_mb_us", "µs",
+         lambda p, h: p / h <= 1.25),
+        ("CPU per accept", "≤ 1.5x", "idle", None, "proxy_cpu_per_accept_us", "µs",
+         lambda p, h: p / h <= 1.5),
+        ("RSS per idle mark", "≤ 1.5 KB", "idle", None, "rss_per_conn_bytes", "B",
+         lambda p, h: p <= 1500),
+        ("1x1x64 p50", "≤ HAProxy + 150 µs", "echo", "1x1x64", "p50_us", "µs",
+         lambda p, h: p - h <= 150),
+    ]  # fmt: skip
+    lines = [
+        "| figure | goal | HAProxy | " + " | ".join(pmlbs) + " |",
+        "|---|---|---|" + "---|" * len(pmlbs),
+    ]
+    for figure, goal, section, case, key, unit, ok in specs:
+        h = get(section, case, "haproxy", key)
+        cells = []
+        for n in pmlbs:
+            p = get(section, case, n, key)
+            if p is None or h is None:
+                cells.append("-")
+                continue
+            cells.append(f"{_fmt(p, unit)} ({p / h:.2f}x) {'met' if ok(p, h) else 'NOT met'}")
+        lines.append(
+            f"| {figure} | {goal} | {_fmt(h, unit) if h else '-'} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float, unit: str) -> str:
+    return _kb(v) if unit == "B" else f"{v:.2f} µs"
 
 
 def _us(v: float) -> str:

@@ -19,11 +19,10 @@ import random
 import time
 from typing import TYPE_CHECKING, Final
 
-import grpc
-
 from pmlb import __version__, reasons, wire
 from pmlb.domain import UpstreamSpec
 from pmlb.errors import PmlbError
+from pmlb.transport import ClientStream, TransportError, open_client
 
 if TYPE_CHECKING:
     from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
@@ -43,22 +42,6 @@ BACKOFF_RESET_AFTER: Final = 1.0
 # a link only while no other suspect is on probation there; probation ends when
 # its replayed frames are acknowledged, or after this long.
 PROBATION_TIMEOUT: Final = 1.0
-# Keepalive pings detect a peer that vanished without a FIN (power loss, a cut
-# cable); pmlb's own ack deadlines for hung upstreams come with failover.
-CHANNEL_OPTIONS: Final = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", wire.GRPC_MAX_MESSAGE),
-    ("grpc.max_send_message_length", wire.GRPC_MAX_MESSAGE),
-    ("grpc.enable_retries", 0),
-    # One channel per link, never shared with another Link to the same address.
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-)
-
 DOWN, CONNECTING, UP = "down", "connecting", "up"
 
 
@@ -88,8 +71,7 @@ class Link:
         self.last_error = ""
         self.up_since = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._call: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
-        self._channel: grpc.aio.Channel | None = None
+        self._stream: ClientStream | None = None
         self._stopping = False
         self._unknown_logged = 0.0
         self._foreign_logged = 0.0
@@ -176,10 +158,10 @@ class Link:
         self._stopping = True
         if self.state == UP:
             await self.writer.close(timeout)
-            call = self._call
-            if call is not None:
+            stream = self._stream
+            if stream is not None:
                 try:
-                    await asyncio.wait_for(call.done_writing(), timeout)
+                    await asyncio.wait_for(stream.done_writing(), timeout)
                 except Exception as exc:
                     log.debug("link %s: done_writing failed: %r", self.id, exc)
         if self._task is not None:
@@ -219,34 +201,31 @@ class Link:
 
     async def _session(self) -> None:
         self.state = CONNECTING
-        creds = self.plane.upstream_credentials
-        channel = (
-            grpc.aio.secure_channel(self.spec.addr, creds, options=CHANNEL_OPTIONS)
-            if creds is not None
-            else grpc.aio.insecure_channel(self.spec.addr, options=CHANNEL_OPTIONS)
+        cfg = self.plane.config
+        token = cfg.upstream_token
+        stream = open_client(
+            cfg.link_transport,
+            self.spec.addr,
+            tls=self.plane.link_tls,
+            metadata={"authorization": f"Bearer {token}"} if token else {},
         )
-        self._channel = channel
-        token = self.plane.config.upstream_token
-        call = channel.stream_stream(
-            wire.BRIDGE_METHOD,
-            request_serializer=wire.serialize_batch,
-            response_deserializer=wire.parse_batch_lenient,
-        )(metadata=(("authorization", f"Bearer {token}"),) if token else None)  # type: ignore[call-arg]
-        self._call = call
-        writer = wire.BatchWriter(call.write, on_drain=self._on_drain)
+        self._stream = stream
+        writer = wire.BatchWriter(stream.write, on_drain=self._on_drain)
         self.writer = writer
         hello = writer.current.hello
-        cfg = self.plane.config
         hello.id = cfg.node_id
         hello.protocol = wire.PROTOCOL_VERSION
         hello.initial_window = cfg.window
         hello.service = cfg.service
         hello.software = f"pmlb/{__version__}"
         writer_task = writer.start()
-        writer_task.add_done_callback(lambda t: t.cancelled() or (t.exception() and call.cancel()))
+        # A write that fails ends the session: the read below fails at once.
+        writer_task.add_done_callback(
+            lambda t: None if t.cancelled() or t.exception() is None else stream.cancel()
+        )
         writer.kick()
         try:
-            first = await asyncio.wait_for(wire.read_batch(call.read), HELLO_TIMEOUT)
+            first = await asyncio.wait_for(stream.read(), HELLO_TIMEOUT)
             if first is None or not first.HasField("hello"):
                 raise LinkBroken("upstream did not answer with a Hello")
             self.peer_window = first.hello.initial_window or wire.DEFAULT_WINDOW
@@ -266,11 +245,11 @@ class Link:
             )
             self._hung = False
             self.expect_since = 0.0
-            watchdog = asyncio.get_running_loop().create_task(self._watchdog(call))
+            watchdog = asyncio.get_running_loop().create_task(self._watchdog(stream))
             self.plane.link_up(self)
             self._dispatch(first)
             while True:
-                batch = await wire.read_batch(call.read)
+                batch = await stream.read()
                 if batch is None:
                     self.plane.stats.garbage_batches += 1
                     log.warning("link %s: dropped a batch that is not a pmlb.v1.Batch", self.id)
@@ -279,14 +258,10 @@ class Link:
         except wire.StreamEnded:
             self.last_error = "upstream ended the stream"
             raise LinkBroken(self.last_error) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._hung and task is not None and not task.cancelling():
-                self.last_error = f"no answer within {self.plane.config.ack_timeout:.1f}s (hung)"
-                raise LinkBroken(self.last_error) from None
-            raise
-        except grpc.aio.AioRpcError as exc:
-            self.last_error = f"{exc.code().name}: {exc.details()}"
+        except TransportError as exc:
+            self.last_error = (
+                f"no answer within {cfg.ack_timeout:.1f}s (hung)" if self._hung else str(exc)
+            )
             raise LinkBroken(self.last_error) from None
         except TimeoutError:
             self.last_error = f"no Hello within {HELLO_TIMEOUT:.0f}s"
@@ -304,10 +279,8 @@ class Link:
             self.frames_sent += writer.frames_sent
             self.full_flushes += writer.cuts
             self.writer = wire.BatchWriter(self._no_stream)
-            call.cancel()
-            await channel.close(grace=None)
-            self._call = None
-            self._channel = None
+            await stream.close()
+            self._stream = None
             self.congested = False
             self.stalled.clear()
             if self.probation is not None:
@@ -328,7 +301,7 @@ class Link:
                 )
                 self.plane.link_down(self)
 
-    async def _watchdog(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    async def _watchdog(self, stream: ClientStream) -> None:
         """Break the link when the upstream stops answering (alive TCP, no progress).
 
         ``expect_since`` is when we first sent something not answered since:
@@ -361,7 +334,7 @@ class Link:
                     self.spec.addr,
                     timeout,
                 )
-                call.cancel()
+                stream.cancel()
                 return
 
     async def _no_stream(self, batch: pb.Batch) -> None:

@@ -38,6 +38,7 @@ from pmlb.observability.logs import fields
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.tlsconf import ListenerTLS, upstream_channel_credentials
+from pmlb.transport import ClientTLS
 
 log = logging.getLogger("pmlb.plane")
 
@@ -77,6 +78,12 @@ class DataPlane:
         )
         self.upstream_credentials = upstream_channel_credentials(
             config.upstream_ca, config.upstream_cert, config.upstream_key
+        )
+        # The same files for the links, whichever transport they use.
+        self.link_tls = (
+            ClientTLS(config.upstream_ca, config.upstream_cert, config.upstream_key)
+            if config.upstream_ca or config.upstream_cert
+            else None
         )
         self.acceptors: list[Acceptor] = []
         self.accepting = False

@@ -11,8 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
-import grpc
-
+from pmlb.transport import ServerTLS
 from pmlb.upstream.sdk import Conn, Handler, UpstreamServer
 
 log = logging.getLogger("pmlb.upstream")
@@ -42,8 +41,10 @@ async def run_echo(
     plain: bool,
     window: int,
     stop: asyncio.Event,
-    credentials: grpc.ServerCredentials | None = None,
+    *,
+    tls: ServerTLS | None = None,
     token: str | None = None,
+    transport: str | None = None,
 ) -> int:
     """``pmlb echo-upstream``: serve until ``stop`` is set."""
     provider: Any = None
@@ -59,8 +60,9 @@ async def run_echo(
         listen=listen,
         window=window,
         tracer_provider=provider,
-        credentials=credentials,
+        tls=tls,
         token=token,
+        transport=transport,
     )
     await server.start()
     await stop.wait()

@@ -41,16 +41,16 @@ import inspect
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pmlb import __version__, reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.errors import BackpressureError, MarkGone
 from pmlb.ids import node_of
+from pmlb.transport import DEFAULT_TRANSPORT, Refused, ServerStream, ServerTLS, check_transport
 
 if TYPE_CHECKING:
     from pmlb.client import MarkClient
@@ -531,9 +531,22 @@ class UpstreamServer:
         credentials: grpc.ServerCredentials | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         token: str | None = None,
+        tls: ServerTLS | None = None,
+        transport: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        # Which gRPC implementation serves the Bridge and health (pmlb.transport):
+        # the argument, else PMLB_LINK_TRANSPORT, else the default. grpcio's own
+        # ``credentials`` object implies grpcio; ``tls`` works with both.
+        if transport is None:
+            transport = "grpcio" if credentials is not None else None
+        self.transport = check_transport(
+            transport or os.environ.get("PMLB_LINK_TRANSPORT") or DEFAULT_TRANSPORT
+        )
+        if credentials is not None and self.transport != "grpcio":
+            raise ValueError("credentials= is a grpcio object; use tls=ServerTLS(...) instead")
+        self._tls = tls
         self.handler = handler
         # Nodes must present this token on the Bridge (the node's
         # --upstream-token); default PMLB_UPSTREAM_TOKEN; None: anyone may call.
@@ -565,8 +578,7 @@ class UpstreamServer:
             from pmlb.client import MarkClient
 
             self._marks_client = MarkClient(etcd, etcd_prefix)
-        self._credentials = credentials  # TLS / mTLS (pmlb.tlsconf helps build them)
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._credentials = credentials  # TLS / mTLS for grpcio (prefer ``tls``)
         # Spans for on_open/on_close join the mark's trace (Open.trace_context).
         # Without a provider, OpenTelemetry's global no-op tracer costs nothing.
         self._tracer: Any = None
@@ -582,62 +594,45 @@ class UpstreamServer:
             self._propagator = TraceContextTextMapPropagator()
         except ImportError:  # pragma: no cover - opentelemetry is a dependency
             pass
-        self._server: grpc.aio.Server | None = None
+        self._server: Any = None  # a pmlb.transport server, once started
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> int:
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", wire.GRPC_MAX_MESSAGE),
-                ("grpc.max_send_message_length", wire.GRPC_MAX_MESSAGE),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        handler = grpc.stream_stream_rpc_method_handler(
-            self._bridge,
-            request_deserializer=wire.parse_batch_lenient,
-            response_serializer=wire.serialize_batch,
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Bridge": handler}),)
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = (
-            server.add_secure_port(self.listen, self._credentials)
-            if self._credentials is not None
-            else server.add_insecure_port(self.listen)
-        )
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.listen}")
-        await server.start()
+        if self.transport == "grpclib":
+            from pmlb.transport import h2lib
+
+            server: Any = h2lib.Server(self._bridge, tls=self._tls)
+        else:
+            from pmlb.transport import cgrpc
+
+            server = cgrpc.Server(self._bridge, tls=self._tls, credentials=self._credentials)
+        self.port = await server.start(self.listen)
         self._server = server
         await self.set_serving(True)
-        log.info("upstream %s serving pmlb.v1.Upstream on port %d", self.upstream_id, self.port)
+        log.info(
+            "upstream %s serving pmlb.v1.Upstream on port %d (%s)",
+            self.upstream_id,
+            self.port,
+            self.transport,
+        )
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._marks_client is not None:
             await self._marks_client.close_all()
         if self._server is not None:
-            await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)
 
     async def wait(self) -> None:
         if self._server is not None:
-            await self._server.wait_for_termination()
+            await self._server.wait()
 
     async def set_serving(self, serving: bool) -> None:
         """Flip what grpc.health.v1 reports (checkers stop routing to NOT_SERVING)."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self._health.set("", status)
-        await self._health.set(SERVICE_NAME, status)
+        if self._server is not None:
+            await self._server.set_health("", serving)
+            await self._server.set_health(SERVICE_NAME, serving)
 
     def _span(self, name: str, conn: Conn, reason: str = "") -> Any:
         """A span, child of the mark's trace, current while the handler runs."""
@@ -703,29 +698,23 @@ class UpstreamServer:
 
     # -- the Bridge stream ---------------------------------------------------
 
-    async def _bridge(
-        self,
-        request_iterator: AsyncIterator[pb.Batch],
-        context: grpc.aio.ServicerContext[pb.Batch, pb.Batch],
-    ) -> None:
+    async def _bridge(self, stream: ServerStream) -> None:
         if self.token:
-            given = dict(context.invocation_metadata() or ()).get("authorization", "")
-            if not hmac.compare_digest(str(given).encode(), f"Bearer {self.token}".encode()):
+            given = stream.metadata.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
                 self.stats["unauthenticated"] += 1
                 log.warning(
-                    "refused a Bridge stream without the upstream token from %s", context.peer()
+                    "refused a Bridge stream without the upstream token from %s", stream.peer
                 )
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "upstream token required")
-                return
+                raise Refused("UNAUTHENTICATED", "upstream token required")
         try:
-            first = await wire.read_batch(context.read)
+            first = await stream.read()
         except wire.StreamEnded:
             return
         if first is None or not first.HasField("hello"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first Batch must carry hello")
-            return
+            raise Refused("INVALID_ARGUMENT", "first Batch must carry hello")
         hello = first.hello
-        writer = wire.BatchWriter(context.write)
+        writer = wire.BatchWriter(stream.write)
         reply = writer.current.hello
         reply.id = self.upstream_id
         reply.protocol = wire.PROTOCOL_VERSION
@@ -748,7 +737,7 @@ class UpstreamServer:
             session.process(first)
             while True:
                 try:
-                    batch = await wire.read_batch(context.read)
+                    batch = await stream.read()
                 except wire.StreamEnded:
                     reason = "node_closed"
                     break

@@ -1,0 +1,172 @@
+"""The seam between the Bridge protocol and a gRPC implementation.
+
+pmlb's Bridge logic (the node's links in ``dataplane.link``, the SDK's
+sessions in ``upstream.sdk``) reads and writes whole ``pmlb.v1.Batch``
+messages on one bidirectional stream and needs nothing else from gRPC. This
+package gives it that stream from one of two implementations, both real gRPC
+over HTTP/2 and interoperable with each other and with any other gRPC stack:
+
+``grpclib``
+    pure-Python gRPC on asyncio and h2. No poller thread: a frame costs one
+    event-loop turn, and several writes may be in flight. The default, because
+    ``make bench`` measured it cheaper per frame on the node and the SDK (see
+    README, Performance).
+``grpcio``
+    Google's grpc.aio (C core). Still used for what it does well regardless of
+    this choice: the health checker, the control API and etcd.
+
+The node picks with ``--link-transport``; the SDK with
+``UpstreamServer(transport=...)`` or, by default, ``PMLB_LINK_TRANSPORT``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.errors import ConfigError, PmlbError
+
+# Re-exported: transports raise it at a clean end of a stream.
+from pmlb.wire import StreamEnded as StreamEnded
+
+TRANSPORTS: Final = ("grpclib", "grpcio")
+DEFAULT_TRANSPORT: Final = "grpclib"
+
+# HTTP/2 keepalive on links: a peer that vanished without a FIN (power loss, a
+# cut cable) is noticed within KEEPALIVE_TIME + KEEPALIVE_TIMEOUT even when no
+# mark is bound; pmlb's own pings (--ack-timeout) cover hung peers with marks.
+KEEPALIVE_TIME: Final = 10.0
+KEEPALIVE_TIMEOUT: Final = 5.0
+
+
+class TransportError(PmlbError):
+    """The stream failed: a gRPC status from the peer, or the connection broke."""
+
+
+class ClientStream(Protocol):
+    """The node's end of one Bridge stream (one link session)."""
+
+    async def write(self, batch: pb.Batch) -> None:
+        """Send one Batch; raises TransportError when the stream is broken."""
+
+    async def read(self) -> pb.Batch | None:
+        """The next Batch, or None for a message that is not a Batch.
+
+        Raises StreamEnded at a clean end, TransportError on failure.
+        """
+
+    async def done_writing(self) -> None:
+        """Half-close: no more Batches from this side."""
+
+    def cancel(self) -> None:
+        """Abort the stream now; a pending or later read raises TransportError."""
+
+    async def close(self) -> None:
+        """Release the connection (after cancel or the end of the stream)."""
+
+
+class ServerStream(Protocol):
+    """The upstream's end of one Bridge stream."""
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """Request metadata (lower-case keys)."""
+
+    @property
+    def peer(self) -> str:
+        """The node's address, for logs."""
+
+    async def read(self) -> pb.Batch | None:
+        """As ClientStream.read."""
+
+    async def write(self, batch: pb.Batch) -> None:
+        """Send one Batch."""
+
+
+BridgeHandler = Callable[[ServerStream], Awaitable[None]]
+
+
+class Refused(PmlbError):
+    """Raised by a Bridge handler to end the stream with a gRPC status.
+
+    ``status`` is the status name (e.g. ``"UNAUTHENTICATED"``).
+    """
+
+    def __init__(self, status: str, details: str) -> None:
+        super().__init__(details)
+        self.status = status
+        self.details = details
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """Files for TLS on links (mTLS when cert and key are given)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """Files for an upstream's TLS; with ``client_ca`` it demands client certificates."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+def check_transport(name: str) -> str:
+    if name not in TRANSPORTS:
+        raise ConfigError(f"unknown link transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
+    return name
+
+
+def client_ssl_context(tls: ClientTLS) -> ssl.SSLContext:
+    """An SSLContext for a link, speaking h2 (gRPC over TLS)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    ctx.set_alpn_protocols(["h2"])
+    if tls.cert:
+        try:
+            ctx.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS certificate {tls.cert}: {exc}") from None
+    return ctx
+
+
+def server_ssl_context(tls: ServerTLS) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+        if tls.client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=tls.client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS material {tls.cert}: {exc}") from None
+    return ctx
+
+
+def open_client(
+    transport: str,
+    addr: str,
+    *,
+    tls: ClientTLS | None,
+    metadata: Mapping[str, str],
+) -> ClientStream:
+    """Open a Bridge stream to ``addr`` (``host:port``) with ``transport``.
+
+    Connecting happens with the first write; failures surface there or in
+    the first read as TransportError.
+    """
+    if check_transport(transport) == "grpclib":
+        from pmlb.transport import h2lib
+
+        return h2lib.open_client(addr, tls=tls, metadata=metadata)
+    from pmlb.transport import cgrpc
+
+    return cgrpc.open_client(addr, tls=tls, metadata=metadata)

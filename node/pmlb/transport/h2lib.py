@@ -1,0 +1,323 @@
+"""Bridge streams on grpclib (pure-Python gRPC on asyncio + h2):
+``--link-transport grpclib``.
+
+grpclib runs in the event loop itself, with no poller thread to hand frames
+across, which is what makes it cheaper per frame than grpc.aio in the node's
+pattern (many small frames batched, several writes in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final, cast
+
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+from grpclib.client import Channel
+from grpclib.client import Stream as ClientCall
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.encoding.base import CodecBase
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.server import Server as GServer
+from grpclib.server import Stream as ServerCall
+
+from pmlb import wire
+from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.domain import parse_hostport
+from pmlb.transport import (
+    KEEPALIVE_TIME,
+    KEEPALIVE_TIMEOUT,
+    BridgeHandler,
+    ClientTLS,
+    Refused,
+    ServerTLS,
+    StreamEnded,
+    TransportError,
+    client_ssl_context,
+    server_ssl_context,
+)
+
+log = logging.getLogger("pmlb.transport")
+
+# What the codec returns for a message that is not a Batch: grpclib takes None
+# for the end of the stream, so garbage needs a value of its own.
+_GARBAGE: Final = object()
+# The errors grpclib (and the sockets under it) raise when a stream breaks.
+_BROKEN = (GRPCError, StreamTerminatedError, ProtocolError, ConnectionError, OSError)
+
+CLIENT_CONFIG: Final = Configuration(
+    _keepalive_time=KEEPALIVE_TIME,
+    _keepalive_timeout=KEEPALIVE_TIMEOUT,
+    _keepalive_permit_without_calls=True,
+    _http2_max_pings_without_data=0,
+    _http2_min_sent_ping_interval_without_data=KEEPALIVE_TIME,
+)
+SERVER_CONFIG: Final = Configuration(
+    _keepalive_time=None,  # the node pings; an upstream need not
+)
+
+
+class _Codec(CodecBase):
+    """Protobuf, except that a message which is not a Batch never raises
+    (grpclib would end the stream, taking every mark on it): it decodes to
+    _GARBAGE and the reader counts and drops it. Oversized messages likewise."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return message.SerializeToString()  # type: ignore[no-any-return]
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if message_type is not pb.Batch:
+            return message_type.FromString(data)
+        if len(data) > wire.GRPC_MAX_MESSAGE:
+            return _GARBAGE
+        try:
+            return pb.Batch.FromString(data)
+        except DecodeError:
+            return _GARBAGE
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, GRPCError):
+        return f"{exc.status.name}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _Client:
+    __slots__ = ("_call", "_cancelled", "_channel", "_started")
+
+    def __init__(self, channel: Channel, call: ClientCall[pb.Batch, pb.Batch]) -> None:
+        self._channel = channel
+        self._call = call
+        self._started: asyncio.Future[None] | None = None
+        self._cancelled = False
+
+    async def _start(self) -> None:
+        """Connect and send the request headers, once, for whoever comes first
+        (the reader may be waiting before the writer has sent anything)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._started)
+
+    async def _open(self) -> None:
+        await self._call.__aenter__()
+        await self._call.send_request()
+
+    async def write(self, batch: pb.Batch) -> None:
+        if self._cancelled:
+            raise TransportError("cancelled")
+        try:
+            await self._start()
+            await self._call.send_message(batch)
+        except _BROKEN as exc:
+            raise TransportError(_describe(exc)) from None
+
+    async def read(self) -> pb.Batch | None:
+        if self._cancelled:
+            raise TransportError("cancelled")
+        try:
+            await self._start()
+            msg = await self._call.recv_message()
+        except _BROKEN as exc:
+            raise TransportError("cancelled" if self._cancelled else self._status(exc)) from None
+        if msg is None:
+            # The upstream ended its side: a status other than OK is an error.
+            try:
+                self._call._maybe_raise()
+            except GRPCError as exc:
+                raise TransportError(_describe(exc)) from None
+            raise StreamEnded("the peer ended the stream")
+        return msg if isinstance(msg, pb.Batch) else None
+
+    def _status(self, exc: BaseException) -> str:
+        # A stream reset or a closed connection often carries the real status
+        # in the trailers that came before it.
+        try:
+            self._call._maybe_raise()
+        except GRPCError as status:
+            return _describe(status)
+        except Exception:  # best effort: the original error is reported below
+            pass
+        return _describe(exc)
+
+    async def done_writing(self) -> None:
+        try:
+            await self._call.end()
+        except _BROKEN as exc:
+            raise TransportError(_describe(exc)) from None
+
+    def cancel(self) -> None:
+        """Close the connection: a pending read fails at once."""
+        self._cancelled = True
+        self._channel.close()
+
+    async def close(self) -> None:
+        self._cancelled = True
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+        self._channel.close()
+
+
+def open_client(addr: str, *, tls: ClientTLS | None, metadata: Mapping[str, str]) -> _Client:
+    host, port = parse_hostport(addr)
+    channel = Channel(
+        host,
+        port,
+        ssl=client_ssl_context(tls) if tls is not None else None,
+        codec=_Codec(),
+        config=CLIENT_CONFIG,
+    )
+    call = channel.request(
+        wire.BRIDGE_METHOD,
+        Cardinality.STREAM_STREAM,
+        pb.Batch,
+        pb.Batch,
+        metadata=dict(metadata) or None,
+    )
+    return _Client(channel, call)
+
+
+class _ServerStream:
+    __slots__ = ("_call", "metadata", "peer")
+
+    def __init__(self, call: ServerCall[pb.Batch, pb.Batch]) -> None:
+        self._call = call
+        self.metadata = {k: v for k, v in (call.metadata or {}).items() if isinstance(v, str)}
+        peer = call.peer.addr()
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    async def read(self) -> pb.Batch | None:
+        msg = await self._call.recv_message()
+        if msg is None:
+            raise StreamEnded("the peer ended the stream")
+        return msg if isinstance(msg, pb.Batch) else None
+
+    async def write(self, batch: pb.Batch) -> None:
+        await self._call.send_message(batch)
+
+
+class _Bridge:
+    def __init__(self, bridge: BridgeHandler) -> None:
+        self._bridge = bridge
+        self.running: set[asyncio.Task[Any]] = set()  # for a graceful stop
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            wire.BRIDGE_METHOD: Handler(self._handle, Cardinality.STREAM_STREAM, pb.Batch, pb.Batch)
+        }
+
+    async def _handle(self, call: ServerCall[pb.Batch, pb.Batch]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        try:
+            await self._bridge(_ServerStream(call))
+        except Refused as exc:
+            raise GRPCError(Status[exc.status], exc.details) from None
+        except _BROKEN as exc:
+            log.debug("Bridge stream from %s broke: %s", call.peer.addr(), _describe(exc))
+
+
+class _Health:
+    """grpc.health.v1.Health (Check and Watch), on grpclib with grpc_health's
+    messages (grpclib's own copy of them would clash in the protobuf pool)."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    def set(self, service: str, serving: bool) -> None:
+        self._status[service] = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def shutdown(self) -> None:
+        for service in list(self._status):
+            self.set(service, False)
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            "/grpc.health.v1.Health/Check": Handler(
+                self._check,
+                Cardinality.UNARY_UNARY,
+                health_pb2.HealthCheckRequest,
+                health_pb2.HealthCheckResponse,
+            ),
+            "/grpc.health.v1.Health/Watch": Handler(
+                self._watch,
+                Cardinality.UNARY_STREAM,
+                health_pb2.HealthCheckRequest,
+                health_pb2.HealthCheckResponse,
+            ),
+        }
+
+    async def _check(self, call: ServerCall[Any, Any]) -> None:
+        request = await call.recv_message()
+        assert request is not None
+        status = self._status.get(request.service)
+        if status is None:
+            raise GRPCError(Status.NOT_FOUND, f"unknown service {request.service!r}")
+        await call.send_message(health_pb2.HealthCheckResponse(status=status))
+
+    async def _watch(self, call: ServerCall[Any, Any]) -> None:
+        request = await call.recv_message()
+        assert request is not None
+        async for status in self._statuses(request.service):
+            await call.send_message(health_pb2.HealthCheckResponse(status=status))
+
+    async def _statuses(self, service: str) -> AsyncIterator[int]:
+        last = -1
+        while True:
+            changed = self._changed
+            status = self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                last = status
+                yield status
+            await changed.wait()
+
+
+class Server:
+    """A grpclib server with pmlb.v1.Upstream and grpc.health.v1.Health."""
+
+    def __init__(self, bridge: BridgeHandler, *, tls: ServerTLS | None = None) -> None:
+        self._health = _Health()
+        self._bridge = _Bridge(bridge)
+        self._ssl = server_ssl_context(tls) if tls is not None else None
+        self._server = GServer([self._bridge, self._health], codec=_Codec(), config=SERVER_CONFIG)
+        self._listener: asyncio.Server | None = None
+
+    async def start(self, listen: str) -> int:
+        host, port = parse_hostport(listen)
+        await self._server.start(host, port, ssl=self._ssl, reuse_address=True)
+        # grpclib keeps the asyncio server (created by loop.create_server) here.
+        self._listener = cast("asyncio.Server | None", self._server._server)
+        sockets = self._listener.sockets if self._listener is not None else ()
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def set_health(self, service: str, serving: bool) -> None:
+        self._health.set(service, serving)
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING, stop accepting, let streams end for ``grace`` seconds,
+        then cancel the rest (what grpc.aio's ``stop(grace)`` does)."""
+        if self._listener is None:
+            return
+        self._health.shutdown()
+        self._listener.close()
+        if self._bridge.running:
+            await asyncio.wait(set(self._bridge.running), timeout=grace)
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def wait(self) -> None:
+        if self._listener is not None:
+            await self._server.wait_closed()
