@@ -93,6 +93,8 @@ async def soak(duration: float, rate: int, long_n: int) -> int:
         port, admin = free_port(), free_port()
         node = spawn(
             "node",
+            "--workers",
+            "1",
             "--listen",
             f"127.0.0.1:{port}",
             "--admin",

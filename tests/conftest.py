@@ -15,6 +15,10 @@ from pmlb.localetcd import LocalEtcd, etcd_binary
 from pmlb.transport import TRANSPORTS
 from tests.support import Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
 
+# Every node a test starts is one process (its id, ports and marks as given)
+# unless the test asks for workers itself (tests/integration/test_workers.py).
+os.environ["PMLB_WORKERS"] = "1"
+
 # Modules whose tests drive the node <-> upstream links: each of their tests runs
 # once per Bridge transport (pmlb.transport), node and upstreams alike, through
 # PMLB_LINK_TRANSPORT, which `pmlb node`, `pmlb echo-upstream` and the SDK read.

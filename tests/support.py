@@ -62,6 +62,27 @@ async def async_wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
 
 
+def children(pid: int) -> list[int]:
+    """PIDs of the live child processes of ``pid``."""
+    out = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(status.parent.name))
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    """The command line of ``pid`` (empty once it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
 class Proc:
     """A pmlb child process (or ``python -m module``) with its log in a file;
     stopped by PID."""

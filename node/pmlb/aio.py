@@ -49,13 +49,15 @@ async def supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
 def run(
     main: Callable[[asyncio.Event], Coroutine[Any, Any, T]],
     on_hup: Callable[[], object] | None = None,
+    on_force: Callable[[], object] | None = None,
 ) -> T:
     """Run ``main(stop_event)`` on uvloop when available.
 
     The first SIGINT or SIGTERM sets the event (graceful stop); a second one
     exits at once with status 1, like uvicorn. SIGHUP calls ``on_hup`` (a
     reload) and never stops the process; without ``on_hup`` it is logged and
-    ignored (its default action would kill the process).
+    ignored (its default action would kill the process). ``on_force`` runs
+    just before a forced exit (a supervisor passes the signal on).
     """
     try:
         import uvloop
@@ -77,6 +79,8 @@ def run(
                 stop.set()
             else:
                 log.warning("%s received again: exiting now", signame)
+                if on_force is not None:
+                    on_force()
                 os._exit(1)
 
         def on_sighup() -> None:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line as given: a --workers supervisor starts its workers with it.
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "node":
             return _node(args)
@@ -125,6 +127,12 @@ def _node(args: argparse.Namespace) -> int:
     from pmlb.observability.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format, f"node/{config.node_id}")
+    from pmlb.workers import Supervisor, default_workers
+
+    workers = config.workers or default_workers()
+    if workers > 1:
+        supervisor = Supervisor(config, args.raw_argv, workers)
+        return aio.run(supervisor.run, on_hup=supervisor.reload, on_force=supervisor.force)
     # SIGHUP re-reads the same flags, variables and --config file.
     app = NodeApp(config, reload_config=lambda: node_config(resolve(NODE_OPTIONS, args)))
     return aio.run(app.run, on_hup=app.reload)

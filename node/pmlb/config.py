@@ -51,6 +51,13 @@ class Option:
         return "PMLB_" + self.dest.upper()
 
 
+def _non_negative_int(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError(f"must be 0 or more, got {n}")
+    return n
+
+
 def _positive_int(v: str) -> int:
     n = int(v)
     if n <= 0:
@@ -153,6 +160,19 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("listen", "client listener HOST:PORT (repeatable)", repeated=True, type=_hostport),
     Option("service", "the service this node's listeners serve", "default"),
     Option("node-id", "node id, part of every mark (default: <hostname>-<first port>)"),
+    Option(
+        "workers",
+        "node processes sharing the listeners (SO_REUSEPORT), each a node <id>-w<i> with "
+        "admin and control ports + i; 0 = one per CPU this process may use",
+        0,
+        _non_negative_int,
+    ),
+    Option(
+        "reuse-port",
+        "bind the listeners with SO_REUSEPORT (set for each worker by --workers)",
+        False,
+        metavar="BOOL",
+    ),
     Option(
         "upstream",
         "static upstream HOST:PORT or ID=HOST:PORT, optionally ' weight=N'; no etcd (repeatable)",
@@ -581,6 +601,8 @@ class NodeConfig:
     drain_window: float = 5.0
     shutdown_timeout: float = 10.0
     backlog: int = 4096
+    workers: int = 1
+    reuse_port: bool = False
     control_token: str | None = field(default=None, repr=False)  # never logged
     admin_token: str | None = field(default=None, repr=False)  # never logged
     control_cert: str | None = None
@@ -707,6 +729,8 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         drain_window=values["drain_window"],
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
+        workers=values["workers"],
+        reuse_port=values["reuse_port"],
         control_token=values["control_token"],
         admin_token=values["admin_token"],
         control_cert=values["control_cert"],

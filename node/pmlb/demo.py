@@ -153,6 +153,8 @@ def run_demo(port: int, upstream_port: int = 7001) -> int:
                 _spawn(
                     f"node n{i}",
                     "node",
+                    "--workers",
+                    "1",
                     "--etcd",
                     etcd.url,
                     "--service",

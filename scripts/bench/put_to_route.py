@@ -94,6 +94,8 @@ def main(rounds: int) -> None:
             port = free_port()
             spawn(
                 "node",
+                "--workers",
+                "1",
                 "--etcd",
                 etcd.url,
                 "--service",

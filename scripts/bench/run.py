@@ -178,6 +178,8 @@ class Bench:
             "raw",
             "--link-transport",
             transport,
+            "--workers",
+            "1",
             "--log-level",
             "warning",
         ]

@@ -12,19 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import ROOT, free_port, run_pmlb, tcp_open, wait_until
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = status.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(status.parent.name))
-    return out
+from tests.support import ROOT, children, free_port, run_pmlb, tcp_open, wait_until
 
 
 def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
@@ -49,8 +37,8 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
             60,
             "the demo banner",
         )
-        children = _children(demo.pid)
-        assert len(children) == 5, "etcd, two upstreams and two nodes"
+        kids = children(demo.pid)
+        assert len(kids) == 5, "etcd, two upstreams and two nodes"
         banner = (tmp_path / "demo.log").read_text()
         addrs = re.findall(r"pmlb connect (127\.0\.0\.\d+):(\d+)", banner)
         assert len(addrs) == 2
@@ -77,14 +65,14 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
 
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0
-        for pid in children:
+        for pid in kids:
             wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, f"child {pid} gone")
         for host, p in addrs:
             assert not tcp_open(host, int(p))
         assert set(Path(tempfile.gettempdir()).glob("pmlb-etcd-*")) == tmp_before, "no temp files"
     finally:
         if demo.poll() is None:
-            leftovers = _children(demo.pid)
+            leftovers = children(demo.pid)
             demo.kill()
             for pid in leftovers:  # never leave the demo's children behind a failed test
                 with contextlib.suppress(ProcessLookupError):

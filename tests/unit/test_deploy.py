@@ -106,6 +106,7 @@ def test_kubernetes_manifests(tmp_path: Path) -> None:
     assert int(values["listen"][0].rsplit(":", 1)[1]) == ports["clients"]
     assert int(values["admin"].rsplit(":", 1)[1]) == ports["admin"]
     assert int(values["control"].rsplit(":", 1)[1]) == ports["control"]
+    assert values["workers"] == 1, "one node process per pod: probes reach worker 0 only"
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert f":{ports['admin']}/drain" in " ".join(c["lifecycle"]["preStop"]["exec"]["command"])

@@ -43,6 +43,7 @@ class Acceptor:
         rate: float = 0.0,
         proxy_before_tls: Callable[[str], bool] | None = None,
         proxy_failed: Callable[[str, int, str], None] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         # factory(header): the protocol for one connection; header is the PROXY
         # header already read (before TLS) for trusted peers, else None.
@@ -63,7 +64,7 @@ class Acceptor:
         self.handshake_timeout = handshake_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.create_server(
-            (host, port), family=family, backlog=backlog, reuse_port=False
+            (host, port), family=family, backlog=backlog, reuse_port=reuse_port
         )
         self.sock.setblocking(False)
         self.loop = asyncio.get_running_loop()

@@ -142,6 +142,7 @@ class DataPlane:
                 rate=self.config.accept_rate,
                 proxy_before_tls=self.expects_proxy if self.proxy_trusted else None,
                 proxy_failed=self._proxy_failed,
+                reuse_port=self.config.reuse_port,
             )
             self.acceptors.append(acceptor)
             log.info(
