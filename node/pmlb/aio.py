@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -44,6 +45,39 @@ async def supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
             )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``event``; whether it is set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns instead of raising
+    when a cancellation and the event land in the same loop iteration, and a
+    loop waiting like that never stops (asyncio.timeout has no such race).
+    An event that is set already returns at once without yielding to the
+    loop: a loop around this must clear the event it waits on."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
+
+
+STOP_RECANCEL: Final = 0.1
+
+
+async def stop_task(task: asyncio.Task[Any], what: str) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every
+    STOP_RECANCEL seconds: a cancellation can be lost inside a library (see
+    wait_event), and a stop must not hang on it. What the task raised is
+    logged at debug level (it is being stopped; its errors were logged)."""
+    retries = 0
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_RECANCEL)
+        retries += 1
+        if retries == 2:
+            log.warning("%s ignored a cancellation; cancelling again", what)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("%s ended with %r", what, task.exception())
 
 
 def run(

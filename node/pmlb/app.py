@@ -14,7 +14,6 @@ control API -> tracing flush.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 import grpc
 
 from pmlb import __version__
+from pmlb.aio import wait_event
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.dns import advertised_host, advertised_ip, skydns_key, skydns_value
@@ -111,9 +111,7 @@ class NodeApp:
             self.view.start()
             # Listen once the first view is in, so early clients are not parked;
             # if etcd is down, start anyway (clients wait up to --connect-timeout).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.view.synced.wait(), 5.0)
-            if not self.view.synced.is_set():
+            if not await wait_event(self.view.synced, 5.0):
                 log.warning("etcd not reachable yet: listening without an upstream view")
         await self.plane.start()
         if self.admin is not None:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from pmlb.aio import wait_event
 from pmlb.config import NodeConfig
 from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError
@@ -121,11 +122,8 @@ class Worker:
                 self.restarts,
                 delay,
             )
-            try:
-                await asyncio.wait_for(stopping.wait(), delay)
+            if await wait_event(stopping, delay):
                 return rc  # asked to stop while waiting: do not restart
-            except TimeoutError:
-                pass
 
 
 class Supervisor:

@@ -18,14 +18,13 @@ lease, so they vanish with it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pmlb.aio import supervised
+from pmlb.aio import stop_task, supervised, wait_event
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.session import Session
 from pmlb.domain import UpstreamSpec
@@ -82,9 +81,7 @@ class Checker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await stop_task(self._task, "checker")
         await self.resign()
         for p in self._probes.values():
             await p.channel.close(grace=None)
@@ -106,12 +103,17 @@ class Checker:
         while True:
             lease = self.session.lease
             if not lease or not self.session.healthy:
-                await self._wait_change(self.settings.interval)
+                # Wait for the session to change (not for checker_changed: it
+                # may be set already, and this loop would spin).
+                self.session.changed.clear()
+                if not self.session.lease or not self.session.healthy:
+                    await wait_event(self.session.changed, self.settings.interval)
                 continue
             try:
                 won = await self.store.put_if_absent(key, self.node_id, lease)
             except StoreError as exc:
                 log.debug("campaign failed: %s", exc)
+                self.view.checker_changed.clear()  # retry after the interval, not in a spin
                 await self._wait_change(self.settings.interval)
                 continue
             if not won:
@@ -130,8 +132,7 @@ class Checker:
             log.warning("no longer checker of service %s", self.view.service)
 
     async def _wait_change(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.view.checker_changed.wait(), timeout)
+        await wait_event(self.view.checker_changed, timeout)
 
     async def _check_while_leader(self, key: str, lease: int) -> None:
         while self.session.lease == lease:

@@ -13,13 +13,12 @@ upstream list (health folded into each spec) whenever it changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Callable
 
-from pmlb.aio import supervised
+from pmlb.aio import stop_task, supervised
 from pmlb.domain import UpstreamSpec
 from pmlb.store.etcd import EtcdStore, Event, StoreError, WatchReset
 from pmlb.store.keys import UNKNOWN, Health, InvalidValue, Keys, parse_health, parse_upstream
@@ -59,9 +58,7 @@ class ServiceView:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await stop_task(self._task, f"discovery of {self.service}")
 
     def specs(self) -> list[UpstreamSpec]:
         out = []

@@ -14,12 +14,11 @@ granted and every ``on_new_lease`` callback runs again to re-create its keys.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from pmlb.aio import supervised
+from pmlb.aio import stop_task, supervised
 from pmlb.store.etcd import EtcdStore, StoreError
 
 log = logging.getLogger("pmlb.session")
@@ -35,7 +34,8 @@ class Session:
         self.healthy = False
         self.last_ok = 0.0
         self.grants = 0
-        self.changed = asyncio.Event()  # set whenever lease or health changes
+        # Set whenever the lease or health changes; the checker clears it and waits.
+        self.changed = asyncio.Event()
         self._callbacks: list[OnLease] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -51,9 +51,7 @@ class Session:
     async def stop(self, revoke: bool = True) -> None:
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await stop_task(self._task, "etcd session")
         if revoke and self.lease and await self.store.revoke(self.lease):
             log.info("lease %x revoked: registration and checker keys removed", self.lease)
         self.lease = 0

@@ -16,7 +16,6 @@ later; the plane does not care where the list comes from.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import random
@@ -25,6 +24,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from pmlb import reasons
+from pmlb.aio import wait_event
 from pmlb.config import NodeConfig
 from pmlb.dataplane.acceptor import Acceptor
 from pmlb.dataplane.balancer import make_balancer
@@ -493,8 +493,7 @@ class DataPlane:
         self.stop_accepting()
         if self.marks:
             log.info("draining: %d marks open; waiting up to %.0fs", len(self.marks), timeout)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout)
+            await wait_event(self._idle, timeout)
         left = list(self.marks.values())
         if not left:
             return
@@ -516,16 +515,13 @@ class DataPlane:
         for conn in open_marks:
             conn.close(reason, "", notify=conn.state in (BOUND, MOVING))
         # Let transports flush and links carry the closes out, bounded.
-        if self.marks:
-            try:
-                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                log.warning(
-                    "%d client connections did not finish in time; aborting them", len(self.marks)
-                )
-                for conn in list(self.marks.values()):
-                    if conn.transport is not None:
-                        conn.transport.abort()
+        if self.marks and not await wait_event(self._idle, max(0.0, deadline - time.monotonic())):
+            log.warning(
+                "%d client connections did not finish in time; aborting them", len(self.marks)
+            )
+            for conn in list(self.marks.values()):
+                if conn.transport is not None:
+                    conn.transport.abort()
         for task in list(self._migrations.values()):
             task.cancel()
         if self._sweeper is not None:
