@@ -310,6 +310,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short windows, fewer points")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--bindir", required=True, help="where loadgen and echo_server are built")
+    ap.add_argument(
+        "--only",
+        default="echo,bulk,sweep,idle",
+        help="comma-separated parts to run (echo, bulk, sweep, idle); for trying a change",
+    )
     args = ap.parse_args()
     warmup, measure = (0.5, 1.5) if args.quick else (1.5, 4.0)
     out_dir = Path(args.out)
@@ -329,50 +334,27 @@ def main() -> int:
         "idle": {},
         "sweep": {},
     }
+    parts = set(args.only.split(","))
     try:
         targets = bench.start_targets()
-        for conns, inflight, size in ECHO_CASES:
-            key = f"{conns}x{inflight}x{size}"
-            report["echo"][key] = {
-                t.name: bench.echo_case(t, conns, inflight, size, warmup, measure) for t in targets
-            }
-            print(f"bench: {key} done", file=sys.stderr, flush=True)
-        floor = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "grpc_floor.py")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if floor.returncode == 0:
-            report["grpc_floor"] = json.loads(floor.stdout.strip().splitlines()[-1])
-        conns, inflight, size = BULK_CASE
-        report["bulk"] = {
-            t.name: bench.echo_case(t, conns, inflight, size, warmup, measure) for t in targets
-        }
-        for r in report["bulk"].values():
-            if "msgs_per_s" in r:
-                r["mb_per_s"] = round(r["msgs_per_s"] * size / 1e6, 1)
-                if "proxy_cpu_per_msg_us" in r:
-                    r["proxy_cpu_per_mb_us"] = round(r["proxy_cpu_per_msg_us"] * 1e6 / size, 0)
-        print("bench: bulk done", file=sys.stderr, flush=True)
-        sweep_points = SWEEP[::2] if args.quick else SWEEP
-        for t in targets:
-            if t.name == "direct":
-                continue
-            report["sweep"][t.name] = [
-                {"conns": c, **bench.echo_case(t, c, 1, 64, 0.3, 1.0 if args.quick else 2.0)}
-                for c in sweep_points
-            ]
-        print("bench: sweep done", file=sys.stderr, flush=True)
-        hold = 1.5
-        for t in targets:
-            n = min(t.max_idle, 5_000 if args.quick else t.max_idle)
-            report["idle"][t.name] = bench.idle_case(t, n, hold)
-        print("bench: idle done", file=sys.stderr, flush=True)
+        if "echo" in parts:
+            run_echo(bench, targets, report, warmup, measure)
+        if "bulk" in parts:
+            run_bulk(bench, targets, report, warmup, measure)
+        if "sweep" in parts:
+            run_sweep(bench, targets, report, args.quick)
+        if "idle" in parts:
+            hold = 1.5
+            for t in targets:
+                n = min(t.max_idle, 5_000 if args.quick else t.max_idle)
+                report["idle"][t.name] = bench.idle_case(t, n, hold)
+            print("bench: idle done", file=sys.stderr, flush=True)
     finally:
         bench.stop_all()
 
+    if parts != {"echo", "bulk", "sweep", "idle"}:
+        print(render_table(report))  # a partial run: printed, not saved as the latest
+        return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
     (out_dir / "latest.json").write_text(json.dumps(report, indent=1))
@@ -381,6 +363,53 @@ def main() -> int:
     print(table)
     plot(report, out_dir / "latency-vs-load.png")
     return 0
+
+
+def run_echo(
+    bench: Bench, targets: list[Target], report: dict[str, Any], warmup: float, measure: float
+) -> None:
+    for conns, inflight, size in ECHO_CASES:
+        key = f"{conns}x{inflight}x{size}"
+        report["echo"][key] = {
+            t.name: bench.echo_case(t, conns, inflight, size, warmup, measure) for t in targets
+        }
+        print(f"bench: {key} done", file=sys.stderr, flush=True)
+    floor = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "grpc_floor.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if floor.returncode == 0:
+        report["grpc_floor"] = json.loads(floor.stdout.strip().splitlines()[-1])
+
+
+def run_bulk(
+    bench: Bench, targets: list[Target], report: dict[str, Any], warmup: float, measure: float
+) -> None:
+    conns, inflight, size = BULK_CASE
+    report["bulk"] = {
+        t.name: bench.echo_case(t, conns, inflight, size, warmup, measure) for t in targets
+    }
+    for r in report["bulk"].values():
+        if "msgs_per_s" in r:
+            r["mb_per_s"] = round(r["msgs_per_s"] * size / 1e6, 1)
+            if "proxy_cpu_per_msg_us" in r:
+                r["proxy_cpu_per_mb_us"] = round(r["proxy_cpu_per_msg_us"] * 1e6 / size, 0)
+    print("bench: bulk done", file=sys.stderr, flush=True)
+
+
+def run_sweep(bench: Bench, targets: list[Target], report: dict[str, Any], quick: bool) -> None:
+    sweep_points = SWEEP[::2] if quick else SWEEP
+    for t in targets:
+        if t.name == "direct":
+            continue
+        report["sweep"][t.name] = [
+            {"conns": c, **bench.echo_case(t, c, 1, 64, 0.3, 1.0 if quick else 2.0)}
+            for c in sweep_points
+        ]
+    print("bench: sweep done", file=sys.stderr, flush=True)
 
 
 def _ratio(a: float | None, b: float | None) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 ROWS: list[dict[str, Any]] = []
 
 
 def record(scenario: str, **figures: Any) -> None:
+    # Link-level tests run once per Bridge transport (tests/conftest.py): say which.
+    transport = os.environ.get("PMLB_LINK_TRANSPORT")
+    if transport:
+        scenario = f"{scenario} [{transport}]"
     ROWS.append({"scenario": scenario, **figures})
 
 

@@ -9,10 +9,12 @@ pattern (many small frames batched, several writes in flight).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, cast
 
+import hyperframe.frame
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpclib.client import Channel
@@ -21,8 +23,10 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GServer
 from grpclib.server import Stream as ServerCall
+from h2.settings import SettingCodes
 
 from pmlb import wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
@@ -42,6 +46,25 @@ from pmlb.transport import (
 
 log = logging.getLogger("pmlb.transport")
 
+
+def _raw_data_repr(data: bytes | None) -> str:
+    """hyperframe's repr of a frame body, reading 11 bytes instead of all.
+
+    h2 formats ``repr(frame)`` for a trace log line on every frame it receives,
+    logging on or not, and hyperframe 6.1 hex-encodes the whole body to keep
+    20 characters: a third of the node's CPU in the bulk bench went there.
+    Same output (tests/unit/test_transport.py checks it), O(1) instead of O(n).
+    """
+    if not data:
+        return "None"
+    r = binascii.hexlify(data[:11]).decode("ascii")
+    if len(r) > 20:
+        r = r[:20] + "..."
+    return "<hex:" + r + ">"
+
+
+hyperframe.frame._raw_data_repr = _raw_data_repr
+
 # What the codec returns for a message that is not a Batch: grpclib takes None
 # for the end of the stream, so garbage needs a value of its own.
 _GARBAGE: Final = object()
@@ -58,6 +81,40 @@ CLIENT_CONFIG: Final = Configuration(
 SERVER_CONFIG: Final = Configuration(
     _keepalive_time=None,  # the node pings; an upstream need not
 )
+# HTTP/2 frames we accept, advertised in SETTINGS_MAX_FRAME_SIZE (the protocol
+# default is 16 KiB). A Batch of up to 1 MiB then crosses as one or two DATA
+# frames instead of 64: in pure-Python h2 each frame costs a parse, a buffer
+# round trip and a WINDOW_UPDATE written back, which dominated the bulk rows of
+# `make bench`. Peers that keep 16 KiB (grpc.aio) are sent 16 KiB frames.
+MAX_FRAME_SIZE: Final = 2 << 20
+
+
+def _big_frames(protocol: H2Protocol) -> H2Protocol:
+    """Make ``protocol`` advertise MAX_FRAME_SIZE once connected.
+
+    grpclib has no setting for it: this wraps the protocol's connection_made
+    (grpclib 0.4 internals, pinned in constraints.txt; every link test fails
+    if they change)."""
+    made = protocol.connection_made
+
+    def connection_made(transport: asyncio.BaseTransport) -> None:
+        made(transport)
+        h2 = protocol.connection._connection
+        h2.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE})
+        protocol.connection.flush()
+
+    protocol.connection_made = connection_made  # type: ignore[method-assign]
+    return protocol
+
+
+class _Channel(Channel):
+    def _protocol_factory(self) -> H2Protocol:
+        return _big_frames(super()._protocol_factory())
+
+
+class _GServer(GServer):
+    def _protocol_factory(self) -> H2Protocol:
+        return _big_frames(super()._protocol_factory())
 
 
 class _Codec(CodecBase):
@@ -164,7 +221,7 @@ class _Client:
 
 def open_client(addr: str, *, tls: ClientTLS | None, metadata: Mapping[str, str]) -> _Client:
     host, port = parse_hostport(addr)
-    channel = Channel(
+    channel = _Channel(
         host,
         port,
         ssl=client_ssl_context(tls) if tls is not None else None,
@@ -292,7 +349,7 @@ class Server:
         self._health = _Health()
         self._bridge = _Bridge(bridge)
         self._ssl = server_ssl_context(tls) if tls is not None else None
-        self._server = GServer([self._bridge, self._health], codec=_Codec(), config=SERVER_CONFIG)
+        self._server = _GServer([self._bridge, self._health], codec=_Codec(), config=SERVER_CONFIG)
         self._listener: asyncio.Server | None = None
 
     async def start(self, listen: str) -> int:

@@ -1,0 +1,38 @@
+"""Pure parts of pmlb.transport: the hyperframe repr fix and the codec."""
+
+from __future__ import annotations
+
+import importlib
+
+import hyperframe.frame
+import pytest
+
+from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.errors import ConfigError
+from pmlb.transport import TRANSPORTS, check_transport, h2lib
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 12, 100, 1 << 20])
+def test_frame_body_repr_is_unchanged_but_reads_only_the_start(size: int) -> None:
+    original = importlib.reload(hyperframe.frame)._raw_data_repr  # the library's own
+    try:
+        data = bytes(range(256)) * (size // 256 + 1)
+        data = data[:size]
+        assert h2lib._raw_data_repr(data) == original(data)
+    finally:
+        hyperframe.frame._raw_data_repr = h2lib._raw_data_repr  # as pmlb runs
+
+
+def test_the_codec_turns_garbage_into_a_value_not_an_error() -> None:
+    codec = h2lib._Codec()
+    batch = pb.Batch(frames=[pb.Frame(mark="m", data=pb.Data(payload=b"x"))])
+    wire = codec.encode(batch, pb.Batch)
+    assert codec.decode(wire, pb.Batch) == batch
+    assert codec.decode(b"\xff\xff\xff", pb.Batch) is h2lib._GARBAGE
+
+
+def test_unknown_transport_is_a_config_error() -> None:
+    for name in TRANSPORTS:
+        assert check_transport(name) == name
+    with pytest.raises(ConfigError, match="grpclib, grpcio"):
+        check_transport("quic")
