@@ -72,6 +72,19 @@ static int dial(const char *host, int port) {
     if (fd < 0) return -1;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* LOADGEN_SRC: the source address (another 127.x address gives another
+     * ephemeral port range, for more than ~28,000 connections to one port). */
+    const char *src = getenv("LOADGEN_SRC");
+    if (src && *src) {
+        struct sockaddr_in me = {.sin_family = AF_INET};
+        inet_pton(AF_INET, src, &me.sin_addr);
+        /* Pick the port at connect(), by the whole 4-tuple, not at bind(). */
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        if (bind(fd, (struct sockaddr *)&me, sizeof me) < 0) {
+            close(fd);
+            return -1;
+        }
+    }
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, host, &sa.sin_addr);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) {
@@ -238,7 +251,12 @@ static int idle_mode(const char *host, int port, int nconn, int size, double hol
     printf("{\"conns\": %d, \"open_seconds\": %.3f, \"accepts_per_s\": %.1f, \"loadgen_cpu_s\": %.3f}\n",
            nconn, t1 - t0, nconn / (t1 - t0), cpu_s() - cpu0);
     fflush(stdout);
-    for (int i = 0; i < nconn; i++) close(fds[i]);
+    /* Reset rather than FIN: no TIME_WAIT left behind to crowd the next run's ports. */
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    for (int i = 0; i < nconn; i++) {
+        setsockopt(fds[i], SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        close(fds[i]);
+    }
     return 0;
 }
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,26 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def children(pid: int) -> list[int]:
+    out = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(status.parent.name))
+    return out
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,6 +98,11 @@ class Target:
     proxy_pid: int | None  # whose CPU is "the proxy's"
     helper_pids: list[int] = field(default_factory=list)  # upstreams etc., reported apart
     max_idle: int = 15_000
+    worker_pids: list[int] = field(default_factory=list)  # --workers: counted as the proxy
+
+    @property
+    def proxy_pids(self) -> list[int]:
+        return ([self.proxy_pid] if self.proxy_pid else []) + self.worker_pids
 
 
 class Bench:
@@ -112,32 +138,44 @@ class Bench:
         echo_port = free_port()
         echo = self.spawn([str(self.bindir / "echo_server"), "127.0.0.1", str(echo_port)], "echo")
         wait_port(echo_port)
+        self.echo_port = echo_port
         targets = [Target("direct", echo_port, None, [echo.pid])]
-
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if os.path.exists(haproxy):
-            hport = free_port()
-            cfg = self.tmp / "haproxy.cfg"
-            cfg.write_text(
-                "global\n  nbthread 1\n  maxconn 9500\n"
-                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n"
-                "  timeout server 1h\n"
-                f"listen bench\n  bind 127.0.0.1:{hport}\n  server echo 127.0.0.1:{echo_port}\n"
-            )
-            hp = self.spawn([haproxy, "-db", "-f", str(cfg)], "haproxy")
-            wait_port(hport)
-            # HAProxy holds two fds per client (client + server side).
-            targets.append(Target("haproxy", hport, hp.pid, max_idle=9_000))
-        else:
-            print("bench: haproxy not found; its rows are skipped", file=sys.stderr)
-
+        hap = self.start_haproxy("haproxy", 1)
+        if hap is not None:
+            targets.append(hap)
         for transport in TRANSPORTS:
             targets.append(self._start_pmlb(transport))
         return targets
 
-    def _start_pmlb(self, transport: str) -> Target:
+    def start_core_targets(self) -> list[Target]:
+        """Every core: HAProxy with two threads, pmlb with two workers."""
+        targets = [self._start_pmlb(TRANSPORTS[0], workers=2)]
+        hap = self.start_haproxy("haproxy-2t", 2)
+        return ([hap] if hap is not None else []) + targets
+
+    def start_haproxy(self, name: str, threads: int) -> Target | None:
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.path.exists(haproxy):
+            print("bench: haproxy not found; its rows are skipped", file=sys.stderr)
+            return None
+        hport = free_port()
+        cfg = self.tmp / f"{name}.cfg"
+        cfg.write_text(
+            f"global\n  nbthread {threads}\n  maxconn 9500\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n"
+            "  timeout server 1h\n"
+            f"listen bench\n  bind 127.0.0.1:{hport}\n  server echo 127.0.0.1:{self.echo_port}\n"
+        )
+        hp = self.spawn([haproxy, "-db", "-f", str(cfg)], name)
+        wait_port(hport)
+        # HAProxy holds two fds per client (client + server side).
+        return Target(name, hport, hp.pid, max_idle=9_000)
+
+    def _start_pmlb(self, transport: str, workers: int = 1) -> Target:
         """One node in front of two echo upstreams, all on ``transport``."""
         name = "pmlb" if transport == TRANSPORTS[0] else f"pmlb-{transport}"
+        if workers > 1:
+            name += f"-{workers}w"
         ups = []
         for uid in ("u1", "u2"):
             port = free_port()
@@ -163,6 +201,8 @@ class Bench:
         for _, port, _ in ups:
             wait_port(port)
         nport, admin = free_port(), free_port()
+        while workers > 1 and port_open(admin + 1):  # worker 1 takes admin + 1
+            admin = free_port()
         node_args = [
             sys.executable,
             "-m",
@@ -179,7 +219,7 @@ class Bench:
             "--link-transport",
             transport,
             "--workers",
-            "1",
+            str(workers),
             "--log-level",
             "warning",
         ]
@@ -187,8 +227,17 @@ class Bench:
             node_args += ["--upstream", f"{uid}=127.0.0.1:{port}"]
         node = self.spawn(node_args, name)
         wait_port(nport)
-        self._wait_links(admin, 2)
-        return Target(name, nport, node.pid, [p.pid for _, _, p in ups])
+        for i in range(workers):
+            self._wait_links(admin + i, 2)  # worker i's admin port is admin + i
+        workers_pids = children(node.pid) if workers > 1 else []
+        return Target(
+            name,
+            nport,
+            node.pid,
+            [p.pid for _, _, p in ups],
+            max_idle=15_000 * workers,
+            worker_pids=workers_pids,
+        )
 
     def _wait_links(self, admin: int, n: int) -> None:
         import urllib.request
@@ -209,7 +258,11 @@ class Bench:
             except OSError:
                 pass
             time.sleep(0.05)
-        raise SystemExit("bench: pmlb links did not come up")
+        logs = "".join(
+            f"\n--- {f.name}\n" + f.read_text(errors="replace")[-1500:]
+            for f in sorted(self.tmp.glob("pmlb*.log"))
+        )
+        raise SystemExit(f"bench: pmlb links did not come up (admin port {admin}){logs}")
 
     # -- measurements ---------------------------------------------------------------
 
@@ -231,7 +284,7 @@ class Bench:
         assert lg.stdout is not None
         cpu0: dict[int, float] = {}
         cpu1: dict[int, float] = {}
-        pids = ([t.proxy_pid] if t.proxy_pid else []) + t.helper_pids
+        pids = t.proxy_pids + t.helper_pids
         result: dict[str, Any] = {}
         for raw in lg.stdout:
             line = raw.strip()
@@ -247,7 +300,7 @@ class Bench:
             return {"error": f"loadgen exit {rc}: {err.strip()[:200]}"}
         msgs = max(1, result["msgs"])
         if t.proxy_pid:
-            proxy_cpu = cpu1[t.proxy_pid] - cpu0[t.proxy_pid]
+            proxy_cpu = sum(cpu1[p] - cpu0[p] for p in t.proxy_pids)
             result["proxy_cpu_s"] = round(proxy_cpu, 3)
             result["proxy_cpu_per_msg_us"] = round(proxy_cpu / msgs * 1e6, 2)
             result["proxy_cpu_pct"] = round(100 * proxy_cpu / result["seconds"], 1)
@@ -256,44 +309,68 @@ class Bench:
         return result
 
     def idle_case(self, t: Target, conns: int, hold: float) -> dict[str, Any]:
-        pid = t.proxy_pid
-        rss0 = rss_bytes(pid) if pid else 0
+        """Open ``conns`` idle connections and hold them: RSS and fds per
+        connection, accepts/s, proxy CPU per accept. Above one load generator's
+        fd limit, several load generators share the connections."""
+        pids = t.proxy_pids
+        rss0 = sum(rss_bytes(p) for p in pids)
         helpers0 = sum(rss_bytes(p) for p in t.helper_pids)
-        fds0 = fd_count(pid) if pid else 0
-        cpu0 = cpu_seconds(pid) if pid else 0.0
-        cmd = [
-            str(self.bindir / "loadgen"),
-            "idle",
-            "127.0.0.1",
-            str(t.port),
-            str(conns),
-            "64",
-            str(hold),
+        fds0 = sum(fd_count(p) for p in pids)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        per = 15_000
+        shares = [per] * (conns // per) + ([conns % per] if conns % per else [])
+        # Several generators hold long enough for the last one to finish opening.
+        hold_each = hold if len(shares) == 1 else hold + 10
+        loadgen = [self.bindir / "loadgen", "idle", "127.0.0.1", f"{t.port}"]
+        net = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}"  # fresh ports each run
+        gens = [
+            subprocess.Popen(
+                [*loadgen, f"{n}", "64", f"{hold_each}"],
+                # Each generator dials from its own loopback address: its own
+                # ephemeral port range (one holds ~28,000 connections to a port).
+                env={**os.environ, "LOADGEN_SRC": f"{net}.{10 + i}" if len(shares) > 1 else ""},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i, n in enumerate(shares)
         ]
-        lg = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert lg.stdout is not None
-        out: dict[str, Any] = {"conns": conns}
-        for raw in lg.stdout:
-            line = raw.strip()
-            if line.startswith("HOLDING") and pid:
-                # Let the proxy settle (frees, kernel accounting) before sampling.
-                time.sleep(min(1.0, hold / 2))
-                out["proxy_cpu_during_open_s"] = cpu_seconds(pid) - cpu0
-                out["rss_per_conn_bytes"] = round((rss_bytes(pid) - rss0) / conns)
-                out["fds_per_conn"] = round((fd_count(pid) - fds0) / conns, 2)
-                if t.helper_pids and t.name.startswith("pmlb"):
-                    helpers = sum(rss_bytes(p) for p in t.helper_pids)
-                    out["upstream_rss_per_conn_bytes"] = round((helpers - helpers0) / conns)
-            elif line.startswith("{"):
-                out.update(json.loads(line))
-        rc = lg.wait(180)
-        if rc != 0:
-            return {"error": f"loadgen exit {rc}: {(lg.stderr.read() if lg.stderr else '')[:200]}"}
-        if pid and "proxy_cpu_during_open_s" in out:
+        out: dict[str, Any] = {"conns": conns, "load_generators": len(gens)}
+
+        def next_line(lg: subprocess.Popen[str], prefix: str) -> str | None:
+            assert lg.stdout is not None
+            for raw in lg.stdout:
+                if raw.startswith(prefix):
+                    return raw.strip()
+            return None
+
+        holding = [next_line(lg, "HOLDING") for lg in gens]
+        if pids and all(holding):
+            # Let the proxy settle (frees, kernel accounting) before sampling.
+            time.sleep(min(1.0, hold / 2))
+            out["proxy_cpu_during_open_s"] = sum(cpu_seconds(p) for p in pids) - cpu0
+            rss = sum(rss_bytes(p) for p in pids)
+            out["rss_per_conn_bytes"] = round((rss - rss0) / conns)
+            out["fds_per_conn"] = round((sum(fd_count(p) for p in pids) - fds0) / conns, 2)
+            if t.helper_pids and t.name.startswith("pmlb"):
+                helpers = sum(rss_bytes(p) for p in t.helper_pids)
+                out["upstream_rss_per_conn_bytes"] = round((helpers - helpers0) / conns)
+        results = [json.loads(line) for lg in gens if (line := next_line(lg, "{"))]
+        for lg in gens:
+            rc = lg.wait(180)
+            if rc != 0:
+                err = lg.stderr.read() if lg.stderr else ""
+                return {"error": f"loadgen exit {rc}: {err[:200]}"}
+        if results:
+            out["open_seconds"] = max(r["open_seconds"] for r in results)
+            out["accepts_per_s"] = round(conns / out["open_seconds"], 1)
+        if pids and "proxy_cpu_during_open_s" in out:
             out["proxy_cpu_per_accept_us"] = round(out["proxy_cpu_during_open_s"] / conns * 1e6, 1)
         return out
 
 
+ALL_PARTS = ("echo", "bulk", "sweep", "idle", "cores")
+CORES_CASE = (1000, 4, 64)
 ECHO_CASES = [(1, 1, 64), (100, 1, 64), (1000, 4, 64), (100, 16, 1024)]
 BULK_CASE = (8, 4, 65536)
 SWEEP = [1, 4, 16, 50, 100, 200, 400, 1000]
@@ -312,8 +389,8 @@ def main() -> int:
     ap.add_argument("--bindir", required=True, help="where loadgen and echo_server are built")
     ap.add_argument(
         "--only",
-        default="echo,bulk,sweep,idle",
-        help="comma-separated parts to run (echo, bulk, sweep, idle); for trying a change",
+        default=",".join(ALL_PARTS),
+        help=f"comma-separated parts to run ({', '.join(ALL_PARTS)}); for trying a change",
     )
     args = ap.parse_args()
     warmup, measure = (0.5, 1.5) if args.quick else (1.5, 4.0)
@@ -333,6 +410,7 @@ def main() -> int:
         "bulk": {},
         "idle": {},
         "sweep": {},
+        "cores": {},
     }
     parts = set(args.only.split(","))
     try:
@@ -343,6 +421,8 @@ def main() -> int:
             run_bulk(bench, targets, report, warmup, measure)
         if "sweep" in parts:
             run_sweep(bench, targets, report, args.quick)
+        if "cores" in parts:
+            run_cores(bench, report, warmup, measure)
         if "idle" in parts:
             hold = 1.5
             for t in targets:
@@ -352,7 +432,7 @@ def main() -> int:
     finally:
         bench.stop_all()
 
-    if parts != {"echo", "bulk", "sweep", "idle"}:
+    if parts != set(ALL_PARTS):
         print(render_table(report))  # a partial run: printed, not saved as the latest
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -398,6 +478,21 @@ def run_bulk(
             if "proxy_cpu_per_msg_us" in r:
                 r["proxy_cpu_per_mb_us"] = round(r["proxy_cpu_per_msg_us"] * 1e6 / size, 0)
     print("bench: bulk done", file=sys.stderr, flush=True)
+
+
+def run_cores(bench: Bench, report: dict[str, Any], warmup: float, measure: float) -> None:
+    """Every core of the machine: throughput of HAProxy with 2 threads against
+    pmlb with 2 workers, and 2 workers' idle capacity and accept rate against
+    one process's (measured in the idle part)."""
+    targets = bench.start_core_targets()
+    conns, inflight, size = CORES_CASE
+    report["cores"] = {
+        "echo": {
+            t.name: bench.echo_case(t, conns, inflight, size, warmup, measure) for t in targets
+        },
+        "idle": {t.name: bench.idle_case(t, t.max_idle, 1.5) for t in targets if t.worker_pids},
+    }
+    print("bench: cores done", file=sys.stderr, flush=True)
 
 
 def run_sweep(bench: Bench, targets: list[Target], report: dict[str, Any], quick: bool) -> None:
@@ -484,6 +579,7 @@ def render_table(r: dict[str, Any]) -> str:
             f"{m.get('proxy_cpu_per_accept_us', '-')} µs | "
             f"{_kb(m.get('upstream_rss_per_conn_bytes'))} |"
         )
+    lines += cores_table(r)
     lines += ["", "Goals of issue [10], from this run:", "", goal_table(r)]
     lines.append(
         f"fd limit {r['machine']['fd_limit']} per process: HAProxy (2 fds per client) "
@@ -500,6 +596,44 @@ def _upstream_cpu(name: str, m: dict[str, Any]) -> str:
     """The echo upstreams' CPU per message (pmlb rows: the SDK's cost)."""
     v = m.get("backend_cpu_per_msg_us")
     return f"{v:.2f} µs" if name.startswith("pmlb") and v is not None else "-"
+
+
+def cores_table(r: dict[str, Any]) -> list[str]:
+    """Every core: 2 HAProxy threads against 2 pmlb workers, and 2 workers' idle
+    capacity and accept rate against one process's."""
+    cores = r.get("cores") or {}
+    if not cores:
+        return []
+    c = "x".join(map(str, CORES_CASE))
+    lines = [
+        "",
+        f"| every core, {c} | msgs/s | p50 | p99 | proxy CPU/msg | proxy CPU |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = {**{n: m for n, m in r["echo"].get(c, {}).items() if n in ("haproxy", "pmlb")}}
+    rows.update(cores.get("echo", {}))
+    for name, m in rows.items():
+        if "error" in m:
+            lines.append(f"| {name} | error: {m['error']} |||||")
+            continue
+        lines.append(
+            f"| {name} | {m['msgs_per_s'] / 1000:.1f}k | {_us(m['p50_us'])} | {_us(m['p99_us'])} "
+            f"| {m.get('proxy_cpu_per_msg_us', 0):.2f} µs | {m.get('proxy_cpu_pct', '-')}% |"
+        )
+    one = r["idle"].get("pmlb", {})
+    for name, m in cores.get("idle", {}).items():
+        if "error" in m:
+            lines += ["", f"{name} idle: error: {m['error']}"]
+            continue
+        base = one.get("accepts_per_s")
+        ratio = f"{m['accepts_per_s'] / base:.2f}x one worker's {base:.0f}" if base else "-"
+        lines += [
+            "",
+            f"{name}: held {m['conns']} idle connections ({m['load_generators']} load "
+            f"generators), {_kb(m.get('rss_per_conn_bytes'))} RSS per mark over all workers, "
+            f"{m.get('accepts_per_s', 0):.0f} accepts/s ({ratio}).",
+        ]
+    return lines
 
 
 def goal_table(r: dict[str, Any]) -> str:
