@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,8 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
-            self.client_addr, self.client_port = peer[0], peer[1]
+            # Interned: clients behind one NAT or proxy share one string.
+            self.client_addr, self.client_port = sys.intern(peer[0]), peer[1]
         self.accepted_ms = int(time.time() * 1000)
         transport.set_write_buffer_limits(high=self.plane.config.client_buffer)
         header = self._proxied
