@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.conftest import Cluster
-from tests.support import http_get
+from tests.support import async_wait_until, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -91,3 +91,26 @@ async def test_health_meta_close_and_push(cluster: Cluster) -> None:
     finally:
         for server in servers:
             await server.stop(0)
+
+
+async def test_nodes_leaving_leave_no_errors_in_the_upstream_log(cluster: Cluster) -> None:
+    """A node that stops or dies is routine for an upstream: its log says so at
+    INFO, with no ERROR line and no traceback (grpclib logged "Failed to handle
+    cancellation" with a traceback for every node that went away)."""
+    echo = cluster.echo("u1")
+    polite = cluster.node([f"u1={echo.addr}"], framing="line", node_id="polite")
+    rude = cluster.node([f"u1={echo.addr}"], framing="line", node_id="rude")
+    async with asyncio.timeout(30):
+        for node in (polite, rude):
+            r, w = await asyncio.open_connection("127.0.0.1", node.port)
+            w.write(b"hi\n")
+            assert (await r.readuntil(b"\n")).endswith(b" u1 hi\n")
+        await asyncio.to_thread(polite.proc.stop)
+        await asyncio.to_thread(rude.proc.kill)
+        for who in ("polite", "rude"):
+            await async_wait_until(
+                lambda who=who: f"node {who} stream ended" in echo.proc.log(), 10, f"{who} gone"
+            )
+    log = echo.proc.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert " ERROR " not in log, log[-3000:]

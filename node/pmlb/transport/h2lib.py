@@ -276,6 +276,10 @@ class _Bridge:
             await self._bridge(_ServerStream(call))
         except Refused as exc:
             raise GRPCError(Status[exc.status], exc.details) from None
+        except StreamTerminatedError:
+            # grpclib's own cancellation when the node's connection is lost: it
+            # must propagate, or grpclib logs "Failed to handle cancellation".
+            raise
         except _BROKEN as exc:
             log.debug("Bridge stream from %s broke: %s", call.peer.addr(), _describe(exc))
 
