@@ -183,8 +183,13 @@ class BatchWriter:
             return
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
-        except (TimeoutError, asyncio.CancelledError):
+        except TimeoutError:
             task.cancel()
+        except asyncio.CancelledError:
+            task.cancel()
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our caller is being cancelled: that must not be swallowed
         except Exception as exc:  # the stream broke: nothing more to flush
             log.debug("batch writer ended with %r", exc)
 

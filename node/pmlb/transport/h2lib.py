@@ -274,6 +274,10 @@ class _Bridge:
         task.add_done_callback(self.running.discard)
         try:
             await self._bridge(_ServerStream(call))
+            if task.cancelling():
+                # grpclib cancelled this handler (the connection was lost) as it
+                # was finishing: show it the cancellation, or it logs an error.
+                raise asyncio.CancelledError
         except Refused as exc:
             raise GRPCError(Status[exc.status], exc.details) from None
         except StreamTerminatedError:
