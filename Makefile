@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd fuzz test-faults soak clean
+.PHONY: install demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -84,6 +84,10 @@ fuzz: install
 
 bench-etcd: install
 	$(PY) scripts/bench/put_to_route.py 10
+
+# 20 nodes, 200 upstream registrations, one etcd: what a cluster costs etcd (a few minutes).
+bench-cluster: install
+	$(PY) scripts/bench/cluster.py $(BENCH_ARGS)
 
 bench-quick: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) --quick $(BENCH_ARGS)

@@ -307,6 +307,12 @@ class NodeApp:
                 float(self.checker.is_checker),
             ),
             (
+                "pmlb_health_probes_total",
+                "counter",
+                "grpc.health.v1 checks sent to upstreams as checker.",
+                float(self.checker.probes),
+            ),
+            (
                 "pmlb_health_writes_total",
                 "counter",
                 "Health transitions written as checker.",

@@ -155,6 +155,17 @@ async def test_drain_an_upstream_under_load(etcd: Etcd, cluster: Cluster) -> Non
     node = await asyncio.to_thread(
         cluster.node, [], etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1", "u2"]
     )
+    # Both checked SERVING first: while only one is, new marks all go to it
+    # (an upstream of unknown health is used only when none is SERVING).
+    for uid in ("u1", "u2"):
+        await async_wait_until(
+            lambda uid=uid: (
+                node.metrics().get(f'pmlb_upstream_health{{status="SERVING",upstream="{uid}"}}')
+                == 1
+            ),
+            15,
+            f"{uid} SERVING",
+        )
     async with asyncio.timeout(60):
         tasks = [asyncio.create_task(_streamer(node.port, i, 150)) for i in range(60)]
         await asyncio.sleep(0.5)

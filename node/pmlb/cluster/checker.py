@@ -72,6 +72,7 @@ class Checker:
         self.terms = 0
         self.writes = 0
         self._probes: dict[str, _Probe] = {}
+        self.probes = 0  # health checks sent (pmlb_health_probes_total)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -165,6 +166,7 @@ class Checker:
             probe = _Probe(spec.addr, channel)
             self._probes[spec.id] = probe
         stub = health_pb2_grpc.HealthStub(probe.channel)
+        self.probes += 1
         try:
             resp = await stub.Check(
                 health_pb2.HealthCheckRequest(service="pmlb.v1.Upstream"),
