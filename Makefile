@@ -39,6 +39,7 @@ proto: install
 
 docs: install
 	$(PY) scripts/gen_docs.py
+	$(PY) scripts/gen_grafana.py
 
 $(BENCH_BIN)/loadgen: scripts/bench/loadgen.c
 	@mkdir -p $(BENCH_BIN)

@@ -95,6 +95,7 @@ class Proc:
         env: dict[str, str] | None = None,
         nofile: int | None = None,
         module: str = "pmlb",
+        program: str | None = None,
     ):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
@@ -103,7 +104,8 @@ class Proc:
         # nofile: run the process with that file-descriptor limit (soft and hard).
         limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
         self.proc = subprocess.Popen(
-            [*limit, sys.executable, "-m", module, *args],
+            # program: run that executable instead of ``python -m module``.
+            [*limit, *([program] if program else [sys.executable, "-m", module]), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

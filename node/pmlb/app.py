@@ -240,6 +240,12 @@ class NodeApp:
         acceptors = self.plane.acceptors
         accept = [
             (
+                "pmlb_max_connections",
+                "gauge",
+                "The --max-connections limit (0: none), for alerting near it.",
+                float(self.config.max_connections),
+            ),
+            (
                 "pmlb_accept_limit_pauses_total",
                 "counter",
                 "Times accepting paused at --max-connections.",

@@ -23,3 +23,15 @@ def test_readme_option_tables_match_the_declarations() -> None:
 def test_every_reloadable_option_is_a_config_field() -> None:
     assert set(NodeConfig.__dataclass_fields__) >= RELOADABLE
     assert {o.env for o in NODE_OPTIONS} == {"PMLB_" + o.dest.upper() for o in NODE_OPTIONS}
+
+
+def test_the_grafana_dashboard_is_what_its_generator_writes() -> None:
+    import importlib.util
+
+    script = ROOT / "scripts" / "gen_grafana.py"
+    spec = importlib.util.spec_from_file_location("gen_grafana", script)
+    assert spec is not None
+    assert spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUT.read_text() == gen.render(), "run make docs"
