@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import grpc
 
-from pmlb import __version__
+from pmlb import __version__, reasons
 from pmlb.aio import wait_event
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
@@ -35,6 +35,7 @@ from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
+from pmlb.observability.dashboard import dashboard_page
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.store.etcd import EtcdSettings, EtcdStore
@@ -412,6 +413,78 @@ class NodeApp:
                 self._stop_event.set()
             return 200, "text/plain", b"draining\n"
 
-        # Client addresses and metadata, and an action: behind the admin token.
+        async def status(query: str) -> tuple[int, str, bytes]:
+            # What the dashboard shows of the node and its upstreams: no client
+            # addresses or metadata, so it is open like /metrics.
+            cfg = self.config
+            draining = self._stop_event is not None and self._stop_event.is_set()
+            routable = {lk.id for lk in plane.routable()}
+            body = {
+                "node": {
+                    "id": cfg.node_id,
+                    "version": __version__,
+                    "service": cfg.service,
+                    "listen": [format_hostport(h, p) for h, p in plane.bound_addresses],
+                    "started_at": self.started_at,
+                    "uptime_s": round(time.time() - plane.started_at, 1),
+                    "draining": draining or not plane.accepting,
+                    "marks_open": len(plane.marks),
+                    "accepted_total": self.stats.accepted,
+                    "etcd_session_up": bool(self.session and self.session.healthy),
+                    "checker": self.view.checker if self.view is not None else "",
+                },
+                "upstreams": [
+                    {
+                        "id": lk.id,
+                        "addr": lk.spec.addr,
+                        "weight": lk.spec.weight,
+                        "drain": lk.spec.drain,
+                        "health": lk.spec.health,
+                        "link": lk.state,
+                        "routable": lk.id in routable,
+                        "marks": lk.load,
+                        "frames_sent": lk.frames_sent + lk.writer.frames_sent,
+                        "failovers": lk.failed_over,
+                    }
+                    for lk in plane.links.values()
+                ],
+                "trace_url": cfg.trace_url or "",
+                "now_unix_ms": int(time.time() * 1000),
+            }
+            return 200, "application/json", json_body(body)
+
+        async def mark(query: str) -> tuple[int, str, bytes]:
+            # ?mark=M: an open mark, or one closed recently (with its reason).
+            m = urllib.parse.parse_qs(query).get("mark", [""])[0]
+            conn = plane.marks.get(m)
+            if conn is not None:
+                found = conn.describe()
+                found["trace_id"] = plane.tracer.trace_id(conn.span) or ""
+                found["node"] = self.config.node_id
+                return 200, "application/json", json_body(found)
+            closed = plane.recently_closed.get(m)
+            if closed is not None:
+                return 200, "application/json", json_body({**closed, "node": self.config.node_id})
+            return 404, "application/json", json_body({"error": f"no mark {m!r} on this node"})
+
+        async def close_mark(query: str) -> tuple[int, str, bytes]:
+            # ?mark=M: close it, reason closed_by_api (the upstream gets a Close).
+            m = urllib.parse.parse_qs(query).get("mark", [""])[0]
+            conn = plane.marks.get(m)
+            if conn is None:
+                return 404, "application/json", json_body({"error": f"no open mark {m!r}"})
+            log.info("mark=%s closed from the admin endpoint", m)
+            conn.close(reasons.CLOSED_BY_API, "closed from the admin endpoint", notify=True)
+            return 200, "application/json", json_body({"closed": m})
+
+        async def page(query: str) -> tuple[int, str, bytes]:
+            return 200, "text/html; charset=utf-8", dashboard_page()
+
+        admin.route("GET", "/", page)
+        admin.route("GET", "/dashboard", page)
+        admin.route("GET", "/api/status", status)
+        # Client addresses and metadata, and actions: behind the admin token.
         admin.route("GET", "/connections", connections, protected=True)
+        admin.route("GET", "/api/mark", mark, protected=True)
+        admin.route("POST", "/api/mark/close", close_mark, protected=True)
         admin.route("POST", "/drain", drain, protected=True)

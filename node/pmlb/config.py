@@ -203,7 +203,16 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("control-cert", "serve the control API over TLS with this certificate chain (PEM)"),
     Option("control-key", "private key (PEM) for --control-cert"),
     Option("control-client-ca", "control API clients must show a certificate signed by this CA"),
-    Option("admin", "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)", type=_hostport),
+    Option(
+        "admin",
+        "admin HTTP HOST:PORT (/healthz, /readyz, /metrics, the /dashboard page)",
+        type=_hostport,
+    ),
+    Option(
+        "trace-url",
+        "link from a mark on the dashboard to its trace: a URL with {trace_id}, e.g. "
+        "http://jaeger:16686/trace/{trace_id}",
+    ),
     Option(
         "admin-token",
         "bearer token POST /drain and /connections require (prefer PMLB_ADMIN_TOKEN); "
@@ -603,6 +612,7 @@ class NodeConfig:
     backlog: int = 4096
     workers: int = 1
     reuse_port: bool = False
+    trace_url: str | None = None
     control_token: str | None = field(default=None, repr=False)  # never logged
     admin_token: str | None = field(default=None, repr=False)  # never logged
     control_cert: str | None = None
@@ -730,6 +740,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         shutdown_timeout=values["shutdown_timeout"],
         backlog=values["backlog"],
         workers=values["workers"],
+        trace_url=values["trace_url"],
         reuse_port=values["reuse_port"],
         control_token=values["control_token"],
         admin_token=values["admin_token"],

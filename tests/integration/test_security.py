@@ -50,6 +50,16 @@ async def test_admin_token_and_host_check(cluster: Cluster) -> None:
     assert (await req("GET", "/connections", {**ok, "Host": "evil.example:80"}))[0] == 421
     assert (await req("POST", "/drain", {"Host": "evil.example"}))[0] == 421
     assert (await req("POST", "/drain", {}))[0] == 401, "a cross-site form cannot drain"
+    # The dashboard's mark views and actions are behind the same token; its
+    # page and the node/upstream summary are not (no client data in them).
+    assert (await req("GET", "/api/mark?mark=x", {}))[0] == 401
+    assert (await req("POST", "/api/mark/close?mark=x", {}))[0] == 401
+    assert (await req("POST", "/api/mark/close?mark=x", {"Host": "evil.example"}))[0] == 421
+    assert (await req("GET", "/api/mark?mark=x", ok))[0] == 404, "no such mark, but allowed"
+    status, body = await req("GET", "/api/status", {})
+    assert status == 200
+    assert "client" not in body
+    assert (await req("GET", "/dashboard", {}))[0] == 200
     # Probes and scrapers need nothing.
     assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.admin}/healthz"))[0] == 200
     assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.admin}/metrics"))[0] == 200

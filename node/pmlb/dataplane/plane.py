@@ -42,6 +42,8 @@ from pmlb.transport import ClientTLS
 
 log = logging.getLogger("pmlb.plane")
 
+# Closed marks the admin API (and dashboard) still describes, newest last.
+RECENTLY_CLOSED: Final = 512
 SERVING: Final = "SERVING"
 UNKNOWN: Final = "UNKNOWN"
 
@@ -95,6 +97,7 @@ class DataPlane:
         self._limit_logged = 0.0
         self._sweeper: asyncio.Task[None] | None = None
         self._raw_decoder: Decoder | None = None
+        self.recently_closed: dict[str, dict[str, object]] = {}
 
     def reconfigure(self, config: NodeConfig) -> None:
         """Take a reloaded config (only config.RELOADABLE fields differ): the
@@ -359,6 +362,13 @@ class DataPlane:
                 self.per_client[conn.client_addr] = left
             else:
                 self.per_client.pop(conn.client_addr, None)
+        # The dashboard shows a closed mark's reason for a while (bounded).
+        gone = conn.describe()
+        gone.update(state="closed", close_reason=reason, closed_at_unix_ms=int(time.time() * 1000))
+        gone["trace_id"] = self.tracer.trace_id(conn.span) or ""
+        self.recently_closed[conn.mark] = gone
+        if len(self.recently_closed) > RECENTLY_CLOSED:
+            self.recently_closed.pop(next(iter(self.recently_closed)))
         log.info(
             "mark=%s client=%s:%d closed reason=%s upstream=%s in=%d/%d out=%d/%d",
             conn.mark,

@@ -1,0 +1,134 @@
+"""The node's dashboard in a real browser (Debian's chromium, driven by Selenium
+through chromium-driver) against a real node, etcd and two upstreams.
+
+What an operator relies on: the page lists the node and both upstreams with
+their health, updates without a reload, finds a new client's mark, shows a
+closed mark's reason, and closes a mark after a confirmation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster, Etcd
+from tests.support import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1200,1400")
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium'}")
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _client(port: int) -> tuple[socket.socket, str]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"hi\n")
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = s.recv(200)
+        assert chunk, "closed before answering"
+        line += chunk
+    return s, line.split()[0].decode()
+
+
+def test_the_dashboard_in_a_browser(
+    browser: object, cluster: Cluster, etcd: Etcd, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver: object = browser
+    u1, u2 = cluster.echo("u1"), cluster.echo("u2")
+    etcd.put("/services/echo/upstreams/u1", u1.addr)
+    etcd.put("/services/echo/upstreams/u2", u2.addr)
+    node = cluster.node(
+        [],
+        etcd=etcd.url,
+        prefix=etcd.prefix,
+        wait_links=["u1", "u2"],
+        extra=["--trace-url", "http://jaeger.example:16686/trace/{trace_id}"],
+    )
+    wait = WebDriverWait(driver, 20)
+
+    driver.get(f"http://127.0.0.1:{node.admin}/dashboard")  # type: ignore[attr-defined]
+    wait.until(ec.text_to_be_present_in_element((By.ID, "node-id"), "n1"))
+    for uid in ("u1", "u2"):
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#upstreams tbody"), uid))
+    # Health as the checker wrote it, live: no reload between these.
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#upstreams tbody"), "SERVING"))
+
+    # A new client's mark is found by search, with its node and upstream.
+    sock, mark = _client(node.port)
+
+    def node_row(d: object, name: str) -> str:
+        for tr in d.find_elements(By.CSS_SELECTOR, "#node tbody tr"):  # type: ignore[attr-defined]
+            cells = tr.find_elements(By.TAG_NAME, "td")
+            if cells and cells[0].text == name:
+                return str(cells[1].text)
+        return ""
+
+    # The live numbers follow without a reload.
+    wait.until(lambda d: node_row(d, "marks open") == "1")
+    box = driver.find_element(By.ID, "q")  # type: ignore[attr-defined]
+    box.clear()
+    box.send_keys(mark)
+    driver.find_element(By.CSS_SELECTOR, "#search button").click()  # type: ignore[attr-defined]
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#mark h3"), mark))
+    detail = driver.find_element(By.ID, "mark").text  # type: ignore[attr-defined]
+    assert "node n1" in detail
+    assert "upstream u" in detail
+    driver.save_screenshot(str(tmp_path / "dashboard.png"))  # type: ignore[attr-defined]
+
+    # Close it from the page: a confirmation, then the reason, and the client is gone.
+    driver.find_element(By.ID, "close-mark").click()  # type: ignore[attr-defined]
+    wait.until(ec.alert_is_present())
+    driver.switch_to.alert.accept()  # type: ignore[attr-defined]
+    wait.until(ec.text_to_be_present_in_element((By.ID, "close-reason"), "closed_by_api"))
+    sock.settimeout(10)
+    assert sock.recv(100) == b"", "the client was disconnected"
+    sock.close()
+
+    # A client that leaves by itself: its mark shows client_closed.
+    other, gone = _client(node.port)
+    other.close()
+    box = driver.find_element(By.ID, "q")  # type: ignore[attr-defined]
+
+    def closed_reason_shown(d: object) -> bool:
+        box.clear()
+        box.send_keys(gone)
+        d.find_element(By.CSS_SELECTOR, "#search button").click()  # type: ignore[attr-defined]
+        return "client_closed" in d.find_element(By.ID, "mark").text  # type: ignore[attr-defined]
+
+    wait.until(closed_reason_shown)
+    driver.save_screenshot(str(tmp_path / "dashboard-closed.png"))  # type: ignore[attr-defined]
+    if os.environ.get("PMLB_UPDATE_SCREENSHOTS"):  # the README's picture
+        shutil.copy(tmp_path / "dashboard.png", ROOT / "scripts" / "screenshots" / "dashboard.png")
