@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 import tomllib
+import zipfile
+from pathlib import Path
 
 from tests.support import ROOT
 
@@ -78,3 +80,20 @@ def test_ranges_in_pyproject_exact_versions_in_constraints() -> None:
     for dep in runtime:
         name = re.split(r"[<>=;\[ ]", dep)[0].lower().replace("_", "-")
         assert name in pins, f"{name} has no exact version in constraints.txt"
+
+
+def test_the_wheel_ships_the_dashboard_page(tmp_path: Path) -> None:
+    """The admin endpoint serves the page from the installed package."""
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    r = subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("pmlb_lb-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pmlb/observability/dashboard.html" in names
+    assert "pmlb/py.typed" in names
