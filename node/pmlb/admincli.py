@@ -69,18 +69,8 @@ async def _run(args: argparse.Namespace) -> int:
                 raise PmlbError(f"no upstream {args.id} in service {args.service}")
             print(f"removed {key}")
         elif args.action in ("drain", "undrain"):
-            kv = await store.get(key)
-            if kv is None:
-                raise PmlbError(f"no upstream {args.id} in service {args.service}")
-            try:
-                spec = parse_upstream(args.id, kv.value)
-            except InvalidValue as exc:
-                raise PmlbError(str(exc)) from None
-            from dataclasses import replace
-
-            spec = replace(spec, drain=args.action == "drain")
-            await store.put(key, format_upstream(spec))
-            print(f"{key} = {format_upstream(spec)}")
+            value = await set_drain(store, keys, args.service, args.id, args.action == "drain")
+            print(f"{key} = {value}")
         else:
             await _ls(store, keys, args)
     finally:
@@ -146,6 +136,23 @@ async def _ls(store: EtcdStore, keys: Keys, args: argparse.Namespace) -> None:
         )
 
 
+async def set_drain(store: EtcdStore, keys: Keys, service: str, uid: str, drain: bool) -> str:
+    """Set or clear an upstream's drain flag in etcd; the new value."""
+    key = keys.upstream(service, uid)
+    kv = await store.get(key)
+    if kv is None:
+        raise PmlbError(f"no upstream {uid} in service {service}")
+    try:
+        spec = parse_upstream(uid, kv.value)
+    except InvalidValue as exc:
+        raise PmlbError(str(exc)) from None
+    from dataclasses import replace
+
+    value = format_upstream(replace(spec, drain=drain))
+    await store.put(key, value)
+    return value
+
+
 def add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     st = sub.add_parser("status", help="the cluster at a glance, from etcd and the nodes")
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -194,9 +201,14 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
     store, keys = _store(args)
     await store.connect()
     try:
-        _, kvs = await store.get_prefix(keys.prefix + "/")
+        return await cluster_status(store, keys)
     finally:
         await store.close()
+
+
+async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
+    """Nodes (with what their admin endpoints say) and services, from etcd."""
+    _, kvs = await store.get_prefix(keys.prefix + "/")
     nodes: list[dict[str, Any]] = []
     services: dict[str, dict[str, Any]] = {}
     now = datetime.now(UTC)

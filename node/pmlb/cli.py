@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     dns = sub.add_parser("dns-sync", help="keep a dnsmasq hosts file of the live nodes")
     add_options(dns, DNS_SYNC_OPTIONS)
     from pmlb.admincli import add_status_parser, add_upstream_parser
+    from pmlb.clusterdash import add_dashboard_parser
 
     add_upstream_parser(sub)
     add_status_parser(sub)
+    add_dashboard_parser(sub)
     conn = sub.add_parser(
         "connect", help="an interactive line client: type messages, see each reply"
     )
@@ -86,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_upstream(args)
         if args.command == "dns-sync":
             return _dns_sync(args)
+        if args.command == "dashboard":
+            from pmlb.clusterdash import run_dashboard
+
+            return run_dashboard(args)
         if args.command == "status":
             from pmlb.admincli import run_status
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cluster, Etcd
-from tests.support import ROOT
+from tests.support import ROOT, Proc, free_port, tcp_open, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -132,3 +132,78 @@ def test_the_dashboard_in_a_browser(
     driver.save_screenshot(str(tmp_path / "dashboard-closed.png"))  # type: ignore[attr-defined]
     if os.environ.get("PMLB_UPDATE_SCREENSHOTS"):  # the README's picture
         shutil.copy(tmp_path / "dashboard.png", ROOT / "scripts" / "screenshots" / "dashboard.png")
+
+
+def test_the_cluster_dashboard_in_a_browser(
+    browser: object, cluster: Cluster, etcd: Etcd, tmp_path: Path
+) -> None:
+    """`pmlb dashboard --etcd`: both nodes and upstreams listed with the checker,
+    a mark found on the node that owns it, and an upstream drained from the page
+    (it shows draining and new marks go elsewhere)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver: object = browser
+    u1, u2 = cluster.echo("u1"), cluster.echo("u2")
+    etcd.put("/services/echo/upstreams/u1", u1.addr)
+    etcd.put("/services/echo/upstreams/u2", u2.addr)
+    nodes = [
+        cluster.node(
+            [], node_id=f"n{i}", etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1", "u2"]
+        )
+        for i in (1, 2)
+    ]
+    port = free_port()
+    args = ["dashboard", "--etcd", etcd.url, "--etcd-prefix", etcd.prefix]
+    dash = Proc("dashboard", [*args, "--listen", f"127.0.0.1:{port}"], cluster.log_dir)
+    cluster.procs.append(dash)
+    wait_until(lambda: tcp_open("127.0.0.1", port) or not dash.alive(), 20, "dashboard up")
+    assert dash.alive(), dash.log()
+    # The page re-renders its tables every 2 s: an element found just before may be gone.
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
+
+    driver.get(f"http://127.0.0.1:{port}/")  # type: ignore[attr-defined]
+    for text in ("n1", "n2"):
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#nodes tbody"), text))
+    for uid in ("u1", "u2"):
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".upstreams"), uid))
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".checker").text in ("n1", "n2"))  # type: ignore[attr-defined]
+
+    sock, mark = _client(nodes[1].port)
+    box = driver.find_element(By.ID, "q")  # type: ignore[attr-defined]
+    box.send_keys(mark)
+    driver.find_element(By.CSS_SELECTOR, "#search button").click()  # type: ignore[attr-defined]
+    wait.until(ec.text_to_be_present_in_element((By.ID, "mark"), "node n2"))
+    sock.close()
+
+    def u1_row(d: object) -> str:
+        for tr in d.find_elements(By.CSS_SELECTOR, ".upstreams tbody tr"):  # type: ignore[attr-defined]
+            if tr.find_element(By.TAG_NAME, "td").text == "u1":
+                return str(tr.text)
+        return ""
+
+    def click_drain(d: object) -> bool:
+        d.find_element(By.CSS_SELECTOR, 'button[data-id="u1"]').click()  # type: ignore[attr-defined]
+        return True
+
+    wait.until(click_drain)
+    wait.until(ec.alert_is_present())
+    driver.switch_to.alert.accept()  # type: ignore[attr-defined]
+    wait.until(lambda d: "draining" in u1_row(d))
+    driver.save_screenshot(str(tmp_path / "cluster.png"))  # type: ignore[attr-defined]
+    assert '"drain": true' in (etcd.get("/services/echo/upstreams/u1") or "")
+
+    def one_round() -> set[str]:
+        """Upstreams that answered 6 new clients on each node."""
+        served = set()
+        for n in nodes:
+            for _ in range(6):
+                with socket.create_connection(("127.0.0.1", n.port), timeout=10) as s:
+                    s.sendall(b"who\n")
+                    served.add(s.recv(200).split()[1].decode())
+        return served
+
+    # The nodes follow etcd's watch: soon every new mark goes to u2.
+    wait_until(lambda: one_round() == {"u2"}, 15, "new marks avoiding the drained u1")

@@ -9,7 +9,17 @@ import pytest
 
 from tests.support import ROOT
 
-COMMANDS = ["", "node", "upstream", "status", "demo", "echo-upstream", "dns-sync", "connect"]
+COMMANDS = [
+    "",
+    "node",
+    "upstream",
+    "status",
+    "dashboard",
+    "demo",
+    "echo-upstream",
+    "dns-sync",
+    "connect",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,0 +1,154 @@
+"""``pmlb dashboard --etcd URLS``: the whole cluster on one page.
+
+A small process of its own (any machine that reaches etcd and the nodes' admin
+endpoints) serving ``cluster.html`` and three JSON endpoints over the same tiny
+admin HTTP server the nodes use:
+
+* ``GET /api/cluster`` (open, polled by the page): nodes as registered in etcd
+  with what their admin endpoints report (reachable, marks, age), and per
+  service the checker and the upstreams (address, weight, drain, health, marks
+  summed over nodes): what ``pmlb status`` prints;
+* ``GET /api/mark?mark=M`` (token): asks the node that owns the mark (its id
+  is in the mark) for it, with the same admin token the nodes use;
+* ``POST /api/upstream?service=S&id=U&drain=1|0`` (token): sets or clears the
+  upstream's drain flag in etcd, as ``pmlb upstream drain|undrain`` does.
+
+The token rule is the nodes' (loopback without ``--admin-token``, the token
+beyond it). Each node's own page (its admin address, linked from here) shows
+its live numbers and marks in detail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from functools import cache
+from importlib import resources
+
+from pmlb.admincli import cluster_status, set_drain
+from pmlb.config import ETCD_OPTIONS, Option, add_options, resolve
+from pmlb.errors import InvalidMark, PmlbError
+from pmlb.ids import node_of
+from pmlb.observability.admin import AdminServer, json_body
+
+log = logging.getLogger("pmlb.dashboard")
+
+DASHBOARD_OPTIONS: tuple[Option, ...] = (
+    *ETCD_OPTIONS,
+    Option("listen", "HTTP HOST:PORT to serve the page on", "127.0.0.1:9300"),
+    Option(
+        "admin-token",
+        "token for marks and actions here, and sent to the nodes' admin endpoints "
+        "(the nodes' --admin-token; prefer PMLB_ADMIN_TOKEN)",
+    ),
+    Option("trace-url", "trace link template with {trace_id} (e.g. Jaeger's /trace/{trace_id})"),
+    Option("log-level", "debug, info, warning or error", "info"),
+)
+NODE_TIMEOUT = 2.0
+
+
+def add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("dashboard", help="the whole cluster on one page, from etcd and the nodes")
+    add_options(p, DASHBOARD_OPTIONS)
+
+
+@cache
+def cluster_page() -> bytes:
+    return resources.files("pmlb.observability").joinpath("cluster.html").read_bytes()
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from pmlb import aio
+    from pmlb.domain import parse_hostport
+    from pmlb.observability.logs import setup_logging
+    from pmlb.store.etcd import EtcdStore, settings_from
+    from pmlb.store.keys import Keys
+
+    values = resolve(DASHBOARD_OPTIONS, args)
+    setup_logging(values["log_level"], "text", "dashboard")
+    host, port = parse_hostport(values["listen"], "--listen")
+    token = values["admin_token"]
+
+    async def main(stop: asyncio.Event) -> int:
+        store = EtcdStore(settings_from(values))
+        keys = Keys(values["etcd_prefix"])
+        await store.connect()
+        admin = AdminServer(host, port, token)
+
+        async def page(query: str) -> tuple[int, str, bytes]:
+            return 200, "text/html; charset=utf-8", cluster_page()
+
+        async def cluster(query: str) -> tuple[int, str, bytes]:
+            try:
+                report = await cluster_status(store, keys)
+            except PmlbError as exc:
+                return 503, "application/json", json_body({"error": str(exc)})
+            report["trace_url"] = values["trace_url"] or ""
+            return 200, "application/json", json_body(report)
+
+        async def mark(query: str) -> tuple[int, str, bytes]:
+            m = urllib.parse.parse_qs(query).get("mark", [""])[0]
+            try:
+                owner = node_of(m)
+            except InvalidMark as exc:
+                return 400, "application/json", json_body({"error": str(exc)})
+            report = await cluster_status(store, keys)
+            node = next((n for n in report["nodes"] if n["id"] == owner), None)
+            if node is None or not node.get("admin"):
+                return 404, "application/json", json_body({"error": f"node {owner} is not live"})
+            status, body = await asyncio.to_thread(
+                _get, f"http://{node['admin']}/api/mark?mark={urllib.parse.quote(m)}", token
+            )
+            return status, "application/json", body
+
+        async def upstream(query: str) -> tuple[int, str, bytes]:
+            q = urllib.parse.parse_qs(query)
+            service, uid = q.get("service", [""])[0], q.get("id", [""])[0]
+            drain = q.get("drain", ["1"])[0] == "1"
+            try:
+                value = await set_drain(store, keys, service, uid, drain)
+            except PmlbError as exc:
+                return 404, "application/json", json_body({"error": str(exc)})
+            log.info(
+                "upstream %s of %s %s from the dashboard",
+                uid,
+                service,
+                "drained" if drain else "undrained",
+            )
+            return (
+                200,
+                "application/json",
+                json_body({"service": service, "id": uid, "value": value}),
+            )
+
+        admin.route("GET", "/", page)
+        admin.route("GET", "/dashboard", page)
+        admin.route("GET", "/api/cluster", cluster)
+        admin.route("GET", "/api/mark", mark, protected=True)
+        admin.route("POST", "/api/upstream", upstream, protected=True)
+        await admin.start()
+        print(f"pmlb dashboard on http://{host}:{admin.port}/", flush=True)
+        await stop.wait()
+        await admin.stop()
+        await store.close()
+        return 0
+
+    return aio.run(main)
+
+
+def _get(url: str, token: str | None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=NODE_TIMEOUT
+        ) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read() or json.dumps({"error": str(exc)}).encode()
+    except OSError as exc:
+        return 502, json.dumps({"error": f"node unreachable: {exc}"}).encode()
