@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster fuzz test-faults soak clean
+.PHONY: install demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -60,6 +60,14 @@ bench: bench-deps
 
 # The etcd and cluster integration tests once more against etcd in a container
 # (testcontainers, an image built here FROM scratch; needs a running engine).
+# The pmlb and etcd images, built without a registry (see scripts/image/).
+image: install
+	bash scripts/image/build.sh
+
+# Build the images, then run etcd, two upstreams and three nodes in containers.
+test-deploy: install
+	PMLB_TEST_DEPLOY=1 $(PY) -m pytest tests/deploy $(PYTEST_ARGS)
+
 test-containers: install
 	PMLB_TEST_ETCD=container TESTCONTAINERS_RYUK_DISABLED=true $(PY) -m pytest \
 		tests/integration/test_etcd_cluster.py tests/integration/test_persistent.py \

@@ -15,6 +15,9 @@ from pmlb.localetcd import LocalEtcd, etcd_binary
 from pmlb.transport import TRANSPORTS
 from tests.support import Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
 
+# tests/deploy builds container images and runs containers: `make test-deploy`.
+collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
+
 # Every node a test starts is one process (its id, ports and marks as given)
 # unless the test asks for workers itself (tests/integration/test_workers.py).
 os.environ["PMLB_WORKERS"] = "1"

@@ -42,6 +42,8 @@ def check_command(argv: list[str], env: dict[str, str], files: dict[str, Path]) 
 def test_dockerfile_builds_a_non_root_pmlb_image() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["pmlb"]' in text
+    assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M), "SIGTERM is the drain signal"
+    assert re.search(r"^ARG BASE=", text, re.M), "the base image is a build argument"
     assert re.search(r"^USER 10001$", text, re.M)
     for port in ("9000", "9100", "9200", "7001"):
         assert port in text.split("EXPOSE", 1)[1].splitlines()[0]
@@ -71,7 +73,10 @@ def test_compose_services_run_valid_commands() -> None:
         assert values["dns_address"] == ip, "each node publishes its own address"
         assert values["otlp_endpoint"] is None
         assert svc["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://jaeger:")
-        assert svc["stop_grace_period"] == "40s"
+        # The image's contract: SIGTERM drains; the grace period covers the drain.
+        grace = int(svc["stop_grace_period"].removesuffix("s"))
+        assert grace >= values["drain_timeout"] + values["drain_window"]
+        assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
         assert all(u.split("//")[1].split(":")[0] in services for u in values["etcd"][0].split(","))
     for name in ("u1", "u2"):
         check_command(services[name]["command"], services[name].get("environment", {}), {})
