@@ -246,6 +246,10 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
     for node, m in zip(nodes, scrapes, strict=True):
         node["reachable"] = m is not None
         node["marks"] = int(m.get("pmlb_marks_open", 0)) if m else None
+        # Counters, for rates computed by whoever polls (the dashboard).
+        node["accepted_total"] = int(m.get("pmlb_connections_accepted_total", 0)) if m else None
+        node["frames_in_total"] = int(m.get("pmlb_frames_in_total", 0)) if m else None
+        node["frames_out_total"] = int(m.get("pmlb_frames_out_total", 0)) if m else None
         try:
             started = datetime.fromisoformat(str(node.get("started_at", "")).replace("Z", "+00:00"))
             node["age_seconds"] = round((now - started).total_seconds())
@@ -256,6 +260,14 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
             for uid, u in svc["upstreams"].items():
                 if m:
                     u["marks"] += int(m.get(f'pmlb_upstream_marks{{upstream="{uid}"}}', 0))
+                    # The link as each node sees it (the checker's view is "health").
+                    up = m.get(f'pmlb_upstream_up{{upstream="{uid}"}}')
+                    u.setdefault("links", {})[node["id"]] = (
+                        "up" if up == 1 else "down" if up is not None else "-"
+                    )
+                    u["failovers"] = u.get("failovers", 0) + int(
+                        m.get(f'pmlb_upstream_failovers_total{{upstream="{uid}"}}', 0)
+                    )
     return {
         "nodes": sorted(nodes, key=lambda n: n["id"]),
         "services": {

@@ -29,12 +29,16 @@ import urllib.parse
 import urllib.request
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from pmlb.admincli import cluster_status, set_drain
 from pmlb.config import ETCD_OPTIONS, Option, add_options, resolve
 from pmlb.errors import InvalidMark, PmlbError
 from pmlb.ids import node_of
 from pmlb.observability.admin import AdminServer, json_body
+
+if TYPE_CHECKING:  # the etcd client is imported when the command runs (node extra)
+    from pmlb.store.etcd import EtcdStore
 
 log = logging.getLogger("pmlb.dashboard")
 
@@ -47,6 +51,7 @@ DASHBOARD_OPTIONS: tuple[Option, ...] = (
         "(the nodes' --admin-token; prefer PMLB_ADMIN_TOKEN)",
     ),
     Option("trace-url", "trace link template with {trace_id} (e.g. Jaeger's /trace/{trace_id})"),
+    Option("dns-prefix", "etcd prefix of the DNS records the nodes publish", "/skydns"),
     Option("log-level", "debug, info, warning or error", "info"),
 )
 NODE_TIMEOUT = 2.0
@@ -89,6 +94,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
             except PmlbError as exc:
                 return 503, "application/json", json_body({"error": str(exc)})
             report["trace_url"] = values["trace_url"] or ""
+            report["dns"] = await dns_records(store, values["dns_prefix"])
             return 200, "application/json", json_body(report)
 
         async def mark(query: str) -> tuple[int, str, bytes]:
@@ -139,6 +145,25 @@ def run_dashboard(args: argparse.Namespace) -> int:
         return 0
 
     return aio.run(main)
+
+
+async def dns_records(store: EtcdStore, prefix: str) -> list[dict[str, str]]:
+    """The DNS records nodes publish (CoreDNS etcd plugin keys): name and address."""
+    prefix = prefix.rstrip("/")
+    try:
+        _, kvs = await store.get_prefix(prefix + "/")
+    except PmlbError:
+        return []
+    out = []
+    for kv in kvs:
+        labels = kv.key[len(prefix) + 1 :].split("/")
+        try:
+            host = str(json.loads(kv.value).get("host", ""))
+        except (ValueError, AttributeError):
+            host = "?"
+        # /skydns/com/example/lb/<node id> -> lb.example.com, published by <node id>
+        out.append({"name": ".".join(reversed(labels[:-1])), "node": labels[-1], "host": host})
+    return out
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:

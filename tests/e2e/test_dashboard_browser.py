@@ -149,14 +149,20 @@ def test_the_cluster_dashboard_in_a_browser(
     u1, u2 = cluster.echo("u1"), cluster.echo("u2")
     etcd.put("/services/echo/upstreams/u1", u1.addr)
     etcd.put("/services/echo/upstreams/u2", u2.addr)
+    dns = f"/skydns{etcd.prefix}"
     nodes = [
         cluster.node(
-            [], node_id=f"n{i}", etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1", "u2"]
+            [],
+            node_id=f"n{i}",
+            etcd=etcd.url,
+            prefix=etcd.prefix,
+            wait_links=["u1", "u2"],
+            extra=["--dns-name", "lb.test", "--dns-prefix", dns],
         )
         for i in (1, 2)
     ]
     port = free_port()
-    args = ["dashboard", "--etcd", etcd.url, "--etcd-prefix", etcd.prefix]
+    args = ["dashboard", "--etcd", etcd.url, "--etcd-prefix", etcd.prefix, "--dns-prefix", dns]
     dash = Proc("dashboard", [*args, "--listen", f"127.0.0.1:{port}"], cluster.log_dir)
     cluster.procs.append(dash)
     wait_until(lambda: tcp_open("127.0.0.1", port) or not dash.alive(), 20, "dashboard up")
@@ -170,6 +176,11 @@ def test_the_cluster_dashboard_in_a_browser(
     for uid in ("u1", "u2"):
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".upstreams"), uid))
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".checker").text in ("n1", "n2"))  # type: ignore[attr-defined]
+    # Each upstream's link as each node sees it, and the DNS records published.
+    for text in ("n1: up", "n2: up"):
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".upstreams"), text))
+    for text in ("lb.test", "n1", "n2"):
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#dns tbody"), text))
 
     sock, mark = _client(nodes[1].port)
     box = driver.find_element(By.ID, "q")  # type: ignore[attr-defined]
