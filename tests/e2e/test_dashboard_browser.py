@@ -62,6 +62,7 @@ def _client(port: int) -> tuple[socket.socket, str]:
 def test_the_dashboard_in_a_browser(
     browser: object, cluster: Cluster, etcd: Etcd, tmp_path: Path
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -77,7 +78,8 @@ def test_the_dashboard_in_a_browser(
         wait_links=["u1", "u2"],
         extra=["--trace-url", "http://jaeger.example:16686/trace/{trace_id}"],
     )
-    wait = WebDriverWait(driver, 20)
+    # The page re-renders its tables every 2 s: an element found just before may be gone.
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
 
     driver.get(f"http://127.0.0.1:{node.admin}/dashboard")  # type: ignore[attr-defined]
     wait.until(ec.text_to_be_present_in_element((By.ID, "node-id"), "n1"))
