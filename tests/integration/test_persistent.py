@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pmlb.upstream import Conn, Handler, UpstreamServer
-from tests.conftest import Cluster, Etcd
+from tests.conftest import Cluster, Etcd, Node
 from tests.faults.report import record
 from tests.support import ROOT, async_wait_until, http_get, tcp_open
 
@@ -63,6 +63,21 @@ class Meta(Handler):
 
 
 @pytest.mark.asyncio
+async def _serving(node: Node, *uids: str) -> None:
+    """Wait until the checker has marked every one of ``uids`` SERVING: while
+    only some are, new marks all go to those (an upstream of unknown health is
+    used only when none is SERVING), and round-robin tests would race it."""
+    for uid in uids:
+        await async_wait_until(
+            lambda uid=uid: (
+                node.metrics().get(f'pmlb_upstream_health{{status="SERVING",upstream="{uid}"}}')
+                == 1
+            ),
+            15,
+            f"{uid} SERVING",
+        )
+
+
 async def test_metadata_follows_the_mark_and_push_from_anywhere(
     etcd: Etcd, cluster: Cluster
 ) -> None:
@@ -82,6 +97,7 @@ async def test_metadata_follows_the_mark_and_push_from_anywhere(
             extra=["--control", "127.0.0.1:0"],
             env={"PMLB_CONTROL_TOKEN": "s3cret-token"},
         )
+        await _serving(node, "a", "b")
         async with asyncio.timeout(40):
             conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(2)]
             replies = []
@@ -155,17 +171,7 @@ async def test_drain_an_upstream_under_load(etcd: Etcd, cluster: Cluster) -> Non
     node = await asyncio.to_thread(
         cluster.node, [], etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1", "u2"]
     )
-    # Both checked SERVING first: while only one is, new marks all go to it
-    # (an upstream of unknown health is used only when none is SERVING).
-    for uid in ("u1", "u2"):
-        await async_wait_until(
-            lambda uid=uid: (
-                node.metrics().get(f'pmlb_upstream_health{{status="SERVING",upstream="{uid}"}}')
-                == 1
-            ),
-            15,
-            f"{uid} SERVING",
-        )
+    await _serving(node, "u1", "u2")
     async with asyncio.timeout(60):
         tasks = [asyncio.create_task(_streamer(node.port, i, 150)) for i in range(60)]
         await asyncio.sleep(0.5)
