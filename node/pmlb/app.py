@@ -35,7 +35,7 @@ from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
-from pmlb.observability.dashboard import dashboard_page
+from pmlb.observability.dashboard import add_page_routes
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.store.etcd import EtcdSettings, EtcdStore
@@ -477,11 +477,7 @@ class NodeApp:
             conn.close(reasons.CLOSED_BY_API, "closed from the admin endpoint", notify=True)
             return 200, "application/json", json_body({"closed": m})
 
-        async def page(query: str) -> tuple[int, str, bytes]:
-            return 200, "text/html; charset=utf-8", dashboard_page()
-
-        admin.route("GET", "/", page)
-        admin.route("GET", "/dashboard", page)
+        add_page_routes(admin, "dashboard.html")
         admin.route("GET", "/api/status", status)
         # Client addresses and metadata, and actions: behind the admin token.
         admin.route("GET", "/connections", connections, protected=True)

@@ -27,8 +27,6 @@ import logging
 import urllib.error
 import urllib.parse
 import urllib.request
-from functools import cache
-from importlib import resources
 from typing import TYPE_CHECKING
 
 from pmlb.admincli import cluster_status, set_drain
@@ -36,6 +34,7 @@ from pmlb.config import ETCD_OPTIONS, Option, add_options, resolve
 from pmlb.errors import InvalidMark, PmlbError
 from pmlb.ids import node_of
 from pmlb.observability.admin import AdminServer, json_body
+from pmlb.observability.dashboard import add_page_routes
 
 if TYPE_CHECKING:  # the etcd client is imported when the command runs (node extra)
     from pmlb.store.etcd import EtcdStore
@@ -62,11 +61,6 @@ def add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     add_options(p, DASHBOARD_OPTIONS)
 
 
-@cache
-def cluster_page() -> bytes:
-    return resources.files("pmlb.observability").joinpath("cluster.html").read_bytes()
-
-
 def run_dashboard(args: argparse.Namespace) -> int:
     from pmlb import aio
     from pmlb.domain import parse_hostport
@@ -84,9 +78,6 @@ def run_dashboard(args: argparse.Namespace) -> int:
         keys = Keys(values["etcd_prefix"])
         await store.connect()
         admin = AdminServer(host, port, token)
-
-        async def page(query: str) -> tuple[int, str, bytes]:
-            return 200, "text/html; charset=utf-8", cluster_page()
 
         async def cluster(query: str) -> tuple[int, str, bytes]:
             try:
@@ -132,8 +123,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
                 json_body({"service": service, "id": uid, "value": value}),
             )
 
-        admin.route("GET", "/", page)
-        admin.route("GET", "/dashboard", page)
+        add_page_routes(admin, "cluster.html")
         admin.route("GET", "/api/cluster", cluster)
         admin.route("GET", "/api/mark", mark, protected=True)
         admin.route("POST", "/api/upstream", upstream, protected=True)

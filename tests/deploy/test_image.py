@@ -26,7 +26,8 @@ IMAGE = "pmlb:0.1.0"
 ETCD_IMAGE = "pmlb-etcd:3.5.1"
 PREFIX = "/pmlb-deploy"
 
-pytestmark = pytest.mark.skipif(engine_error() is not None, reason=str(engine_error()))
+_NO_ENGINE = engine_error()  # asked once: it runs `docker info`
+pytestmark = pytest.mark.skipif(_NO_ENGINE is not None, reason=str(_NO_ENGINE))
 
 
 def docker(*args: str, timeout: float = 120) -> str:
