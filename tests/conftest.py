@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from pmlb.localetcd import LocalEtcd, etcd_binary
 from pmlb.transport import TRANSPORTS
@@ -17,6 +18,12 @@ from tests.support import Proc, free_port, run_pmlb, scrape, tcp_open, wait_unti
 
 # tests/deploy builds container images and runs containers: `make test-deploy`.
 collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
+
+# Hypothesis checks properties, not speed: its default 200 ms deadline per
+# example is a timed assertion that fails on a busy shared machine (it did,
+# once, in test_values). Performance is `make bench`'s job.
+settings.register_profile("pmlb", deadline=None)
+settings.load_profile("pmlb")
 
 # Every node a test starts is one process (its id, ports and marks as given)
 # unless the test asks for workers itself (tests/integration/test_workers.py).

@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(dns, DNS_SYNC_OPTIONS)
     from pmlb.admincli import add_status_parser, add_upstream_parser
     from pmlb.clusterdash import add_dashboard_parser
+    from pmlb.conformance import add_conformance_parser
 
     add_upstream_parser(sub)
     add_status_parser(sub)
     add_dashboard_parser(sub)
+    add_conformance_parser(sub)
     conn = sub.add_parser(
         "connect", help="an interactive line client: type messages, see each reply"
     )
@@ -92,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pmlb.clusterdash import run_dashboard
 
             return run_dashboard(args)
+        if args.command == "conformance":
+            from pmlb.conformance import run_conformance
+
+            return run_conformance(args)
         if args.command == "status":
             from pmlb.admincli import run_status
 
@@ -193,6 +199,7 @@ def _echo(args: argparse.Namespace) -> int:
             tls=tls,
             token=values["upstream_token"],
             transport=values["link_transport"],
+            conformance=values["conformance"],
         )
     )
 

@@ -397,6 +397,13 @@ ECHO_OPTIONS: tuple[Option, ...] = (
         choices=TRANSPORTS,
     ),
     Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
+    Option(
+        "conformance",
+        "run the conformance handler instead: echo unchanged plus the commands of "
+        "`pmlb conformance` (proto/README.md)",
+        False,
+        metavar="BOOL",
+    ),
     Option("window", "per-mark flow-control window", 262144, _positive_size),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),

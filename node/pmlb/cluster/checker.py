@@ -22,7 +22,6 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pmlb.aio import stop_task, supervised, wait_event
 from pmlb.cluster.discovery import ServiceView
@@ -30,6 +29,8 @@ from pmlb.cluster.session import Session
 from pmlb.domain import UpstreamSpec
 from pmlb.store.etcd import EtcdStore, StoreError
 from pmlb.store.keys import NOT_SERVING, SERVING, Health, Keys, format_health, now_rfc3339
+from pmlb.transport import HEALTH_SERVICE
+from pmlb.transport.cgrpc import check_health
 
 log = logging.getLogger("pmlb.checker")
 
@@ -165,17 +166,8 @@ class Checker:
             )
             probe = _Probe(spec.addr, channel)
             self._probes[spec.id] = probe
-        stub = health_pb2_grpc.HealthStub(probe.channel)
         self.probes += 1
-        try:
-            resp = await stub.Check(
-                health_pb2.HealthCheckRequest(service="pmlb.v1.Upstream"),
-                timeout=self.settings.timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            return False, f"{exc.code().name}: {exc.details()}"[:200]
-        ok = resp.status == health_pb2.HealthCheckResponse.SERVING
-        return ok, health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return await check_health(probe.channel, HEALTH_SERVICE, self.settings.timeout)
 
     async def _record(self, spec: UpstreamSpec, ok: bool, detail: str, lease: int) -> None:
         probe = self._probes[spec.id]

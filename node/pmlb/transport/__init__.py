@@ -40,6 +40,9 @@ DEFAULT_TRANSPORT: Final = "grpclib"
 # mark is bound; pmlb's own pings (--ack-timeout) cover hung peers with marks.
 KEEPALIVE_TIME: Final = 10.0
 KEEPALIVE_TIMEOUT: Final = 5.0
+# The grpc.health.v1 service name the checker asks about (proto/README.md,
+# "Health"); upstreams answer for it and for "".
+HEALTH_SERVICE: Final = "pmlb.v1.Upstream"
 
 
 class TransportError(PmlbError):

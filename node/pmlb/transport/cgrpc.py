@@ -225,3 +225,17 @@ class Server:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+async def check_health(channel: grpc.aio.Channel, service: str, timeout: float) -> tuple[bool, str]:
+    """One grpc.health.v1 Check: (serving, status name or error), as the
+    checker sees it; ``pmlb conformance`` asks the same way."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return False, f"{exc.code().name}: {exc.details()}"[:200]
+    ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+    return ok, health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

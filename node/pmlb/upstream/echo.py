@@ -45,6 +45,7 @@ async def run_echo(
     tls: ServerTLS | None = None,
     token: str | None = None,
     transport: str | None = None,
+    conformance: bool = False,
 ) -> int:
     """``pmlb echo-upstream``: serve until ``stop`` is set."""
     provider: Any = None
@@ -54,8 +55,11 @@ async def run_echo(
         provider = make_provider("pmlb-echo-upstream", upstream_id, None)
     except ImportError as exc:
         log.info("tracing off: %s", exc)
+    from pmlb.upstream.conformance import ConformanceHandler
+
+    handler = ConformanceHandler() if conformance else EchoHandler(upstream_id, plain)
     server = UpstreamServer(
-        EchoHandler(upstream_id, plain),
+        handler,
         upstream_id=upstream_id,
         listen=listen,
         window=window,
@@ -64,6 +68,8 @@ async def run_echo(
         token=token,
         transport=transport,
     )
+    if isinstance(handler, ConformanceHandler):
+        handler.server = server
     await server.start()
     await stop.wait()
     await server.stop(1.0)

@@ -50,14 +50,21 @@ from pmlb import __version__, reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.errors import BackpressureError, MarkGone
 from pmlb.ids import node_of
-from pmlb.transport import DEFAULT_TRANSPORT, Refused, ServerStream, ServerTLS, check_transport
+from pmlb.transport import (
+    DEFAULT_TRANSPORT,
+    HEALTH_SERVICE,
+    Refused,
+    ServerStream,
+    ServerTLS,
+    check_transport,
+)
 
 if TYPE_CHECKING:
     from pmlb.client import MarkClient
 
 log = logging.getLogger("pmlb.upstream")
 
-SERVICE_NAME: Final = "pmlb.v1.Upstream"
+SERVICE_NAME: Final = HEALTH_SERVICE
 DEFAULT_MAX_QUEUE: Final = 4 << 20
 DEFAULT_CONCURRENCY: Final = 64
 
