@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from hypothesis import settings
 
 from pmlb.localetcd import LocalEtcd, etcd_binary
 from pmlb.transport import TRANSPORTS
-from tests.support import Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
+from tests.support import ROOT, Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
 
 # tests/deploy builds container images and runs containers: `make test-deploy`.
 collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
@@ -44,6 +45,7 @@ LINK_MODULES = frozenset(
         "test_persistent",
         "test_fuzz_upstream",
         "test_upstream_faults",
+        "test_nodejs_sdk",
     }
 )
 
@@ -264,6 +266,26 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
         yield Etcd(server, f"/pmlb-{tmp_path.name}")
     finally:
         server.stop()
+
+
+# The Node.js SDK (its tests: tests/unit/test_nodejs_sdk_units.py and
+# tests/integration/test_nodejs_sdk.py).
+JS_SDK = ROOT / "node" / "upstream-js"
+
+
+@pytest.fixture(scope="session")
+def node_bin() -> str:
+    """Node.js, with the Node.js SDK's packages installed from its lock file
+    (``npm ci``, only when node_modules is missing or older than the lock)."""
+    node = shutil.which("node")
+    assert node, "Node.js (node) is needed: .ci/run installs it"
+    stamp = JS_SDK / "node_modules" / ".package-lock.json"
+    lock = JS_SDK / "package-lock.json"
+    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_SDK, check=True, timeout=300
+        )
+    return node
 
 
 @pytest.fixture

@@ -389,7 +389,9 @@ class Peer:
             return bool(q)
 
         timeout = self.timeout if timeout is None else timeout
-        await self.until(ready, f"sent no {what} for mark {mark} within {timeout:g} s", timeout)
+        await self.until(
+            ready, f"did not send {what} for mark {mark} within {timeout:g} s", timeout
+        )
         self.held -= 1
         return self.frames[mark].popleft()
 

@@ -12,12 +12,19 @@ def new_stats() -> dict[str, int]:
 
 
 async def stream(
-    port: int, idx: int, n: int, started: asyncio.Event, stats: dict[str, int], gaps: list[float]
+    port: int,
+    idx: int,
+    n: int,
+    started: asyncio.Event,
+    stats: dict[str, int],
+    gaps: list[float],
+    seen: list[str] | None = None,
 ) -> None:
     """Send ``n`` numbered lines at a steady pace and read the echoes: a number
     skipped counts as lost, one seen again as duplicated, a reply naming
     another mark than the first as a mark change. ``gaps`` gets the time
-    between consecutive replies (the longest is the recovery time)."""
+    between consecutive replies (the longest is the recovery time); ``seen``,
+    if given, the mark then the upstream id of every reply counted."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
     last = time.monotonic()
 
@@ -45,6 +52,10 @@ async def stream(
                 continue
             stats["lost"] += num - expected
             stats["received"] += 1
+            if seen is not None:
+                if not seen:
+                    seen.append(mark)
+                seen.append(line.split(" ", 2)[1])
             expected = num + 1
             now = time.monotonic()
             gaps.append(now - last)

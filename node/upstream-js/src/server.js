@@ -1,0 +1,282 @@
+// UpstreamServer: a grpc-js server implementing pmlb.v1.Upstream with your
+// handler, plus grpc.health.v1.Health (the service the checker asks about).
+import { timingSafeEqual } from 'node:crypto';
+
+import * as grpc from '@grpc/grpc-js';
+import { HealthImplementation } from 'grpc-health-check';
+
+import { BRIDGE_PATH, GARBAGE, decodeBatch, encodeBatch } from './proto.js';
+import { DEFAULT_WINDOW, MarkGone, PROTOCOL_VERSION, Session, nodeOf } from './session.js';
+import { BatchWriter, FRAME_OVERHEAD } from './writer.js';
+
+export const VERSION = '0.1.0';
+/** The grpc.health.v1 service name the checker asks about. */
+export const HEALTH_SERVICE = 'pmlb.v1.Upstream';
+// The node sends gRPC messages up to 64 MiB; gRPC's usual default receive
+// limit is 4 MiB, which would end the link on the first big batch.
+export const GRPC_MAX_MESSAGE = 64 << 20;
+export const DEFAULT_MAX_QUEUE = 4 << 20;
+export const DEFAULT_CONCURRENCY = 64;
+
+const SERVER_OPTIONS = {
+  'grpc.max_receive_message_length': GRPC_MAX_MESSAGE,
+  'grpc.max_send_message_length': GRPC_MAX_MESSAGE,
+  // Nodes send HTTP/2 keepalive pings every 10 s, also with no call open.
+  'grpc.keepalive_permit_without_calls': 1,
+  'grpc.http2.min_ping_interval_without_data_ms': 5000,
+};
+
+const BRIDGE_SERVICE = {
+  Bridge: {
+    path: BRIDGE_PATH,
+    requestStream: true,
+    responseStream: true,
+    requestSerialize: encodeBatch,
+    requestDeserialize: decodeBatch,
+    responseSerialize: encodeBatch,
+    responseDeserialize: decodeBatch,
+  },
+};
+
+function defaultLogger(id) {
+  const at = () => new Date().toISOString();
+  return {
+    info: (msg) => console.log(`${at()} INFO upstream/${id} ${msg}`),
+    warn: (msg) => console.warn(`${at()} WARNING upstream/${id} ${msg}`),
+    error: (msg, err) =>
+      console.error(`${at()} ERROR upstream/${id} ${msg}${err ? `\n${err.stack ?? err}` : ''}`),
+  };
+}
+
+export class UpstreamServer {
+  /**
+   * @param {object} handler {onOpen(conn), onMessage(conn, data), onClose(conn, reason)}:
+   *   each optional, each may return a promise.
+   * @param {object} options
+   * @param {string} options.upstreamId this upstream's id (in its Hello and logs)
+   * @param {string} [options.listen] host:port, default 127.0.0.1:0 (any free port)
+   * @param {number} [options.window] credit granted to the node per mark (default 262144)
+   * @param {number} [options.maxQueue] bound of each mark's outgoing queue (default 4 MiB)
+   * @param {number} [options.concurrency] marks whose handlers run at once per stream
+   * @param {string} [options.token] nodes must present it (their --upstream-token);
+   *   default PMLB_UPSTREAM_TOKEN
+   * @param {grpc.ServerCredentials} [options.credentials] TLS; default insecure
+   * @param {object} [options.logger] {info, warn, error}
+   */
+  constructor(handler, options) {
+    const {
+      upstreamId,
+      listen = '127.0.0.1:0',
+      window = DEFAULT_WINDOW,
+      maxQueue = DEFAULT_MAX_QUEUE,
+      concurrency = DEFAULT_CONCURRENCY,
+      token = process.env.PMLB_UPSTREAM_TOKEN,
+      credentials,
+      logger,
+    } = options ?? {};
+    if (!upstreamId) throw new TypeError('upstreamId is required');
+    if (!(concurrency >= 1)) throw new RangeError('concurrency must be at least 1');
+    this.handler = handler;
+    this.upstreamId = upstreamId;
+    this.listen = listen;
+    this.window = window;
+    this.maxQueue = maxQueue;
+    this.concurrency = concurrency;
+    this.token = token || null;
+    this.credentials = credentials ?? grpc.ServerCredentials.createInsecure();
+    this.log = logger ?? defaultLogger(upstreamId);
+    this.port = 0;
+    this.stats = {
+      streams: 0,
+      garbageBatches: 0,
+      framesForUnknownMarks: 0,
+      duplicatesSkipped: 0,
+      unexpectedFrames: 0,
+      handlerErrors: 0,
+      unauthenticated: 0,
+    };
+    this._marks = new Map();
+    this._sessions = new Map(); // node id -> Set<Session>
+    this._health = new HealthImplementation({ '': 'SERVING', [HEALTH_SERVICE]: 'SERVING' });
+    this._server = null;
+  }
+
+  /** Start serving; resolves to the port. */
+  async start() {
+    const server = new grpc.Server(SERVER_OPTIONS);
+    server.addService(BRIDGE_SERVICE, { Bridge: (call) => this._bridge(call) });
+    this._health.addToServer(server);
+    this.port = await new Promise((resolve, reject) => {
+      server.bindAsync(this.listen, this.credentials, (err, port) =>
+        err ? reject(err) : resolve(port),
+      );
+    });
+    this._server = server;
+    this.log.info(`serving pmlb.v1.Upstream on port ${this.port} (grpc-js)`);
+    return this.port;
+  }
+
+  /** Stop: let streams end for up to graceMs, then cut them. */
+  async stop(graceMs = 1000) {
+    const server = this._server;
+    if (!server) return;
+    this._server = null;
+    await new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        server.forceShutdown();
+        resolve();
+      }, graceMs);
+      server.tryShutdown(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
+  /** Flip what grpc.health.v1 reports: checkers stop routing to NOT_SERVING. */
+  setServing(serving) {
+    const status = serving ? 'SERVING' : 'NOT_SERVING';
+    this._health.setStatus('', status);
+    this._health.setStatus(HEALTH_SERVICE, status);
+  }
+
+  /** The Conn of a mark bound here, if any. */
+  conn(mark) {
+    return this._marks.get(mark);
+  }
+
+  /**
+   * Send to a mark bound here, or to any mark of a node this upstream has a
+   * link with (push; the node must list this upstream in --push-upstreams).
+   * Throws MarkGone otherwise: reaching other nodes' marks goes through their
+   * control API (pmlb.v1.Node), which this SDK does not wrap yet.
+   */
+  push(mark, payload) {
+    const conn = this._marks.get(mark);
+    if (conn) {
+      conn.send(payload);
+      return;
+    }
+    const session = this._sessionFor(mark);
+    const buf = typeof payload === 'string' ? Buffer.from(payload) : payload;
+    const f = session.writer.frame();
+    f.mark = mark;
+    f.data = { payload: buf };
+    session.writer.addPayload(buf.length + FRAME_OVERHEAD);
+    session.writer.kick();
+  }
+
+  /** Close any mark reachable as with push. */
+  closeMark(mark, reason = 'upstream_closed', detail = '') {
+    const conn = this._marks.get(mark);
+    if (conn) {
+      conn.close(reason, detail);
+      return;
+    }
+    this._sessionFor(mark).sendClose(mark, reason, detail);
+  }
+
+  _sessionFor(mark) {
+    const sessions = this._sessions.get(nodeOf(mark));
+    if (!sessions || !sessions.size) {
+      throw new MarkGone(`no link to the node owning ${mark}`);
+    }
+    return sessions.values().next().value;
+  }
+
+  _authorized(call) {
+    if (!this.token) return true;
+    const given = Buffer.from(String(call.metadata.get('authorization')[0] ?? ''));
+    const want = Buffer.from(`Bearer ${this.token}`);
+    return given.length === want.length && timingSafeEqual(given, want);
+  }
+
+  _bridge(call) {
+    if (!this._authorized(call)) {
+      this.stats.unauthenticated += 1;
+      this.log.warn(`refused a Bridge stream without the upstream token from ${call.getPeer()}`);
+      call.emit('error', { code: grpc.status.UNAUTHENTICATED, details: 'upstream token required' });
+      return;
+    }
+    let session = null;
+    let ended = false;
+    let writer = null;
+    const write = (batch) =>
+      new Promise((resolve, reject) => {
+        if (ended) {
+          reject(new Error('stream ended'));
+          return;
+        }
+        call.write(batch, (err) => (err ? reject(err) : resolve()));
+      });
+
+    const finish = (reason) => {
+      if (ended) return;
+      ended = true;
+      if (!session) return;
+      writer.close();
+      this._sessions.get(session.nodeId)?.delete(session);
+      this.log.info(
+        `node ${session.nodeId} stream ended (${reason}); ${session.conns.size} marks released`,
+      );
+      session.end(reason).catch((err) => this.log.error('ending a session failed', err));
+    };
+
+    call.on('data', (batch) => {
+      if (ended) return;
+      if (session === null) {
+        if (batch === GARBAGE || !batch.hello) {
+          ended = true;
+          call.emit('error', {
+            code: grpc.status.INVALID_ARGUMENT,
+            details: 'first Batch must carry hello',
+          });
+          return;
+        }
+        const hello = batch.hello;
+        writer = new BatchWriter(write);
+        writer.current.hello = {
+          id: this.upstreamId,
+          protocol: PROTOCOL_VERSION,
+          initialWindow: this.window,
+          software: `pmlb-upstream-node/${VERSION}`,
+        };
+        session = new Session({
+          handler: this.handler,
+          writer,
+          hello,
+          window: this.window,
+          maxQueue: this.maxQueue,
+          concurrency: this.concurrency,
+          stats: this.stats,
+          log: (msg, err) => this.log.error(msg, err),
+          marks: this._marks,
+        });
+        this.stats.streams += 1;
+        if (!this._sessions.has(hello.id)) this._sessions.set(hello.id, new Set());
+        this._sessions.get(hello.id).add(session);
+        writer.kick();
+        this.log.info(`node ${hello.id} connected (protocol ${hello.protocol}, ${hello.software})`);
+        session.process(batch);
+        return;
+      }
+      if (batch === GARBAGE) {
+        this.stats.garbageBatches += 1;
+        this.log.warn(`node ${session.nodeId} sent a batch that is not a pmlb.v1.Batch`);
+        return;
+      }
+      session.process(batch);
+    });
+    call.on('end', () => {
+      const wasOpen = !ended;
+      finish('node_closed');
+      if (wasOpen && writer) {
+        writer.flush().finally(() => call.end());
+      } else {
+        call.end();
+      }
+    });
+    call.on('error', () => finish('node_lost'));
+    call.on('cancelled', () => finish('node_lost'));
+  }
+}

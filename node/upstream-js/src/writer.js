@@ -1,0 +1,105 @@
+// Coalesces frames into Batches and writes them on one stream, in order.
+//
+// frame() returns a new frame object already appended to the open batch; the
+// caller fills it in and calls kick() once per burst. One write is in flight
+// at a time: while it is, frames accumulate, which is what makes one gRPC
+// message carry many frames under load (and none wait at low load).
+
+export const MAX_BATCH_FRAMES = 1024;
+export const MAX_BATCH_BYTES = 1 << 20;
+// Every Data frame costs its payload length plus this in credit (protocol 2)
+// and in the SDK's own queue bounds: an empty message is not free.
+export const FRAME_OVERHEAD = 64;
+
+export class BatchWriter {
+  /**
+   * @param {(batch: object) => Promise<void>} write sends one Batch; resolves
+   *   when the stream can take more.
+   */
+  constructor(write) {
+    this._write = write;
+    this._batch = { frames: [] };
+    this._bytes = 0;
+    this._full = [];
+    this._scheduled = false;
+    this._writing = false;
+    this._closed = false;
+    this._idle = [];
+    this.pendingBytes = 0;
+    this.batchesSent = 0;
+  }
+
+  /** The open batch (to set its hello before the first write). */
+  get current() {
+    return this._batch;
+  }
+
+  frame() {
+    if (this._batch.frames.length >= MAX_BATCH_FRAMES) this._cut();
+    const f = {};
+    this._batch.frames.push(f);
+    return f;
+  }
+
+  addPayload(size) {
+    this.pendingBytes += size;
+    this._bytes += size;
+    if (this._bytes >= MAX_BATCH_BYTES) this._cut();
+  }
+
+  _cut() {
+    this._full.push([this._batch, this._bytes]);
+    this._batch = { frames: [] };
+    this._bytes = 0;
+  }
+
+  kick() {
+    if (this._scheduled || this._writing || this._closed) return;
+    this._scheduled = true;
+    // After the current turn: everything the handlers produce in this turn
+    // rides in the same Batch.
+    setImmediate(() => {
+      this._scheduled = false;
+      this._run().catch(() => {});
+    });
+  }
+
+  async _run() {
+    if (this._writing) return;
+    this._writing = true;
+    try {
+      while (this._full.length || this._batch.frames.length || this._batch.hello) {
+        let batch;
+        let size;
+        if (this._full.length) {
+          [batch, size] = this._full.shift();
+        } else {
+          batch = this._batch;
+          size = this._bytes;
+          this._batch = { frames: [] };
+          this._bytes = 0;
+        }
+        await this._write(batch);
+        this.pendingBytes -= size;
+        this.batchesSent += 1;
+      }
+    } finally {
+      this._writing = false;
+      for (const resolve of this._idle.splice(0)) resolve();
+    }
+  }
+
+  /** Resolves once everything queued so far has been written (or failed). */
+  async flush() {
+    if (!this._writing && !this._scheduled && !this._full.length && !this._batch.frames.length) {
+      return;
+    }
+    this.kick();
+    await new Promise((resolve) => this._idle.push(resolve));
+    if (this._full.length || this._batch.frames.length) await this.flush();
+  }
+
+  close() {
+    this._closed = true;
+  }
+}
