@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
+.PHONY: install js-install test-js demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -19,10 +19,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The Node.js SDK's packages, from its lock file (the main suite tests the SDK).
+JS_SDK := node/upstream-js
+JS_STAMP := $(JS_SDK)/node_modules/.package-lock.json
+
+$(JS_STAMP): $(JS_SDK)/package-lock.json
+	@command -v node >/dev/null || { echo "make: the Node.js SDK's tests need Node.js 20+ and npm (Debian: apt-get install nodejs npm)" >&2; exit 2; }
+	cd $(JS_SDK) && npm ci --no-audit --no-fund
+	@touch $@
+
+js-install: $(JS_STAMP)
+
+# The Node.js SDK's own unit tests (node:test); the main suite runs them too.
+test-js: js-install
+	cd $(JS_SDK) && npm test
+
 demo: install
 	$(VENV)/bin/pmlb demo
 
-test: install
+test: install js-install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -102,4 +117,4 @@ bench-quick: bench-deps
 	$(PY) scripts/bench/run.py --bindir $(BENCH_BIN) --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-results
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-results $(JS_SDK)/node_modules

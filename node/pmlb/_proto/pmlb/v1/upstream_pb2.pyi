@@ -91,8 +91,9 @@ class Hello(_message.Message):
     initial_window: _builtins.int
     """The initial per-mark window, in credit bytes, that the *sender* of this
     Hello grants its peer for each mark: the peer may send Data frames of a
-    mark costing that much (protocol 2: payload length + 64 per frame;
-    protocol 1: payload length) before it needs Flow.credit from the sender.
+    mark while what they cost (protocol 2: payload length + 64 per frame;
+    protocol 1: payload length) is below this plus all Flow.credit from the
+    sender; the last frame may overshoot by itself.
     0 means "no limit stated"; the peer then uses 262144.
     """
     service: _builtins.str
@@ -388,7 +389,8 @@ class Close(_message.Message):
     """The end of a mark, from either side.
 
     Node to upstream: the client went away (or the node closed it); the
-    upstream must forget the mark and should answer with its own close.
+    upstream forgets the mark and answers with its own close (for any reason
+    but "unknown_mark").
     Upstream to node: the node sends the client everything it already has for
     the mark, then closes the client connection.
     """
