@@ -40,12 +40,14 @@ demo: install
 test: install js-install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install js-install
+	cd $(JS_SDK) && npm run --silent lint
 	$(VENV)/bin/ruff check node scripts tests
 	$(VENV)/bin/ruff format --check node scripts tests
 	$(VENV)/bin/mypy
 
-format: install
+format: install js-install
+	cd $(JS_SDK) && npm run --silent format
 	$(VENV)/bin/ruff check --fix node scripts tests
 	$(VENV)/bin/ruff format node scripts tests
 

@@ -22,7 +22,9 @@ export function protoPath() {
   ].filter(Boolean);
   const found = candidates.find((p) => existsSync(p));
   if (!found) {
-    throw new Error(`upstream.proto not found (looked in ${candidates.join(', ')}); set PMLB_PROTO`);
+    throw new Error(
+      `upstream.proto not found (looked in ${candidates.join(', ')}); set PMLB_PROTO`,
+    );
   }
   return found;
 }

@@ -26,7 +26,8 @@ const SERVER_OPTIONS = {
   'grpc.http2.min_ping_interval_without_data_ms': 5000,
 };
 
-const BRIDGE_SERVICE = {
+/** The pmlb.v1.Upstream service for grpc-js, with a decoder that never throws. */
+export const BRIDGE_SERVICE = {
   Bridge: {
     path: BRIDGE_PATH,
     requestStream: true,

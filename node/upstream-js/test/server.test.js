@@ -5,20 +5,9 @@ import { after, before, describe, it } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
 
-import { BRIDGE_PATH, decodeBatch, encodeBatch } from '../src/proto.js';
-import { HEALTH_SERVICE, UpstreamServer } from '../src/server.js';
+import { BRIDGE_SERVICE, HEALTH_SERVICE, UpstreamServer } from '../src/server.js';
 
-const Bridge = grpc.makeGenericClientConstructor({
-  Bridge: {
-    path: BRIDGE_PATH,
-    requestStream: true,
-    responseStream: true,
-    requestSerialize: encodeBatch,
-    requestDeserialize: decodeBatch,
-    responseSerialize: encodeBatch,
-    responseDeserialize: decodeBatch,
-  },
-});
+const Bridge = grpc.makeGenericClientConstructor(BRIDGE_SERVICE);
 const Health = grpc.makeGenericClientConstructor(healthService);
 const quiet = { info() {}, warn() {}, error() {} };
 

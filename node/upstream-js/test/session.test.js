@@ -54,7 +54,11 @@ const open = (mark, extra = {}) => ({
   kind: 'open',
   open: { nextSeq: 1, metadata: {}, traceContext: {}, ...extra },
 });
-const data = (mark, seq, text) => ({ mark, kind: 'data', data: { seq, payload: Buffer.from(text) } });
+const data = (mark, seq, text) => ({
+  mark,
+  kind: 'data',
+  data: { seq, payload: Buffer.from(text) },
+});
 const flow = (mark, credit) => ({ mark, kind: 'flow', flow: { credit, acked: 0 } });
 const close = (mark, reason) => ({ mark, kind: 'close', close: { reason } });
 const echo = { onMessage: (conn, d) => conn.send(d) };
@@ -77,7 +81,10 @@ describe('session', () => {
   it('acknowledges a message without a reply with a flow frame', () => {
     const { s, writer } = session({ onMessage() {} });
     s.process({ frames: [open('m'), data('m', 1, 'quiet')] });
-    assert.deepEqual(writer.take('flow').map((f) => f.flow.acked), [1]);
+    assert.deepEqual(
+      writer.take('flow').map((f) => f.flow.acked),
+      [1],
+    );
     assert.equal(writer.take('data').length, 0);
   });
 
@@ -136,7 +143,10 @@ describe('session', () => {
     const { s, writer } = session({ onMessage: () => busy });
     s.process({ frames: [open('m'), data('m', 1, 'slow')] });
     s.process({ frames: [{ mark: '', kind: 'ping', ping: { id: 17, reply: false } }] });
-    assert.deepEqual(writer.take('ping').map((f) => f.ping), [{ id: 17, reply: true }]);
+    assert.deepEqual(
+      writer.take('ping').map((f) => f.ping),
+      [{ id: 17, reply: true }],
+    );
     release();
     await tick();
   });
@@ -150,7 +160,15 @@ describe('session', () => {
         conn.send(d);
       },
     });
-    s.process({ frames: [open('a'), open('b'), data('a', 1, 'slow'), data('a', 2, 'next'), data('b', 1, 'fast')] });
+    s.process({
+      frames: [
+        open('a'),
+        open('b'),
+        data('a', 1, 'slow'),
+        data('a', 2, 'next'),
+        data('b', 1, 'fast'),
+      ],
+    });
     for (let i = 0; i < 100 && order.length < 3; i += 1) await new Promise((r) => setTimeout(r, 5));
     assert.deepEqual(order, ['b:fast', 'a:slow', 'a:next']);
     assert.equal(writer.take('data').length, 3);
@@ -165,7 +183,9 @@ describe('session', () => {
         return undefined;
       },
     });
-    s.process({ frames: [open('a'), open('b'), open('c'), data('a', 1, 'boom'), data('c', 1, 'later')] });
+    s.process({
+      frames: [open('a'), open('b'), open('c'), data('a', 1, 'boom'), data('c', 1, 'later')],
+    });
     await tick();
     s.process({ frames: [data('b', 1, 'fine')] });
     const closes = writer.take('close').map((f) => [f.mark, f.close.reason]);
@@ -173,7 +193,10 @@ describe('session', () => {
       ['a', 'upstream_error'],
       ['c', 'upstream_error'],
     ]);
-    assert.deepEqual(writer.take('data').map((f) => f.data.payload.toString()), ['fine']);
+    assert.deepEqual(
+      writer.take('data').map((f) => f.data.payload.toString()),
+      ['fine'],
+    );
     assert.equal(stats.handlerErrors, 2);
   });
 
@@ -184,9 +207,13 @@ describe('session', () => {
         conn.send(d);
       },
     });
-    s.process({ frames: [open('m'), data('m', 1, 'one'), data('m', 2, 'two'), close('m', 'moved')] });
+    s.process({
+      frames: [open('m'), data('m', 1, 'one'), data('m', 2, 'two'), close('m', 'moved')],
+    });
     for (let i = 0; i < 100 && !writer.frames.some((f) => f.close); i += 1) await tick();
-    const kinds = writer.frames.filter((f) => f.data || f.close).map((f) => (f.data ? f.data.payload.toString() : f.close.reason));
+    const kinds = writer.frames
+      .filter((f) => f.data || f.close)
+      .map((f) => (f.data ? f.data.payload.toString() : f.close.reason));
     assert.deepEqual(kinds, ['one', 'two', 'upstream_closed']);
   });
 
