@@ -37,15 +37,28 @@ class Echo {
 }
 
 function main() {
-  const { values } = parseArgs({
-    options: {
-      listen: { type: 'string', default: '127.0.0.1:4771' },
-      id: { type: 'string', default: 'js1' },
-      conformance: { type: 'boolean', default: false },
-      window: { type: 'string', default: '262144' },
-      help: { type: 'boolean', short: 'h', default: false },
-    },
-  });
+  let values;
+  try {
+    ({ values } = parseArgs({
+      options: {
+        listen: { type: 'string', default: '127.0.0.1:4771' },
+        id: { type: 'string', default: 'js1' },
+        conformance: { type: 'boolean', default: false },
+        window: { type: 'string', default: '262144' },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+    }));
+  } catch (err) {
+    console.error(`echo.js: error: ${err.message} (see --help)`);
+    process.exit(2);
+  }
+  const window = Number(values.window);
+  if (!Number.isInteger(window) || window <= 0) {
+    console.error(
+      `echo.js: error: --window must be a positive number of bytes, not ${values.window}`,
+    );
+    process.exit(2);
+  }
   if (values.help) {
     console.log(
       'usage: node examples/echo.js [--listen HOST:PORT] [--id ID] [--conformance] [--window BYTES]\n\n' +
@@ -59,7 +72,7 @@ function main() {
   const server = new UpstreamServer(handler, {
     upstreamId: values.id,
     listen: values.listen,
-    window: Number(values.window),
+    window,
   });
   if (handler instanceof ConformanceHandler) handler.server = server;
   server.start().catch((err) => {
