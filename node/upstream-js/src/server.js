@@ -223,6 +223,19 @@ export class UpstreamServer {
       session.end(reason).catch((err) => this.log.error('ending a session failed', err));
     };
 
+    // A bug in this SDK (not in a handler: those are caught per mark) ends
+    // this stream with INTERNAL; the node moves its marks and reconnects,
+    // and the process and its other streams carry on.
+    const apply = (batch) => {
+      try {
+        session.process(batch);
+      } catch (err) {
+        this.log.error(`node ${session.nodeId}: processing a batch failed; ending the stream`, err);
+        finish('sdk_error');
+        call.emit('error', { code: grpc.status.INTERNAL, details: 'upstream SDK error' });
+      }
+    };
+
     call.on('data', (batch) => {
       if (ended) return;
       if (session === null) {
@@ -258,7 +271,7 @@ export class UpstreamServer {
         this._sessions.get(hello.id).add(session);
         writer.kick();
         this.log.info(`node ${hello.id} connected (protocol ${hello.protocol}, ${hello.software})`);
-        session.process(batch);
+        apply(batch);
         return;
       }
       if (batch === GARBAGE) {
@@ -266,7 +279,7 @@ export class UpstreamServer {
         this.log.warn(`node ${session.nodeId} sent a batch that is not a pmlb.v1.Batch`);
         return;
       }
-      session.process(batch);
+      apply(batch);
     });
     call.on('end', () => {
       const wasOpen = !ended;

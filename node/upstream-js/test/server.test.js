@@ -6,6 +6,7 @@ import * as grpc from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
 
 import { BRIDGE_SERVICE, HEALTH_SERVICE, UpstreamServer } from '../src/server.js';
+import { Session } from '../src/session.js';
 
 const Bridge = grpc.makeGenericClientConstructor(BRIDGE_SERVICE);
 const Health = grpc.makeGenericClientConstructor(healthService);
@@ -107,6 +108,29 @@ describe('UpstreamServer', () => {
     ok.call.end();
     b.client.close();
     ok.client.close();
+  });
+
+  it('ends only the stream a bug of its own hit, and keeps serving', async (t) => {
+    const real = Session.prototype.process;
+    let calls = 0;
+    t.mock.method(Session.prototype, 'process', function process(batch) {
+      calls += 1;
+      if (calls === 2) throw new Error('a bug in the SDK');
+      return real.call(this, batch);
+    });
+    const b = bridge(server.port);
+    b.call.write({ hello: { id: 'n1', protocol: 2 } });
+    await b.until(() => b.batches.length >= 1);
+    b.call.write({ frames: [{ mark: 'n1.aaaaaaaaaaaaa.2', open: { nextSeq: 1 } }] });
+    await b.until(() => b.status() !== null);
+    assert.equal(b.status().code, grpc.status.INTERNAL);
+    const again = bridge(server.port);
+    again.call.write({ hello: { id: 'n1', protocol: 2 } });
+    await again.until(() => again.batches.length >= 1);
+    assert.equal(again.batches[0].hello.id, 'js-test');
+    again.call.end();
+    b.client.close();
+    again.client.close();
   });
 
   it('serves grpc.health.v1 for the checker, and flips it', async () => {
