@@ -24,8 +24,13 @@ SUBNET = "10.213.0"
 SWITCH = PREFIX + "sw"
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+    r = subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT
+    )
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -157,5 +162,17 @@ class Net:
         )  # fmt: skip
 
     def unlimit(self, host: str) -> None:
-        sh("ip", "netns", "exec", self.hosts[host].ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            self.hosts[host].ns,
+            "tc",
+            "qdisc",
+            "del",
+            "dev",
+            "eth0",
+            "root",
+            check=False,
+        )
         sh("ip", "netns", "exec", SWITCH, "tc", "qdisc", "del", "dev", host, "root", check=False)
