@@ -29,6 +29,7 @@ import argparse
 import base64
 import json
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -293,6 +294,9 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def main() -> int:
+    # SIGTERM (a CI timeout, kill) runs the finally below that stops every
+    # process the bench started, instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=20)
     ap.add_argument("--upstreams", type=int, default=200)

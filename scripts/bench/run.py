@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -383,6 +384,9 @@ def fmt_row(cols: list[str], widths: list[int]) -> str:
 
 
 def main() -> int:
+    # SIGTERM (a CI timeout, kill) runs the finally below that stops every
+    # process the bench started, instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short windows, fewer points")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
