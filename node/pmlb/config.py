@@ -347,6 +347,15 @@ NODE_OPTIONS: tuple[Option, ...] = (
         reloadable=True,
     ),
     Option(
+        "client-keepalive",
+        "TCP keepalive on client connections: probe one silent this long, close it "
+        "(client_reset) when 3 probes go unanswered, at 1.5x; the same bound on data "
+        "it does not acknowledge; 0 = the system's settings (no probes by default)",
+        60.0,
+        _duration,
+        reloadable=True,
+    ),
+    Option(
         "max-lifetime",
         "close a connection after this long (-10% jitter); 0 = never",
         0.0,
@@ -638,6 +647,7 @@ class NodeConfig:
     accept_rate: float = 0.0
     max_meta: int = 16384
     idle_timeout: float = 0.0
+    client_keepalive: float = 60.0
     max_lifetime: float = 0.0
     proxy_trusted: tuple[str, ...] = ()
     proxy_timeout: float = 5.0
@@ -767,6 +777,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         accept_rate=_non_negative(values["accept_rate"], "--accept-rate"),
         max_meta=values["max_meta"],
         idle_timeout=_non_negative(values["idle_timeout"], "--idle-timeout"),
+        client_keepalive=_non_negative(values["client_keepalive"], "--client-keepalive"),
         max_lifetime=_non_negative(values["max_lifetime"], "--max-lifetime"),
         proxy_trusted=tuple(_cidrs(values["proxy_trusted"])),
         proxy_timeout=values["proxy_timeout"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 
 import pytest
@@ -135,3 +136,35 @@ async def test_metadata_is_bounded(cluster: Cluster) -> None:
         assert "metadata over 1000 bytes" in node.proc.log()
     finally:
         await server.stop(0)
+
+
+def _keepalive_timers(port: int) -> list[str]:
+    """The kernel's timers on the node's side of client connections to ``port``
+    (``ss -o``: e.g. ``timer:(keepalive,29sec,0)``)."""
+    out = subprocess.run(
+        ["ss", "-tnoH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(("setting", "expect_probes"), [("30s", True), ("0", False)])
+async def test_client_keepalive_is_set_on_accepted_connections(
+    cluster: Cluster, setting: str, expect_probes: bool
+) -> None:
+    up = cluster.echo("u1")
+    node = await asyncio.to_thread(
+        cluster.node, [f"u1={up.addr}"], extra=["--client-keepalive", setting]
+    )
+    async with asyncio.timeout(20):
+        r, w = await _open(node.port, "127.0.0.1")
+        assert await _works(r, w)
+        lines = await asyncio.to_thread(_keepalive_timers, node.port)
+        w.close()
+    assert len(lines) == 1, lines
+    # A client that vanishes without FIN or RST is probed after 30 s, so the
+    # node notices it (the partition suite measures that on a real cut).
+    assert ("timer:(keepalive" in lines[0]) is expect_probes, lines[0]

@@ -44,6 +44,7 @@ class Acceptor:
         proxy_before_tls: Callable[[str], bool] | None = None,
         proxy_failed: Callable[[str, int, str], None] | None = None,
         reuse_port: bool = False,
+        keepalive: float = 0.0,
     ) -> None:
         # factory(header): the protocol for one connection; header is the PROXY
         # header already read (before TLS) for trusted peers, else None.
@@ -60,6 +61,8 @@ class Acceptor:
         self.refilled = time.monotonic()
         self.rate_pauses = 0
         self.at_limit = at_limit
+        # --client-keepalive: see keepalive_options().
+        self.keepalive = keepalive
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -135,6 +138,9 @@ class Acceptor:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.keepalive:
+                for level, option, value in keepalive_options(self.keepalive):
+                    conn.setsockopt(level, option, value)
             task = self.loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._set_up)
@@ -227,3 +233,31 @@ class Acceptor:
         if now - self._logged > 1.0:  # at most once a second, even under a flood
             self._logged = now
             log.warning("listener %s:%d: %s", *self.address, what)
+
+
+# Keepalive probes sent after the idle time, before the peer counts as gone.
+KEEPALIVE_PROBES = 3
+
+
+def keepalive_options(idle: float) -> list[tuple[int, int, int]]:
+    """Socket options for --client-keepalive ``idle`` seconds.
+
+    A client that vanished without a FIN or RST (power cut, NAT timeout, a
+    partition) is otherwise never noticed by a node that has nothing to send
+    it: its mark would stay open, and its upstream think it connected, for
+    ever. With these, the kernel probes a connection silent for ``idle``
+    seconds every ``idle / 6`` and gives up after 3 unanswered probes (at
+    ``1.5 * idle``); TCP_USER_TIMEOUT gives up at the same bound on data the
+    client does not acknowledge. Either way the read fails (ETIMEDOUT) and the
+    mark closes as ``client_reset``.
+    """
+    whole = max(1, round(idle))
+    interval = max(1, round(idle / 6))
+    give_up_ms = int((whole + KEEPALIVE_PROBES * interval) * 1000)
+    return [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, whole),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, give_up_ms),
+    ]

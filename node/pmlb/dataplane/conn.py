@@ -248,7 +248,9 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             reason = reasons.CLIENT_RESET if exc is not None else reasons.CLIENT_CLOSED
             self.close_reason = reason
             if self.state == BOUND:
-                self._send_close(reason, "")
+                # The upstream learns why: "[Errno 110] Connection timed out"
+                # (keepalive gave up) reads differently from a reset.
+                self._send_close(reason, str(exc)[:200] if exc is not None else "")
                 self._detach()
             elif self.state == MOVING:
                 self._detach()  # the old upstream was already told (Close "moved")

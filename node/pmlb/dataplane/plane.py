@@ -108,6 +108,7 @@ class DataPlane:
         self.max_meta = config.max_meta
         for acceptor in self.acceptors:
             acceptor.set_rate(config.accept_rate)
+            acceptor.keepalive = config.client_keepalive
         if (config.idle_timeout, config.max_lifetime) != limits_before:
             if self._sweeper is not None:
                 self._sweeper.cancel()
@@ -153,6 +154,7 @@ class DataPlane:
                 proxy_before_tls=self.expects_proxy if self.proxy_trusted else None,
                 proxy_failed=self._proxy_failed,
                 reuse_port=self.config.reuse_port,
+                keepalive=self.config.client_keepalive,
             )
             self.acceptors.append(acceptor)
             log.info(
