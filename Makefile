@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install js-install test-js demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
+.PHONY: install js-install test-js test-partitions demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -89,6 +89,10 @@ test-containers: install
 	PMLB_TEST_ETCD=container TESTCONTAINERS_RYUK_DISABLED=true $(PY) -m pytest \
 		tests/integration/test_etcd_cluster.py tests/integration/test_persistent.py \
 		tests/integration/test_advertise.py -k "not static_stability" $(PYTEST_ARGS)
+
+# Partitions on real network namespaces (root): a few minutes, cleans up after itself.
+test-partitions: install
+	PMLB_TEST_PARTITIONS=1 $(PY) -m pytest tests/partitions $(PYTEST_ARGS)
 
 test-faults: install
 	$(PY) -m pytest tests/faults tests/integration/test_failover.py \

@@ -19,6 +19,9 @@ from tests.support import ROOT, Proc, free_port, run_pmlb, scrape, tcp_open, wai
 
 # tests/deploy builds container images and runs containers: `make test-deploy`.
 collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
+# tests/partitions needs root and network namespaces: `make test-partitions`.
+if not os.environ.get("PMLB_TEST_PARTITIONS"):
+    collect_ignore.append("partitions")
 
 # Hypothesis checks properties, not speed: its default 200 ms deadline per
 # example is a timed assertion that fails on a busy shared machine (it did,

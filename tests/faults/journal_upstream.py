@@ -24,9 +24,10 @@ from pmlb.upstream import Conn, Handler, UpstreamServer
 
 
 class Journaling(Handler):
-    def __init__(self, uid: str, fd: int) -> None:
+    def __init__(self, uid: str, fd: int, closes_fd: int | None = None) -> None:
         self.uid = uid
         self.fd = fd
+        self.closes_fd = closes_fd
 
     def on_open(self, conn: Conn) -> None:
         conn.state = f"{conn.mark} {self.uid} ".encode()
@@ -38,6 +39,12 @@ class Journaling(Handler):
         if data == b"crash":
             os._exit(17)
         conn.send(conn.state + data)
+
+    def on_close(self, conn: Conn, reason: str) -> None:
+        # With --closes: ``<mark> <reason>`` for every mark the node closed here
+        # (the partition suite checks what an upstream is told).
+        if self.closes_fd is not None:
+            os.write(self.closes_fd, f"{conn.mark} {reason}\n".encode())
 
 
 def reprocessed(journals: Iterable[Path]) -> tuple[int, Counter[tuple[str, int]]]:
@@ -52,9 +59,11 @@ def reprocessed(journals: Iterable[Path]) -> tuple[int, Counter[tuple[str, int]]
     return sum(n - 1 for n in counts.values()), counts
 
 
-async def _main(listen: str, uid: str, journal: str) -> None:
-    fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    server = UpstreamServer(Journaling(uid, fd), upstream_id=uid, listen=listen)
+async def _main(listen: str, uid: str, journal: str, closes: str | None) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    fd = os.open(journal, flags, 0o644)
+    closes_fd = os.open(closes, flags, 0o644) if closes else None
+    server = UpstreamServer(Journaling(uid, fd, closes_fd), upstream_id=uid, listen=listen)
     await server.start()
     await server.wait()
 
@@ -64,5 +73,6 @@ if __name__ == "__main__":
     p.add_argument("--listen", required=True)
     p.add_argument("--id", required=True)
     p.add_argument("--journal", required=True)
+    p.add_argument("--closes", help="append '<mark> <reason>' for every close here")
     a = p.parse_args()
-    asyncio.run(_main(a.listen, a.id, a.journal))
+    asyncio.run(_main(a.listen, a.id, a.journal, a.closes))

@@ -27,10 +27,15 @@ def table() -> str:
         "lost",
         "duplicated",
         "reprocessed",
+        "detection_s",
         "recovery_s",
         "failovers",
+        "converged",
         "note",
     ]
+    # Columns no row of this run filled are left out (the fault suite has no
+    # detection or convergence figures; the partition suite has them).
+    cols = [c for c in cols if c == "scenario" or any(c in row for row in ROWS)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in ROWS:
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")

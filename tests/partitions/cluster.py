@@ -73,7 +73,7 @@ class PartitionCluster:
     def endpoints(self) -> str:
         return ",".join(f"http://{self.addr(e)}:2379" for e in ETCD_MEMBERS)
 
-    def _spawn(self, name: str, host: str, cmd: list[str]) -> Proc:
+    def spawn(self, name: str, host: str, cmd: list[str]) -> Proc:
         log = self.log_dir / f"{name}.log"
         popen = subprocess.Popen(
             ["ip", "netns", "exec", self.net.hosts[host].ns, *cmd],
@@ -93,7 +93,7 @@ class PartitionCluster:
         initial = ",".join(f"{e}=http://{self.addr(e)}:2380" for e in ETCD_MEMBERS)
         for e in ETCD_MEMBERS:
             a = self.addr(e)
-            self._spawn(
+            self.spawn(
                 f"etcd-{e}",
                 e,
                 [
@@ -112,11 +112,14 @@ class PartitionCluster:
             )  # fmt: skip
         wait(lambda: self.etcdctl("endpoint", "health").returncode == 0, 30, "etcd healthy")
 
+    @staticmethod
+    def ctl_path() -> str:
+        return str(Path(etcd_binary()).with_name("etcdctl"))
+
     def etcdctl(self, *args: str, endpoints: str | None = None) -> subprocess.CompletedProcess[str]:
-        ctl = str(Path(etcd_binary()).with_name("etcdctl"))
         return self.net.run(
             "c1",
-            ctl,
+            self.ctl_path(),
             "--endpoints",
             endpoints or self.endpoints,
             "--command-timeout",
@@ -167,7 +170,7 @@ class PartitionCluster:
         )
 
     def start_upstream(self, host: str) -> Proc:
-        proc = self._spawn(
+        proc = self.spawn(
             f"upstream-{host}",
             host,
             [
@@ -175,6 +178,7 @@ class PartitionCluster:
                 "--listen", f"{self.addr(host)}:{UPSTREAM_PORT}",
                 "--id", host,
                 "--journal", str(self.log_dir / f"journal-{host}.txt"),
+                "--closes", str(self.log_dir / f"closes-{host}.txt"),
             ],
         )  # fmt: skip
         r = self.pmlb("upstream", "add", "echo", host, f"{self.addr(host)}:{UPSTREAM_PORT}")
@@ -183,7 +187,7 @@ class PartitionCluster:
 
     def start_node(self, host: str, *extra: str) -> Proc:
         a = self.addr(host)
-        proc = self._spawn(
+        proc = self.spawn(
             f"node-{host}",
             host,
             [
@@ -233,7 +237,7 @@ class PartitionCluster:
         args += ["--node", f"{self.addr(node)}:{NODE_PORT}", "--out", str(out)]
         for k, v in kw.items():
             args += [f"--{k}", str(v)]
-        proc = self._spawn(f"drive-{name}", "c1", args)
+        proc = self.spawn(f"drive-{name}", "c1", args)
         return proc.popen
 
     def result(self, name: str, popen: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
@@ -241,8 +245,26 @@ class PartitionCluster:
         data: dict[str, Any] = json.loads((self.log_dir / f"drive-{name}.json").read_text())
         return data
 
+    def closes(self) -> dict[str, str]:
+        """mark -> the close reason its upstream was given (the last one)."""
+        out: dict[str, str] = {}
+        for path in sorted(self.log_dir.glob("closes-*.txt")):
+            for line in path.read_text().splitlines():
+                mark, _, reason = line.partition(" ")
+                out[mark] = reason
+        return out
+
+    def rss(self, name: str) -> int:
+        """Resident memory of process ``name`` (bytes)."""
+        status = Path(f"/proc/{self.proc(name).popen.pid}/status").read_text()
+        kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
+        return int(kb) * 1024
+
     def journals(self) -> list[Path]:
         return sorted(self.log_dir.glob("journal-*.txt"))
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
 
     def stop(self) -> None:
         for p in reversed(self.procs):

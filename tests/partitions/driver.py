@@ -69,6 +69,11 @@ async def client(
     try:
         await asyncio.gather(send(), receive())
         stats["finished"] = True
+        stats["duration_s"] = time.time() - stats["connected_at"]
+        # --hold: stay connected, silent, for this long (the client-side cut).
+        if args.hold:
+            stats["holding"] = True
+            await asyncio.sleep(args.hold)
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
         stats["error"] = repr(exc)
     finally:
@@ -117,6 +122,7 @@ if __name__ == "__main__":
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--deadline", type=float, default=120.0)
+    p.add_argument("--hold", type=float, default=0.0)
     p.add_argument("--out", required=True)
     parsed = p.parse_args()
     Path(parsed.out).write_text(json.dumps(asyncio.run(main(parsed))))

@@ -50,8 +50,10 @@ def unavailable() -> str | None:
     if r.returncode != 0:
         return f"ip netns add failed: {r.stderr.strip()} (needs root)"
     sh("ip", "netns", "del", PREFIX + "probe", check=False)
-    if sh("nft", "--version", check=False).returncode != 0:
-        return "nft is not installed"
+    try:
+        sh("nft", "--version")
+    except (FileNotFoundError, RuntimeError):
+        return "nft is not installed (Debian: nftables)"
     return None
 
 
@@ -147,32 +149,27 @@ class Net:
         for name in self.hosts:
             self.heal(name)
 
-    def limit(self, host: str, rate: str = "1mbit") -> None:
-        """tc tbf on both ends of ``host``'s link: everything it sends and
-        receives at ``rate``."""
-        self._in(
-            self.hosts[host].ns,
-            "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-            "rate", rate, "burst", "32kbit", "latency", "400ms",
-        )  # fmt: skip
-        self._in(
-            SWITCH,
-            "tc", "qdisc", "add", "dev", host, "root", "tbf",
-            "rate", rate, "burst", "32kbit", "latency", "400ms",
-        )  # fmt: skip
+    def limit(self, host: str, peer: str, rate: str = "1mbit") -> None:
+        """Move the traffic between ``host`` and ``peer`` onto a link of their
+        own, limited to ``rate`` each way (tc tbf on both ends), leaving their
+        traffic with everyone else on the bridge. (This kernel has tbf but no
+        classful qdisc to shape one destination on a shared link.)"""
+        a, b = self.hosts[host], self.hosts[peer]
+        self._in(a.ns, "ip", "link", "add", "slow0", "type", "veth", "peer", "name", "slow1")
+        self._in(a.ns, "ip", "link", "set", "slow1", "netns", b.ns)
+        for h, dev, mine, theirs, other in (
+            (a, "slow0", "10.213.1.1", "10.213.1.2", b),
+            (b, "slow1", "10.213.1.2", "10.213.1.1", a),
+        ):
+            self._in(h.ns, "ip", "addr", "add", f"{mine}/30", "dev", dev)
+            self._in(h.ns, "ip", "link", "set", dev, "up")
+            self._in(h.ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                     "rate", rate, "burst", "32kbit", "latency", "400ms")  # fmt: skip
+            self._in(h.ns, "ip", "route", "add", f"{other.addr}/32", "via", theirs)
 
-    def unlimit(self, host: str) -> None:
-        sh(
-            "ip",
-            "netns",
-            "exec",
-            self.hosts[host].ns,
-            "tc",
-            "qdisc",
-            "del",
-            "dev",
-            "eth0",
-            "root",
-            check=False,
-        )
-        sh("ip", "netns", "exec", SWITCH, "tc", "qdisc", "del", "dev", host, "root", check=False)
+    def unlimit(self, host: str, peer: str) -> None:
+        """Back onto the bridge (deleting one end of the pair deletes both)."""
+        a, b = self.hosts[host], self.hosts[peer]
+        sh("ip", "netns", "exec", a.ns, "ip", "route", "del", f"{b.addr}/32", check=False)
+        sh("ip", "netns", "exec", b.ns, "ip", "route", "del", f"{a.addr}/32", check=False)
+        sh("ip", "netns", "exec", a.ns, "ip", "link", "del", "slow0", check=False)

@@ -325,7 +325,9 @@ class Link:
                 if not self.expect_since:
                     self.expect_since = now
             since = self.expect_since
-            if since and now - since > timeout:
+            # Hung: nothing answered for --ack-timeout and no message bytes
+            # either (a slow link may take seconds to bring one large Batch).
+            if since and now - max(since, stream.last_data()) > timeout:
                 self._hung = True
                 log.warning(
                     "link %s (%s): nothing received for %.1fs with data outstanding; "

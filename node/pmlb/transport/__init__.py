@@ -67,6 +67,13 @@ class ClientStream(Protocol):
     def cancel(self) -> None:
         """Abort the stream now; a pending or later read raises TransportError."""
 
+    def last_data(self) -> float:
+        """When message bytes last arrived from the peer (time.monotonic()),
+        whole Batch or not; 0.0 when the transport cannot tell (grpcio).
+
+        A slow link delivers a large Batch over seconds: the link's hung-peer
+        watchdog counts these bytes as life, not only whole messages."""
+
     async def close(self) -> None:
         """Release the connection (after cancel or the end of the stream)."""
 

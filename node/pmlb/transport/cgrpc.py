@@ -117,6 +117,9 @@ class _Client:
     async def done_writing(self) -> None:
         await self._call.done_writing()
 
+    def last_data(self) -> float:
+        return 0.0  # grpc.aio shows whole messages only
+
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()

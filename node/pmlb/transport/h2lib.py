@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import socket
+import struct
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, cast
 
@@ -26,6 +29,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GServer
 from grpclib.server import Stream as ServerCall
+from h2.events import DataReceived
 from h2.settings import SettingCodes
 
 from pmlb import wire
@@ -110,9 +114,115 @@ def _big_frames(protocol: H2Protocol) -> H2Protocol:
     return protocol
 
 
+# struct tcp_info (linux/tcp.h, Linux 4.1+): tcpi_bytes_acked (what the peer's
+# kernel acknowledged of what we sent) and tcpi_bytes_received, two u64s.
+_TCPI_BYTES: Final = struct.Struct("QQ")
+_TCPI_BYTES_ACKED: Final = 120
+# Bytes one watchdog period must move, either way, to count as a link moving
+# data: more than the pings of a period (HTTP/2 PINGs and ours are tens of
+# bytes), which a stopped peer's kernel acknowledges and its HTTP/2 library
+# may answer.
+PROGRESS_BYTES: Final = 4096
+
+
 class _Channel(Channel):
+    """One link's connection, with what its hung-peer watchdog needs: when a
+    DATA frame last arrived (the peer's application sent something), and when
+    a watchdog period last moved PROGRESS_BYTES either way (a slow link
+    carrying a large Batch: seconds without a whole message or frame)."""
+
+    last_frame = 0.0
+    last_progress = 0.0
+    _moved = (0, 0)
+    _sock: socket.socket | None = None
+
     def _protocol_factory(self) -> H2Protocol:
-        return _big_frames(super()._protocol_factory())
+        protocol = _big_frames(super()._protocol_factory())
+        made = protocol.connection_made
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            made(transport)
+            self._sock = transport.get_extra_info("socket")
+            self._moved = self._bytes_moved()
+            self._patient_keepalive(protocol)
+            h2 = protocol.connection._connection
+            receive = h2.receive_data
+
+            def receive_data(data: Any) -> list[Any]:
+                events = receive(data)
+                for event in events:
+                    # DATA frames only: PING acks and WINDOW_UPDATEs come from
+                    # the peer's HTTP/2 library even when its application hangs.
+                    if isinstance(event, DataReceived):
+                        self.last_frame = time.monotonic()
+                        break
+                return events
+
+            h2.receive_data = receive_data  # type: ignore[method-assign]
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        return protocol
+
+    def _bytes_moved(self) -> tuple[int, int]:
+        """(bytes the peer acknowledged, bytes received) on the connection."""
+        sock = self._sock
+        if sock is None:
+            return self._moved
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
+            acked, received = _TCPI_BYTES.unpack_from(info, _TCPI_BYTES_ACKED)
+        except (OSError, struct.error):  # not TCP (tests), or an old kernel
+            return self._moved
+        return int(acked), int(received)
+
+    def _patient_keepalive(self, protocol: H2Protocol) -> None:
+        """grpclib closes a connection whose keepalive PING is not answered
+        within KEEPALIVE_TIMEOUT. On a slow, busy link the answer waits behind
+        seconds of data: when the connection moved PROGRESS_BYTES either way
+        meanwhile, wait another KEEPALIVE_TIMEOUT instead (grpclib 0.4
+        internals, pinned in constraints.txt; the partition suite's slow-link
+        case fails if this stops working)."""
+        conn = protocol.connection
+        loop = asyncio.get_running_loop()
+        ping = conn._ping
+        # The timer we armed (uvloop's handles do not show their callback) and
+        # the bytes moved when it was armed.
+        mine: list[Any] = [None, (0, 0)]
+
+        def arm(moved: tuple[int, int]) -> None:
+            mine[:] = [loop.call_later(KEEPALIVE_TIMEOUT, timed_out), moved]
+            conn._close_by_ping_handler = mine[0]
+
+        def timed_out() -> None:
+            conn._close_by_ping_handler = None
+            moved, before = self._bytes_moved(), mine[1]
+            if max(moved[0] - before[0], moved[1] - before[1]) >= PROGRESS_BYTES:
+                arm(moved)  # the answer is queued behind data that is moving
+                return
+            log.info("link to %s:%s: keepalive unanswered, no data moving", self._host, self._port)
+            conn.close()
+
+        def patient_ping() -> None:
+            ping()
+            handler = conn._close_by_ping_handler
+            if handler is not None and handler is not mine[0]:
+                handler.cancel()  # grpclib's: close at once on timeout
+                arm(self._bytes_moved())
+
+        conn._ping = patient_ping  # type: ignore[method-assign]
+        if conn._ping_handle is not None:  # the first ping, scheduled before us
+            conn._ping_handle.cancel()
+            conn._ping_handle = loop.call_later(KEEPALIVE_TIME, patient_ping)
+
+    def last_data(self) -> float:
+        """Called once per watchdog period: progress is what this period
+        brought, so pings never add up to it."""
+        moved = self._bytes_moved()
+        before = self._moved
+        if max(moved[0] - before[0], moved[1] - before[1]) >= PROGRESS_BYTES:
+            self.last_progress = time.monotonic()
+        self._moved = moved
+        return max(self.last_frame, self.last_progress)
 
 
 class _GServer(GServer):
@@ -214,6 +324,9 @@ class _Client:
         """Close the connection: a pending read fails at once."""
         self._cancelled = True
         self._channel.close()
+
+    def last_data(self) -> float:
+        return cast(_Channel, self._channel).last_data()
 
     async def close(self) -> None:
         self._cancelled = True
