@@ -306,5 +306,5 @@ def pytest_terminal_summary(terminalreporter: object) -> None:
 
     text = table()
     if text:
-        terminalreporter.write_sep("=", "fault suite figures")  # type: ignore[attr-defined]
+        terminalreporter.write_sep("=", "fault and partition suite figures")  # type: ignore[attr-defined]
         terminalreporter.write_line(text)  # type: ignore[attr-defined]

@@ -146,7 +146,7 @@ class PartitionCluster:
         """The etcd member that leads now."""
         r = self.etcdctl("endpoint", "status", "--cluster", "-w", "json")
         for st in json.loads(r.stdout):
-            if st["Status"]["header"]["member_id"] == st["Status"]["leader"]:
+            if st["Status"]["header"]["member_id"] == st["Status"].get("leader"):
                 url = st["Endpoint"]
                 return next(e for e in ETCD_MEMBERS if self.addr(e) + ":" in url)
         raise AssertionError(f"no etcd leader: {r.stdout} {r.stderr}")
@@ -208,6 +208,9 @@ class PartitionCluster:
                 "--check-fall", "2",
                 "--ack-timeout", str(ACK_TIMEOUT),
                 "--drain-timeout", "1",
+                # DNS records (CoreDNS etcd plugin keys) under the node's lease.
+                "--dns-name", "lb.pmlbp.test",
+                "--dns-prefix", self.prefix + "/skydns",
                 *extra,
             ],
         )  # fmt: skip

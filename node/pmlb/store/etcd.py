@@ -225,6 +225,14 @@ class EtcdStore:
                 return await self._call(fn, authenticate=False, deadline=deadline)
             if exc.code() in _TRANSIENT:
                 self.connected.clear()
+                # What an operator can act on: which etcd, how long we tried,
+                # and the usual cause (no quorum, or no route to the members).
+                limit = self.settings.deadline if deadline is None else deadline
+                raise StoreError(
+                    f"etcd at {', '.join(self.settings.endpoints)} did not answer within "
+                    f"{limit:g}s ({exc.code().name}): are a majority of its members up "
+                    "and reachable from here?"
+                ) from None
             raise StoreError(f"etcd: {exc.code().name}: {exc.details()}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
