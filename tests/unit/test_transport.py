@@ -36,3 +36,37 @@ def test_unknown_transport_is_a_config_error() -> None:
         assert check_transport(name) == name
     with pytest.raises(ConfigError, match="grpclib, grpcio"):
         check_transport("quic")
+
+
+def test_link_progress_counts_moving_bytes_but_not_pings() -> None:
+    """The hung-upstream watchdog's clock on grpclib links: a period that
+    moves PROGRESS_BYTES either way (a slow link carrying a big Batch) counts
+    as life; what pings move (tens of bytes, which a stopped peer's kernel
+    acknowledges too) does not, however many periods add up."""
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.create_connection(srv.getsockname())
+        peer, _ = srv.accept()
+        with client, peer:
+            channel = h2lib._Channel("127.0.0.1", 1)
+            channel._sock = client
+            channel._moved = channel._bytes_moved()
+            assert channel.last_data() == 0.0
+            for _ in range(200):  # 200 "periods" of ping-sized traffic
+                client.sendall(b"p" * 40)
+                peer.recv(100)
+                assert channel.last_data() == 0.0
+            before = time.monotonic()
+            client.sendall(b"d" * h2lib.PROGRESS_BYTES)  # acknowledged by the peer's kernel
+            deadline = time.monotonic() + 5
+            while channel.last_data() < before and time.monotonic() < deadline:
+                time.sleep(0.01)  # the kernel's ACK arrives asynchronously
+            assert channel.last_data() >= before
+            mark = channel.last_data()
+            peer.sendall(b"r" * h2lib.PROGRESS_BYTES)  # received counts too
+            deadline = time.monotonic() + 5
+            while channel.last_data() == mark and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert channel.last_data() > mark
