@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 
 import pytest
 
@@ -25,17 +26,25 @@ from tests.support import (
     cmdline,
     free_port,
     scrape,
-    tcp_open,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
 
 def _port_pair() -> int:
-    """A free port whose successor is free too (worker 1 takes port + 1)."""
+    """A free port whose successor is free too (worker 1 takes port + 1).
+
+    Free means bindable: a port nobody listens on can still be taken as the
+    source port of some connection (CI once gave worker 1 such a port, and it
+    could not bind for the whole test)."""
     while True:
-        port = free_port()
-        if not tcp_open("127.0.0.1", port + 1):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
             return port
 
 
