@@ -49,6 +49,10 @@ class _Probe:
     channel: grpc.aio.Channel
     status: str = ""
     streak: int = 0  # consecutive results that disagree with ``status``
+    # Written in this term: until then the view's copy of the health key may
+    # be stale (a key under a lease that has ended, or from an etcd that was
+    # replaced), so the first result of a term is always written.
+    written: bool = False
 
 
 class Checker:
@@ -152,7 +156,7 @@ class Checker:
 
     def _forget_states(self) -> None:
         for p in self._probes.values():
-            p.status, p.streak = "", 0
+            p.status, p.streak, p.written = "", 0, False
 
     async def _probe(self, spec: UpstreamSpec) -> tuple[bool, str]:
         probe = self._probes.get(spec.id)
@@ -182,14 +186,20 @@ class Checker:
                 return
         probe.status, probe.streak = observed, 0
         current = self.view.health.get(spec.id)
-        if current is not None and current.status == observed and current.checker == self.node_id:
-            return  # already written (e.g. a watch echo after a resync)
+        if (
+            probe.written
+            and current is not None
+            and current.status == observed
+            and current.checker == self.node_id
+        ):
+            return  # already written this term (e.g. a watch echo after a resync)
         health = Health(observed, now_rfc3339(), self.node_id, detail)
         try:
             await self.store.put(
                 self.keys.health(self.view.service, spec.id), format_health(health), lease=lease
             )
             self.writes += 1
+            probe.written = True
             log.info("upstream %s (%s) is %s: %s", spec.id, spec.addr, observed, detail)
         except StoreError as exc:
             probe.status = ""  # write again next round
