@@ -325,9 +325,12 @@ class Link:
                 if not self.expect_since:
                     self.expect_since = now
             since = self.expect_since
-            # Hung: nothing answered for --ack-timeout and no message bytes
-            # either (a slow link may take seconds to bring one large Batch).
-            if since and now - max(since, stream.last_data()) > timeout:
+            # Asked every period, outstanding data or not: its clock counts
+            # the bytes of one period (see pmlb.transport.ClientStream).
+            moving = stream.last_data()
+            # Hung: nothing answered for --ack-timeout and no bytes moving
+            # either (a slow link may take seconds to carry one large Batch).
+            if since and now - max(since, moving) > timeout:
                 self._hung = True
                 log.warning(
                     "link %s (%s): nothing received for %.1fs with data outstanding; "

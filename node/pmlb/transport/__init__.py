@@ -68,11 +68,13 @@ class ClientStream(Protocol):
         """Abort the stream now; a pending or later read raises TransportError."""
 
     def last_data(self) -> float:
-        """When message bytes last arrived from the peer (time.monotonic()),
-        whole Batch or not; 0.0 when the transport cannot tell (grpcio).
+        """When the link last showed life below whole messages
+        (time.monotonic()): a call that found enough bytes received, or
+        acknowledged by the peer, since the previous call. Called once per
+        watchdog period. 0.0 when the transport cannot tell (grpcio).
 
-        A slow link delivers a large Batch over seconds: the link's hung-peer
-        watchdog counts these bytes as life, not only whole messages."""
+        A slow link carries a large Batch over seconds: the link's hung-peer
+        watchdog counts this as life, not only whole messages."""
 
     async def close(self) -> None:
         """Release the connection (after cancel or the end of the stream)."""

@@ -29,7 +29,6 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GServer
 from grpclib.server import Stream as ServerCall
-from h2.events import DataReceived
 from h2.settings import SettingCodes
 
 from pmlb import wire
@@ -127,11 +126,11 @@ PROGRESS_BYTES: Final = 4096
 
 class _Channel(Channel):
     """One link's connection, with what its hung-peer watchdog needs: when a
-    DATA frame last arrived (the peer's application sent something), and when
-    a watchdog period last moved PROGRESS_BYTES either way (a slow link
-    carrying a large Batch: seconds without a whole message or frame)."""
+    watchdog period last moved PROGRESS_BYTES either way (a slow link carrying
+    a large Batch: seconds without a whole message or even a whole frame).
+    Read from the kernel's counters (TCP_INFO), so the receive path does no
+    extra work per frame."""
 
-    last_frame = 0.0
     last_progress = 0.0
     _moved = (0, 0)
     _sock: socket.socket | None = None
@@ -145,20 +144,6 @@ class _Channel(Channel):
             self._sock = transport.get_extra_info("socket")
             self._moved = self._bytes_moved()
             self._patient_keepalive(protocol)
-            h2 = protocol.connection._connection
-            receive = h2.receive_data
-
-            def receive_data(data: Any) -> list[Any]:
-                events = receive(data)
-                for event in events:
-                    # DATA frames only: PING acks and WINDOW_UPDATEs come from
-                    # the peer's HTTP/2 library even when its application hangs.
-                    if isinstance(event, DataReceived):
-                        self.last_frame = time.monotonic()
-                        break
-                return events
-
-            h2.receive_data = receive_data  # type: ignore[method-assign]
 
         protocol.connection_made = connection_made  # type: ignore[method-assign]
         return protocol
@@ -222,7 +207,7 @@ class _Channel(Channel):
         if max(moved[0] - before[0], moved[1] - before[1]) >= PROGRESS_BYTES:
             self.last_progress = time.monotonic()
         self._moved = moved
-        return max(self.last_frame, self.last_progress)
+        return self.last_progress
 
 
 class _GServer(GServer):
