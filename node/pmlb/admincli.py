@@ -219,6 +219,9 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
                 info = parse_node(node_id, kv.value)
             except InvalidValue:
                 continue
+            workers = info.get("workers")
+            # A node of several processes is one node: one row, its worker count.
+            info["workers"] = len(workers) if isinstance(workers, list) and workers else 1
             nodes.append({"id": node_id, **info})
     for kv in kvs:
         parts = kv.key[len(keys.prefix) + 1 :].split("/")
@@ -285,13 +288,13 @@ async def _none() -> None:
 
 
 def _status_table(r: dict[str, Any]) -> str:
-    lines = [f"{'NODE':<16} {'LISTEN':<22} {'AGE':>8} {'MARKS':>7}  SERVICES"]
+    lines = [f"{'NODE':<16} {'LISTEN':<22} {'AGE':>8} {'WORKERS':>7} {'MARKS':>7}  SERVICES"]
     for n in r["nodes"]:
         age = f"{n['age_seconds']}s" if n.get("age_seconds") is not None else "-"
         marks = str(n["marks"]) if n.get("marks") is not None else "unreachable"
         lines.append(
-            f"{n['id']:<16} {','.join(n.get('listen', [])):<22} {age:>8} {marks:>7}  "
-            f"{','.join(n.get('services', []))}"
+            f"{n['id']:<16} {','.join(n.get('listen', [])):<22} {age:>8} {n['workers']:>7} "
+            f"{marks:>7}  {','.join(n.get('services', []))}"
         )
     for name, s in r["services"].items():
         lines += [

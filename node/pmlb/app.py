@@ -2,7 +2,13 @@
 order, and stops them in the reverse order.
 
 Start: etcd view (bounded wait) -> links (they connect in the background) ->
-listeners -> admin and control API -> etcd session (registration) and checker.
+admin and control API -> listeners -> etcd session (registration) and checker.
+Clients are accepted only once everything else is bound: a node that cannot
+start never takes a client it would then drop. As a worker of a node of
+several (``role``, pmlb.workers), the node says "prepared" to its supervisor
+before the listeners and waits for every sibling to be prepared too; its admin
+and control endpoints are internal Unix sockets besides the node's shared
+control address, and the supervisor registers the node.
 Stop (the first SIGTERM/SIGINT, POST /drain, or the ``stop`` event in tests):
 resign as checker and revoke the lease (leave etcd and DNS at once) -> stop
 accepting -> serve open marks up to ``drain_timeout``, then close the rest over
@@ -26,11 +32,12 @@ from pmlb import __version__, reasons
 from pmlb.aio import wait_event
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
-from pmlb.cluster.dns import advertised_host, advertised_ip, skydns_key, skydns_value
+from pmlb.cluster.registration import Registration, node_entry
 from pmlb.cluster.session import Session
 from pmlb.config import NodeConfig, config_changes
 from pmlb.dataplane.control import start_control
 from pmlb.dataplane.plane import DataPlane
+from pmlb.dataplane.siblings import NodeProbation, Siblings, admin_socket, control_socket
 from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError
 from pmlb.observability import metrics
@@ -39,24 +46,46 @@ from pmlb.observability.dashboard import add_page_routes
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.store.etcd import EtcdSettings, EtcdStore
-from pmlb.store.keys import Keys, format_node, now_rfc3339
+from pmlb.store.keys import Keys, now_rfc3339
 from pmlb.tlsconf import grpc_server_credentials
+from pmlb.workers import SupervisorChannel, WorkerRole, supervisor_channel
 
 log = logging.getLogger("pmlb.app")
 
 
 class NodeApp:
     def __init__(
-        self, config: NodeConfig, reload_config: Callable[[], NodeConfig] | None = None
+        self,
+        config: NodeConfig,
+        reload_config: Callable[[], NodeConfig] | None = None,
+        role: WorkerRole | None = None,
     ) -> None:
         self.config = config
+        self.role = role
         self._reload_config = reload_config
         self.reloads = 0
         self.stats = NodeStats()
         self.tracer = ConnTracer(config.node_id, config.service, config.otlp_endpoint)
-        self.plane = DataPlane(config, self.stats, self.tracer)
+        self.siblings: Siblings | None = None
+        self.probation: NodeProbation | None = None
+        self.channel: SupervisorChannel | None = None
+        if role is not None:
+            self.siblings = Siblings(config.node_id, role.index, role.count, role.rundir)
+            self.probation = NodeProbation(role.rundir)
+            self.channel = supervisor_channel(role)
+        self.plane = DataPlane(
+            role.config(config) if role else config,
+            self.stats,
+            self.tracer,
+            self.siblings,
+            self.probation,
+        )
         self.admin: AdminServer | None = None
-        if config.admin is not None:
+        self.internal_control: grpc.aio.Server | None = None
+        if role is not None:
+            self.admin = AdminServer("", 0, unix_path=admin_socket(role.rundir, role.index))
+            self._routes(self.admin)
+        elif config.admin is not None:
             self.admin = AdminServer(
                 *config.admin,
                 token=config.admin_token,
@@ -71,10 +100,6 @@ class NodeApp:
         self._stop_event: asyncio.Event | None = None
         self.control: grpc.aio.Server | None = None
         self.control_port = 0
-        if config.dns_name:  # fail at start-up, not at the first registration
-            skydns_key(config.dns_prefix, config.dns_name, config.node_id)
-            if config.dns_address or config.advertise:
-                advertised_ip(config.advertise or config.listen[0][0], config.dns_address)
         if config.etcd:
             self.store = EtcdStore(
                 EtcdSettings(
@@ -88,7 +113,16 @@ class NodeApp:
             )
             self.keys = Keys(config.etcd_prefix)
             self.session = Session(self.store, config.lease_ttl)
-            self.session.on_new_lease(self._register)
+            if role is None:  # a worker's node is registered by its supervisor
+                self.session.on_new_lease(
+                    Registration(
+                        self.store,
+                        self.keys,
+                        config,
+                        self._entry,
+                        lambda: self.plane.bound_addresses[0][0],
+                    )
+                )
             self.view = ServiceView(self.store, self.keys, config.service, self.plane.set_upstreams)
             self.checker = Checker(
                 self.store,
@@ -114,20 +148,33 @@ class NodeApp:
             # if etcd is down, start anyway (clients wait up to --connect-timeout).
             if not await wait_event(self.view.synced, 5.0):
                 log.warning("etcd not reachable yet: listening without an upstream view")
-        await self.plane.start()
         if self.admin is not None:
             await self.admin.start()
-        if self.config.control is not None:
-            cfg = self.config
+        cfg = self.config
+        if self.role is not None:
+            self.internal_control, _ = await start_control(
+                self.plane, "unix:" + control_socket(self.role.rundir, self.role.index), 0
+            )
+        if cfg.control is not None:
             creds = (
                 grpc_server_credentials(cfg.control_cert, cfg.control_key, cfg.control_client_ca)
                 if cfg.control_cert and cfg.control_key
                 else None
             )
-            host, port = self.config.control
+            host, port = cfg.control
             self.control, self.control_port = await start_control(
-                self.plane, host, port, token=cfg.control_token, credentials=creds
+                self.plane,
+                host,
+                port,
+                token=cfg.control_token,
+                credentials=creds,
+                siblings=self.siblings,
             )
+        if self.channel is not None:
+            # Every sibling bound what it needs before any of them takes a client.
+            self.channel.say("prepared")
+            await self.channel.wait_go()
+        await self.plane.start()
         if self.session is not None and self.checker is not None:
             self.session.start()  # registers once the listeners are bound
             self.checker.start()
@@ -139,6 +186,8 @@ class NodeApp:
             len(self.plane.links),
             "from etcd" if self.store else "static",
         )
+        if self.channel is not None:
+            self.channel.say("ready")
 
     async def stop(self) -> None:
         log.info("node %s stopping", self.config.node_id)
@@ -156,6 +205,12 @@ class NodeApp:
         await self.plane.stop(self.config.shutdown_timeout)
         if self.control is not None:
             await self.control.stop(1.0)
+        if self.internal_control is not None:
+            await self.internal_control.stop(1.0)
+        if self.siblings is not None:
+            await self.siblings.close()
+        if self.probation is not None:
+            self.probation.close()
         await asyncio.to_thread(self.tracer.shutdown)
         if self.store is not None:
             await self.store.close()
@@ -190,7 +245,7 @@ class NodeApp:
             log.info("reload: nothing to apply")
             return
         self.config = dataclasses.replace(self.config, **apply)
-        self.plane.reconfigure(self.config)
+        self.plane.reconfigure(self.role.config(self.config) if self.role else self.config)
         if "log_level" in apply:
             logging.getLogger().setLevel(self.config.log_level.upper())
         if self.checker is not None:
@@ -212,30 +267,11 @@ class NodeApp:
         await self.stop()
         return 0
 
-    async def _register(self, lease: int) -> None:
-        assert self.store is not None
-        cfg = self.config
-
-        def reach(host: str, port: int) -> str:
-            # What others dial: never a wildcard bind address (see --advertise).
-            return format_hostport(advertised_host(host, cfg.advertise, cfg.etcd), port)
-
-        info = {
-            "listen": [reach(h, p) for h, p in self.plane.bound_addresses],
-            "control": reach(cfg.control[0], self.control_port) if cfg.control else "",
-            "admin": reach(self.admin.host, self.admin.port) if self.admin else "",
-            "services": [cfg.service],
-            "version": __version__,
-            "started_at": self.started_at,
-        }
-        await self.store.put(self.keys.node(cfg.node_id), format_node(info), lease=lease)
-        log.info("registered %s under lease %x", self.keys.node(cfg.node_id), lease)
-        if cfg.dns_name:
-            bind = self.plane.bound_addresses[0][0]
-            ip = advertised_ip(advertised_host(bind, cfg.advertise, cfg.etcd), cfg.dns_address)
-            key = skydns_key(cfg.dns_prefix, cfg.dns_name, cfg.node_id)
-            await self.store.put(key, skydns_value(ip, cfg.lease_ttl), lease=lease)
-            log.info("published %s -> %s (%s) under the same lease", cfg.dns_name, ip, key)
+    def _entry(self) -> dict[str, object]:
+        admin = (self.admin.host, self.admin.port) if self.admin else None
+        return node_entry(
+            self.config, self.plane.bound_addresses, self.control_port, admin, self.started_at
+        )
 
     def cluster_metrics(self) -> list[tuple[str, str, str, float]]:
         acceptors = self.plane.acceptors
@@ -432,6 +468,7 @@ class NodeApp:
                     "accepted_total": self.stats.accepted,
                     "etcd_session_up": bool(self.session and self.session.healthy),
                     "checker": self.view.checker if self.view is not None else "",
+                    "worker": self.role.index if self.role is not None else None,
                 },
                 "upstreams": [
                     {

@@ -137,17 +137,27 @@ def _node(args: argparse.Namespace) -> int:
     from pmlb import aio
     from pmlb.app import NodeApp
     from pmlb.observability.logs import setup_logging
+    from pmlb.workers import Supervisor, WorkerRole, default_workers, supervisor_channel
 
-    setup_logging(config.log_level, config.log_format, f"node/{config.node_id}")
-    from pmlb.workers import Supervisor, default_workers
-
+    role = WorkerRole.from_env()  # set by the supervisor of a node of several workers
+    tag = f"node/{config.node_id}" + (f"/w{role.index}" if role is not None else "")
+    setup_logging(config.log_level, config.log_format, tag)
     workers = config.workers or default_workers()
     if workers > 1:
         supervisor = Supervisor(config, args.raw_argv, workers)
         return aio.run(supervisor.run, on_hup=supervisor.reload, on_force=supervisor.force)
-    # SIGHUP re-reads the same flags, variables and --config file.
-    app = NodeApp(config, reload_config=lambda: node_config(resolve(NODE_OPTIONS, args)))
-    return aio.run(app.run, on_hup=app.reload)
+    try:
+        # SIGHUP re-reads the same flags, variables and --config file.
+        app = NodeApp(
+            config, reload_config=lambda: node_config(resolve(NODE_OPTIONS, args)), role=role
+        )
+        return aio.run(app.run, on_hup=app.reload)
+    except Exception as exc:
+        if role is not None:  # the supervisor says why the node cannot start, in one line
+            supervisor_channel(role).say(
+                "error", error=str(exc) or repr(exc), config=isinstance(exc, ConfigError)
+            )
+        raise
 
 
 def _check_node(args: argparse.Namespace) -> int:

@@ -162,8 +162,8 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("node-id", "node id, part of every mark (default: <hostname>-<first port>)"),
     Option(
         "workers",
-        "node processes sharing the listeners (SO_REUSEPORT), each a node <id>-w<i> with "
-        "admin and control ports + i; 0 = one per CPU this process may use",
+        "worker processes of this node, sharing its listeners (SO_REUSEPORT) and its one "
+        "node id, admin and control address; 0 = one per CPU this process may use",
         0,
         _non_negative_int,
     ),
@@ -324,14 +324,24 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("upstream-cert", "client certificate (PEM) the node shows upstreams (mTLS)"),
     Option("upstream-key", "private key (PEM) for --upstream-cert"),
     Option(
-        "max-connections", "open client connections per node; 0 = no limit", 0, int, reloadable=True
+        "max-connections",
+        "open client connections of the whole node (workers take equal shares); 0 = no limit",
+        0,
+        int,
+        reloadable=True,
     ),
     Option(
-        "max-per-client", "open connections per client IP; 0 = no limit", 0, int, reloadable=True
+        "max-per-client",
+        "open connections per client IP, per worker process (with N workers a client may hold "
+        "up to N times this); 0 = no limit",
+        0,
+        int,
+        reloadable=True,
     ),
     Option(
         "accept-rate",
-        "new connections accepted per second; 0 = no limit",
+        "new connections the whole node accepts per second (workers take equal shares); "
+        "0 = no limit",
         0.0,
         float,
         reloadable=True,

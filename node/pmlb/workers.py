@@ -1,50 +1,79 @@
-"""``pmlb node --workers N``: one node process per core, sharing the listeners.
+"""``pmlb node --workers N``: one node, N processes, one per core by default.
 
-Python runs one thread of bytecode at a time, so one node process uses one
-core. The supervisor here starts N ordinary node processes ("workers") that
-bind the same client listeners with SO_REUSEPORT: the kernel spreads new
-connections across them. Each worker is a node of its own in etcd:
+Python runs one thread of bytecode at a time, so one process uses one core.
+A node of several workers is still **one node**: one id, one etcd entry, one
+admin address, one control address, one DNS record, marks that name it. What
+is per process stays inside.
 
-* node id ``<id>-w<i>`` (so marks stay unique and name the worker that owns
-  them: MarkClient and push reach the right worker through its registration);
-* control and admin ports ``<port> + i`` (scrape each worker's /metrics;
-  Prometheus relabelling can sum them);
-* only worker 0 publishes the DNS record (``--dns-name``), so the host appears
-  once; its lease outlives a crash-and-restart of worker 0 (TTL 10 s by default).
+The supervisor (the process the operator started) is the node's face:
 
-The supervisor restarts a worker that exits unexpectedly, with exponential
-backoff (50 ms doubling to 5 s, starting over after a worker ran for a
-minute), forwards SIGHUP (reload) to every worker, and on SIGTERM/SIGINT asks
-every worker to drain and waits for them all; a second signal makes them exit
-at once. Workers run in their own process group, so a Ctrl-C in a terminal
-reaches them once, through the supervisor; if the supervisor is killed, the
-kernel sends each worker SIGTERM (PR_SET_PDEATHSIG) and they drain.
+* it checks the addresses the node will use before anything starts (the
+  client listeners and the control address must be free; it binds the admin
+  address itself), so a port held by another program is one clear start-up
+  error, never a worker that accepts clients and then dies;
+* it starts the workers in two steps: each worker binds and starts everything
+  it needs except the client listeners and says "prepared"; only when every
+  worker is prepared are they told to listen. A worker that cannot start makes
+  the node refuse to start, with the worker's own error in one line, and no
+  client was ever accepted;
+* it registers ``<prefix>/nodes/<id>`` (listing the workers) and the DNS
+  record under its own lease, and revokes it first when stopping;
+* it serves the node's admin address, answering from every worker
+  (pmlb.observability.aggregate): /metrics sums them, /connections, mark
+  search, /api/status and the page cover all of them, /drain drains all;
+* it restarts a worker that exits unexpectedly (50 ms doubling to 5 s,
+  starting over after a minute of running); a restarted worker listens again
+  only once it is whole;
+* SIGHUP reaches every worker (reload); SIGTERM/SIGINT drains them all; a
+  second signal makes them exit at once. Workers run in their own process
+  group, so a Ctrl-C in a terminal reaches them once, through the supervisor;
+  if the supervisor is killed, the kernel sends each worker SIGTERM
+  (PR_SET_PDEATHSIG) and they drain.
+
+Each worker serves the node's control address too (gRPC sets SO_REUSEPORT),
+its own admin endpoint and control API on Unix sockets in a private run
+directory (mode 0700), and campaigns for the checker role as the node. The
+limits --max-connections and --accept-rate are node-wide: each worker applies
+an equal share (they add up to the limit); --max-per-client is per worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import dataclasses
+import functools
+import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 from pmlb.aio import wait_event
 from pmlb.config import NodeConfig
 from pmlb.domain import format_hostport
-from pmlb.errors import ConfigError
-from pmlb.ids import valid_node_id
+from pmlb.errors import ConfigError, PmlbError
 
 log = logging.getLogger("pmlb.workers")
 
 RESTART_INITIAL: Final = 0.05
 RESTART_MAX: Final = 5.0
 RESTART_RESET_AFTER: Final = 60.0
+# A worker that has not said "prepared" by then failed to start (the etcd
+# view alone may take 5 s to arrive; links connect in the background).
+START_TIMEOUT: Final = 60.0
 _PR_SET_PDEATHSIG: Final = 1
+# How the supervisor tells a worker who it is (not a PMLB_* option: users
+# never set it).
+ROLE_ENV: Final = "_PMLB_WORKER"
 
 
 def default_workers() -> int:
@@ -55,27 +84,88 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def worker_overrides(config: NodeConfig, i: int) -> list[str]:
-    """Flags appended to the supervisor's own command line for worker ``i``
-    (the last occurrence of a flag wins, so these take precedence)."""
-    node_id = f"{config.node_id}-w{i}"
-    if not valid_node_id(node_id):
-        raise ConfigError(f"worker node id {node_id!r} is too long: shorten --node-id")
-    args = ["--workers", "1", "--reuse-port", "--node-id", node_id]
-    if config.admin is not None:
-        host, port = config.admin
-        args += ["--admin", format_hostport(host, port + i if port else 0)]
-    if config.control is not None:
-        host, port = config.control
-        args += ["--control", format_hostport(host, port + i if port else 0)]
-    if i > 0 and config.dns_name:
-        args += ["--dns-name", ""]
-    return args
-
-
 def check_workers(config: NodeConfig, n: int) -> None:
     if any(port == 0 for _, port in config.listen):
         raise ConfigError(f"--workers {n} needs fixed --listen ports (port 0 differs per worker)")
+
+
+def share(total: int, count: int, index: int) -> int:
+    """Worker ``index``'s part of a node-wide ``total``: equal parts that add
+    up to it (the first ``total % count`` workers take one more). 0 stays 0
+    (no limit); a positive total gives every worker at least 1."""
+    if total <= 0:
+        return total
+    return max(1, total // count + (1 if index < total % count else 0))
+
+
+# -- the worker's side ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """Who this process is within its node, as its supervisor said."""
+
+    index: int
+    count: int
+    rundir: str
+    fd: int  # a stream socket to the supervisor
+
+    @classmethod
+    def from_env(cls) -> WorkerRole | None:
+        raw = os.environ.get(ROLE_ENV)
+        if not raw:
+            return None
+        try:
+            obj = json.loads(raw)
+            return cls(int(obj["index"]), int(obj["count"]), str(obj["rundir"]), int(obj["fd"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{ROLE_ENV} is not what a supervisor sets: {exc}") from None
+
+    def config(self, config: NodeConfig) -> NodeConfig:
+        """The part of the node's limits this worker applies."""
+        return dataclasses.replace(
+            config,
+            max_connections=share(config.max_connections, self.count, self.index),
+            accept_rate=config.accept_rate / self.count,
+        )
+
+
+class SupervisorChannel:
+    """The worker's end of its socket to the supervisor: JSON lines out
+    (prepared, ready, error), one line in ("go": start listening)."""
+
+    def __init__(self, role: WorkerRole) -> None:
+        self.role = role
+        self._sock = socket.socket(fileno=role.fd)
+
+    def say(self, event: str, **fields: Any) -> None:
+        """A few bytes on a local socket nobody else writes: sent at once."""
+        line = json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n"
+        with contextlib.suppress(OSError):  # the supervisor is gone: PDEATHSIG follows
+            self._sock.sendall(line.encode())
+
+    async def wait_go(self) -> None:
+        """Until the supervisor says every worker is prepared."""
+        self._sock.setblocking(False)
+        try:
+            async with asyncio.timeout(START_TIMEOUT * 2):
+                line = await asyncio.get_running_loop().sock_recv(self._sock, 64)
+        finally:
+            self._sock.setblocking(True)
+        if line.strip() != b"go":
+            raise PmlbError("the supervisor went away before the node started")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@functools.cache
+def supervisor_channel(role: WorkerRole) -> SupervisorChannel:
+    """The one channel of this process (one socket object owns the fd)."""
+    return SupervisorChannel(role)
+
+
+# -- the supervisor's side -----------------------------------------------------
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -83,57 +173,131 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def check_bindable(host: str, port: int, what: str) -> None:
+    """Raise PmlbError when ``host:port`` cannot be bound (another program
+    holds it). SO_REUSEADDR: a port in TIME_WAIT is free to take."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise PmlbError(
+                f"{what} {format_hostport(host, port)} is not available: {exc.strerror or exc}"
+            ) from None
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 class Worker:
-    def __init__(self, index: int, argv: Sequence[str]) -> None:
+    """One worker process, started again when it exits unexpectedly."""
+
+    def __init__(self, index: int, count: int, argv: Sequence[str], rundir: str) -> None:
         self.index = index
+        self.count = count
         self.argv = list(argv)
+        self.rundir = rundir
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.prepared = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.exited = asyncio.Event()
+        self.error = ""  # what stopped it from starting, in its own words
+        self.config_error = False  # ... and whether that was its configuration
+        self._go: asyncio.StreamWriter | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    @property
+    def up(self) -> bool:
+        return self.ready.is_set() and not self.exited.is_set()
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.send_signal(sig)
 
-    async def run(self, stopping: asyncio.Event) -> int:
-        failures = 0
-        while True:
-            started = time.monotonic()
+    def go(self) -> None:
+        if self._go is not None:
+            self._go.write(b"go\n")
+
+    async def spawn(self) -> None:
+        self.prepared.clear()
+        self.ready.clear()
+        self.exited.clear()
+        self.error = ""
+        ours, theirs = socket.socketpair()
+        role = {"index": self.index, "count": self.count, "rundir": self.rundir}
+        env = {**os.environ, ROLE_ENV: json.dumps({**role, "fd": theirs.fileno()})}
+        try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
+                pass_fds=(theirs.fileno(),),
+                env=env,
             )
-            log.info("worker %d started (pid %d)", self.index, self.proc.pid)
-            rc = await self.proc.wait()
-            if stopping.is_set():
-                log.info("worker %d exited with status %d", self.index, rc)
-                return rc
-            if time.monotonic() - started >= RESTART_RESET_AFTER:
-                failures = 0
-            delay = min(RESTART_MAX, RESTART_INITIAL * 2 ** min(failures, 16))
-            failures += 1
-            self.restarts += 1
-            log.error(
-                "worker %d (pid %d) exited unexpectedly with status %d; restart %d in %.2fs",
-                self.index,
-                self.proc.pid,
-                rc,
-                self.restarts,
-                delay,
-            )
-            if await wait_event(stopping, delay):
-                return rc  # asked to stop while waiting: do not restart
+        finally:
+            theirs.close()
+        reader, self._go = await asyncio.open_connection(sock=ours)
+        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+        self._listener = asyncio.get_running_loop().create_task(self._listen(reader, self.proc))
+
+    async def _listen(self, reader: asyncio.StreamReader, proc: asyncio.subprocess.Process) -> None:
+        """The worker's events until it exits."""
+        while True:
+            try:
+                line = await reader.readline()
+            except (ConnectionError, ValueError):
+                line = b""
+            if not line:
+                break
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.get("event") if isinstance(event, dict) else None
+            if kind == "prepared":
+                self.prepared.set()
+            elif kind == "ready":
+                self.ready.set()
+                log.info("worker %d (pid %d) is listening", self.index, proc.pid)
+            elif kind == "error":
+                self.error = str(event.get("error", ""))[:500]
+                self.config_error = bool(event.get("config"))
+        rc = await proc.wait()
+        if not self.error and not self.ready.is_set():
+            self.error = f"exited with status {rc} before it was ready"
+        if self._go is not None:
+            self._go.close()
+            self._go = None
+        self.exited.set()
 
 
 class Supervisor:
-    """Runs ``n`` workers until stopped; see the module docstring."""
+    """Runs the node's workers; see the module docstring."""
 
     def __init__(self, config: NodeConfig, argv: Sequence[str], n: int) -> None:
         check_workers(config, n)
         self.config = config
-        base = [sys.executable, "-m", "pmlb", *argv]
-        self.workers = [Worker(i, base + worker_overrides(config, i)) for i in range(n)]
+        self.count = n
+        self.argv = list(argv)
+        self.rundir = ""
+        self.workers: list[Worker] = []
+        self.started_at = ""
+        self.started_unix = time.time()
+        self.control_port = config.control[1] if config.control else 0
+        self.stop_event: asyncio.Event | None = None
+        self.session: Any = None  # pmlb.cluster.session.Session with --etcd
+        self.admin: Any = None  # pmlb.observability.admin.AdminServer with --admin
 
     def reload(self) -> None:
         """SIGHUP: every worker re-reads its configuration."""
@@ -145,22 +309,190 @@ class Supervisor:
         for w in self.workers:
             w.signal(signal.SIGTERM)
 
+    def _preflight(self) -> list[str]:
+        """Check every address before a process starts; the extra flags the
+        workers need (a control port chosen here when the config says 0)."""
+        cfg = self.config
+        for host, port in cfg.listen:
+            check_bindable(host, port, "client listener")
+        extra = ["--workers", "1", "--reuse-port"]
+        if cfg.control is not None:
+            host, port = cfg.control
+            if port == 0:
+                port = free_port(host)
+                extra += ["--control", format_hostport(host, port)]
+            check_bindable(host, port, "control address")
+            self.control_port = port
+        return extra
+
     async def run(self, stop: asyncio.Event) -> int:
-        """The exit status is the worst of the workers'."""
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(w.run(stopping)) for w in self.workers]
+        """Start, serve until ``stop``, drain; the exit status is the worst of
+        the workers'. Raises PmlbError when the node cannot start."""
+        from pmlb.store.keys import now_rfc3339
+
+        self.stop_event = stop
+        self.started_at = now_rfc3339()
+        extra = self._preflight()
+        self.rundir = tempfile.mkdtemp(prefix=f"pmlb-{self.config.node_id}-")
+        base = [sys.executable, "-m", "pmlb", *self.argv, *extra]
+        self.workers = [Worker(i, self.count, base, self.rundir) for i in range(self.count)]
+        try:
+            await self._start_admin()
+            await self._start_workers()
+            return await self._serve(stop)
+        finally:
+            if self.admin is not None:
+                await self.admin.stop()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    async def _start_admin(self) -> None:
+        if self.config.admin is None:
+            return
+        from pmlb.observability.aggregate import node_admin
+
+        self.admin = node_admin(self)
+        await self.admin.start()
+
+    async def _start_workers(self) -> None:
+        """Every worker prepared, then every worker listening; or none."""
+        for w in self.workers:
+            await w.spawn()
+        for phase in ("prepared", "ready"):
+            failed = await self._wait_all(phase)
+            if failed is not None:
+                await self._abort()
+                kind = ConfigError if failed.config_error else PmlbError
+                raise kind(f"worker {failed.index} could not start: {failed.error}")
+            if phase == "prepared":
+                for w in self.workers:
+                    w.go()
         log.info(
-            "supervising %d workers of node %s on %s",
-            len(self.workers),
+            "node %s: %d workers listening on %s",
             self.config.node_id,
+            len(self.workers),
             ", ".join(format_hostport(h, p) for h, p in self.config.listen),
         )
+
+    async def _wait_all(self, phase: str) -> Worker | None:
+        """Wait until every worker reached ``phase``; the first that failed."""
+        deadline = time.monotonic() + START_TIMEOUT
+        for w in self.workers:
+            reached = w.prepared if phase == "prepared" else w.ready
+            waits = {
+                asyncio.ensure_future(reached.wait()),
+                asyncio.ensure_future(w.exited.wait()),
+            }
+            _, pending = await asyncio.wait(
+                waits,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in pending:
+                task.cancel()
+            if w.exited.is_set() or not reached.is_set():
+                w.error = w.error or f"not {phase} within {START_TIMEOUT:.0f}s"
+                return w
+        return None
+
+    async def _abort(self) -> None:
+        for w in self.workers:
+            w.signal(signal.SIGTERM)
+        for w in self.workers:
+            if w.proc is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(30):
+                        await w.proc.wait()
+
+    async def _serve(self, stop: asyncio.Event) -> int:
+        store = await self._register()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._keep(w, stopping)) for w in self.workers]
         await stop.wait()
         stopping.set()
+        # Leave etcd and DNS first, so nobody routes to the node while it drains.
+        if self.session is not None:
+            await self.session.stop(revoke=True)
         log.info("stopping: asking %d workers to drain", len(self.workers))
         for w in self.workers:
             w.signal(signal.SIGTERM)
         codes = await asyncio.gather(*tasks)
+        if store is not None:
+            await store.close()
         log.info("all workers stopped (statuses %s)", ", ".join(map(str, codes)))
         return max(codes, key=abs, default=0)
+
+    async def _keep(self, w: Worker, stopping: asyncio.Event) -> int:
+        """Restart ``w`` whenever it exits, until the node stops."""
+        failures = 0
+        started = time.monotonic()
+        while True:
+            await w.exited.wait()
+            assert w.proc is not None
+            rc = w.proc.returncode or 0
+            if stopping.is_set():
+                log.info("worker %d exited with status %d", w.index, rc)
+                return rc
+            if time.monotonic() - started >= RESTART_RESET_AFTER:
+                failures = 0
+            delay = min(RESTART_MAX, RESTART_INITIAL * 2 ** min(failures, 16))
+            failures += 1
+            w.restarts += 1
+            log.error(
+                "worker %d (pid %d) exited unexpectedly with status %d%s; restart %d in %.2fs",
+                w.index,
+                w.pid,
+                rc,
+                f" ({w.error})" if w.error and not w.ready.is_set() else "",
+                w.restarts,
+                delay,
+            )
+            if await wait_event(stopping, delay):
+                return rc  # asked to stop while waiting: do not restart
+            started = time.monotonic()
+            await w.spawn()
+            # Listen as soon as it is whole: the node is up already.
+            prepared = asyncio.ensure_future(w.prepared.wait())
+            exited = asyncio.ensure_future(w.exited.wait())
+            await asyncio.wait({prepared, exited}, return_when=asyncio.FIRST_COMPLETED)
+            prepared.cancel()
+            exited.cancel()
+            if w.prepared.is_set() and not w.exited.is_set():
+                w.go()
+
+    async def _register(self) -> Any:
+        """Put the node's entry (and DNS record) in etcd under the
+        supervisor's lease; the store, to close at the end."""
+        cfg = self.config
+        if not cfg.etcd:
+            return None
+        from pmlb.cluster.registration import Registration, node_entry
+        from pmlb.cluster.session import Session
+        from pmlb.store.etcd import EtcdSettings, EtcdStore
+        from pmlb.store.keys import Keys
+
+        store = EtcdStore(
+            EtcdSettings(
+                endpoints=cfg.etcd,
+                user=cfg.etcd_user,
+                password=cfg.etcd_password,
+                ca_file=cfg.etcd_ca,
+                cert_file=cfg.etcd_cert,
+                key_file=cfg.etcd_key,
+            )
+        )
+        await store.connect()
+        admin = (self.admin.host, self.admin.port) if self.admin is not None else None
+        registration = Registration(
+            store,
+            Keys(cfg.etcd_prefix),
+            cfg,
+            lambda: node_entry(
+                cfg, cfg.listen, self.control_port, admin, self.started_at, len(self.workers)
+            ),
+            lambda: cfg.listen[0][0],
+        )
+        self.session = Session(store, cfg.lease_ttl)
+        self.session.on_new_lease(registration)
+        self.session.start()
+        return store

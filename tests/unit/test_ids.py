@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pmlb.errors import InvalidMark
-from pmlb.ids import MarkFactory, node_of, parse_mark
+from pmlb.ids import MarkFactory, node_of, parse_mark, worker_of
 
 
 def test_marks_are_unique_and_name_their_node() -> None:
@@ -36,3 +36,16 @@ def test_malformed_marks_are_rejected(bad: str) -> None:
 def test_invalid_node_id_is_rejected() -> None:
     with pytest.raises(InvalidMark):
         MarkFactory("has space")
+
+
+def test_a_workers_marks_name_the_node_and_the_worker() -> None:
+    f = MarkFactory("n1.example", worker=3)
+    mark = f.next()
+    parsed = parse_mark(mark)
+    assert parsed.node_id == "n1.example", "the node the operator named, not a worker id"
+    assert parsed.worker == 3
+    assert worker_of(mark) == 3
+    assert worker_of(MarkFactory("n1").next()) is None
+    assert worker_of("not a mark") is None
+    with pytest.raises(InvalidMark):
+        parse_mark("n1.w-abcdefghijklm.1")

@@ -4,21 +4,28 @@ the marks this node holds, from any internal service.
 Served on ``--control``; the address is registered in etcd with the node, so a
 client finds it from the mark's node id (see pmlb.client). A mark that is not
 open here answers NOT_FOUND, like API Gateway's GoneException.
+
+In a node of several workers every worker serves the one control address
+(SO_REUSEPORT, gRPC's default), and a call for a mark another worker holds is
+handed to it (pmlb.dataplane.siblings); List pages through every worker. Each
+worker also serves its own marks alone on an internal Unix socket, which is
+what its siblings call.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
 
 from pmlb import reasons
 from pmlb._proto.pmlb.v1 import node_pb2 as npb
 from pmlb._proto.pmlb.v1 import node_pb2_grpc
+from pmlb.dataplane.siblings import Siblings
 from pmlb.errors import InvalidMark
-from pmlb.ids import parse_mark
+from pmlb.ids import parse_mark, worker_of
 
 if TYPE_CHECKING:
     from pmlb.dataplane.conn import ClientConn
@@ -49,8 +56,11 @@ def mark_info(conn: ClientConn) -> npb.MarkInfo:
 
 
 class NodeControl(node_pb2_grpc.NodeServicer):
-    def __init__(self, plane: DataPlane, token: str | None = None) -> None:
+    def __init__(
+        self, plane: DataPlane, token: str | None = None, siblings: Siblings | None = None
+    ) -> None:
         self.plane = plane
+        self.siblings = siblings
         self.calls = 0
         self.denied = 0
         self._token = f"Bearer {token}".encode() if token else None
@@ -64,6 +74,21 @@ class NodeControl(node_pb2_grpc.NodeServicer):
             self.denied += 1
             log.warning("control API call from %s refused: bad or missing token", context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
+
+    async def _sibling(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        """The answer of the worker holding ``request.mark``, when a sibling does
+        (None: handle it here)."""
+        await self._authorize(context)
+        if self.siblings is None or request.mark in self.plane.marks:
+            return None
+        worker = self.siblings.owner(request.mark)
+        if worker is None:
+            return None
+        self.calls += 1
+        try:
+            return await self.siblings.call(worker, method, request)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
 
     async def _conn(self, mark: str, context: grpc.aio.ServicerContext) -> ClientConn:  # type: ignore[type-arg]
         await self._authorize(context)
@@ -84,6 +109,9 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         request: npb.SendRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> npb.SendResponse:
+        answer = await self._sibling("Send", request, context)
+        if answer is not None:
+            return cast(npb.SendResponse, answer)
         conn = await self._conn(request.mark, context)
         if len(request.payloads) > MAX_SEND_PAYLOADS:
             await context.abort(
@@ -103,6 +131,9 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         request: npb.CloseRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> npb.CloseResponse:
+        answer = await self._sibling("Close", request, context)
+        if answer is not None:
+            return cast(npb.CloseResponse, answer)
         conn = await self._conn(request.mark, context)
         reason = reasons.clean(request.reason) or reasons.CLOSED_BY_API
         log.info(
@@ -118,6 +149,9 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         request: npb.DescribeRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> npb.MarkInfo:
+        answer = await self._sibling("Describe", request, context)
+        if answer is not None:
+            return cast(npb.MarkInfo, answer)
         return mark_info(await self._conn(request.mark, context))
 
     async def List(
@@ -126,6 +160,53 @@ class NodeControl(node_pb2_grpc.NodeServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> npb.ListResponse:
         await self._authorize(context)
+        if self.siblings is not None:
+            return await self._list_node(request, context)
+        return await self._list_here(request, context)
+
+    async def _list_node(
+        self,
+        request: npb.ListRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> npb.ListResponse:
+        """Every worker's marks, worker by worker; the token's mark names the
+        worker to go on with."""
+        siblings = self.siblings
+        assert siblings is not None
+        size = min(request.page_size or 100, MAX_PAGE)
+        first = worker_of(request.page_token) if request.page_token else 0
+        out = npb.ListResponse()
+        more = False
+        for worker in range(first or 0, siblings.count):
+            left = size - len(out.marks)
+            if left <= 0:
+                more = True
+                break
+            part = npb.ListRequest(
+                page_size=left,
+                page_token=request.page_token if worker == first else "",
+                upstream=request.upstream,
+            )
+            if worker == siblings.index:
+                got = await self._list_here(part, context)
+            else:
+                try:
+                    got = await siblings.call(worker, "List", part)
+                except grpc.aio.AioRpcError as exc:
+                    await context.abort(exc.code(), f"worker {worker}: {exc.details()}")
+            out.marks.extend(got.marks)
+            if got.next_page_token:
+                more = True
+                break
+        if more and out.marks:
+            out.next_page_token = out.marks[-1].mark
+        return out
+
+    async def _list_here(
+        self,
+        request: npb.ListRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> npb.ListResponse:
         size = min(request.page_size or 100, MAX_PAGE)
         marks = self.plane.marks
         # Marks are held in accept order; the token is the last mark returned.
@@ -164,10 +245,17 @@ async def start_control(
     port: int,
     token: str | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    siblings: Siblings | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """The control API; over TLS (mTLS with a client CA) when ``credentials``."""
+    """The control API; over TLS (mTLS with a client CA) when ``credentials``.
+    ``host`` ``unix:PATH`` serves a Unix socket (a worker's internal one)."""
     server = grpc.aio.server()
-    node_pb2_grpc.add_NodeServicer_to_server(NodeControl(plane, token), server)
+    node_pb2_grpc.add_NodeServicer_to_server(NodeControl(plane, token, siblings), server)
+    if host.startswith("unix:"):
+        if not server.add_insecure_port(host):
+            raise OSError(f"cannot listen on {host} for the control API")
+        await server.start()
+        return server, 0
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     bound = (
         server.add_secure_port(address, credentials)

@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from pmlb import __version__, reasons, wire
+from pmlb.dataplane.siblings import BREAK_HOLD
 from pmlb.domain import UpstreamSpec
 from pmlb.errors import PmlbError
 from pmlb.transport import ClientStream, TransportError, open_client
@@ -141,6 +142,8 @@ class Link:
         if self.probation_timer is not None:
             self.probation_timer.cancel()
             self.probation_timer = None
+        if self.plane.probation is not None:
+            self.plane.probation.release(self.id)
         self.plane.probation_over(self)
 
     # -- lifecycle --------------------------------------------------------------
@@ -288,6 +291,8 @@ class Link:
                 if self.probation_timer is not None:
                     self.probation_timer.cancel()
                     self.probation_timer = None
+                if self.plane.probation is not None:
+                    self.plane.probation.release(self.id, hold=BREAK_HOLD)
             if was_up and self._stopping:
                 log.info("link %s (%s) closed", self.id, self.spec.addr)
             elif was_up:
@@ -377,6 +382,11 @@ class Link:
                 continue  # an answer to our ping: receiving it was the point
             conn = marks.get(f.mark)
             if conn is None:
+                if plane.siblings is not None and kind in ("data", "close"):
+                    worker = plane.siblings.owner(f.mark)
+                    if worker is not None:
+                        self._to_sibling(worker, f, anywhere)
+                        continue
                 if kind != "close":
                     stats.unknown_mark_frames += 1
                     unknown.append(f.mark)
@@ -426,6 +436,26 @@ class Link:
                 )
         if unknown:
             self._reject_unknown(unknown)
+
+    def _to_sibling(self, worker: int, f: pb.Frame, anywhere: bool) -> None:
+        """A push or close for a mark another worker of this node holds: it is
+        bound elsewhere by definition (this link's marks are this worker's)."""
+        siblings = self.plane.siblings
+        assert siblings is not None
+        kind = f.WhichOneof("kind")
+        if not anywhere:
+            self._refuse_foreign(f.mark, kind)
+            return
+        if kind == "data":
+            if len(f.data.payload) > self.plane.max_frame:
+                self.plane.stats.bad_frames_from_upstream += 1
+                return
+            ok = siblings.push(worker, f.mark, f.data.payload)
+        else:
+            reason = reasons.clean(f.close.reason) or reasons.UPSTREAM_CLOSED
+            ok = siblings.push(worker, f.mark, None, reason)
+        if not ok:
+            self._refuse_foreign(f.mark, kind)
 
     @property
     def acts_anywhere(self) -> bool:

@@ -9,8 +9,10 @@ DataPlane is what the composition root builds and starts. It owns:
   each new mark among the routable ones;
 * the queue of clients waiting (bounded in time) for a routable upstream.
 
-Upstreams come from ``set_upstreams`` - static flags today, etcd discovery
-later; the plane does not care where the list comes from.
+Upstreams come from ``set_upstreams`` (static flags, or etcd discovery
+through the composition root); the plane does not care where the list comes
+from. In a node of several workers, ``siblings`` and ``probation`` (see
+pmlb.dataplane.siblings) are what this worker shares with the others.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
+from pmlb.dataplane.siblings import NodeProbation, Siblings
 from pmlb.domain import UpstreamSpec, format_hostport
 from pmlb.ids import MarkFactory
 from pmlb.observability.logs import fields
@@ -44,6 +47,9 @@ log = logging.getLogger("pmlb.plane")
 
 # Closed marks the admin API (and dashboard) still describes, newest last.
 RECENTLY_CLOSED: Final = 512
+# How often parked suspects look again for an upstream whose probation lock a
+# sibling worker holds.
+PROBATION_POLL: Final = 0.05
 SERVING: Final = "SERVING"
 UNKNOWN: Final = "UNKNOWN"
 
@@ -54,15 +60,22 @@ class DataPlane:
         config: NodeConfig,
         stats: NodeStats | None = None,
         tracer: ConnTracer | None = None,
+        siblings: Siblings | None = None,
+        probation: NodeProbation | None = None,
     ) -> None:
         self.config = config
+        self.siblings = siblings
+        self.probation = probation
+        self._probation_retry: asyncio.TimerHandle | None = None
         self.stats = stats or NodeStats()
         self.tracer = tracer or ConnTracer(config.node_id, config.service, None)
         self.marks: dict[str, ClientConn] = {}
         self.links: dict[str, Link] = {}
         self.waiting: dict[ClientConn, None] = {}  # insertion-ordered set
         self.balancer = make_balancer(config.balancer)
-        self.factory = MarkFactory(config.node_id)
+        self.factory = MarkFactory(
+            config.node_id, worker=siblings.index if siblings is not None else None
+        )
         self.encode = encoder_for(config.framing)
         self.max_frame = config.max_frame
         self.max_meta = config.max_meta
@@ -423,15 +436,34 @@ class DataPlane:
         so only it reaches the second strike; the marks that merely shared
         its first link wait their turn and are not charged.
         """
-        if conn.strikes:
-            targets = [lk for lk in targets if lk.probation is None]
-        link = self.balancer.pick(targets, _client_key(conn.client_addr)) if targets else None
-        if link is None:
-            return False
-        if conn.strikes:
-            link.start_probation(conn)
-        conn.bind(link)
-        return True
+        key = _client_key(conn.client_addr)
+        if not conn.strikes:
+            link = self.balancer.pick(targets, key) if targets else None
+            if link is None:
+                return False
+            conn.bind(link)
+            return True
+        # The other workers' suspects count too (one node, several processes).
+        targets = [lk for lk in targets if lk.probation is None]
+        while targets:
+            link = self.balancer.pick(targets, key)
+            if link is None:
+                break
+            if self.probation is None or self.probation.acquire(link.id):
+                link.start_probation(conn)
+                conn.bind(link)
+                return True
+            targets = [lk for lk in targets if lk is not link]
+        if self.probation is not None and self._probation_retry is None:
+            # A sibling's probation ends without telling us: look again soon.
+            self._probation_retry = asyncio.get_running_loop().call_later(
+                PROBATION_POLL, self._retry_suspects
+            )
+        return False
+
+    def _retry_suspects(self) -> None:
+        self._probation_retry = None
+        self._bind_waiting()
 
     def rebind(self, conn: ClientConn) -> None:
         """Resume a mark whose upstream went away on another routable one, or park

@@ -33,10 +33,19 @@ class AdminServer:
     resolves to the node must not reach it)."""
 
     def __init__(
-        self, host: str, port: int, token: str | None = None, names: Sequence[str] = ()
+        self,
+        host: str,
+        port: int,
+        token: str | None = None,
+        names: Sequence[str] = (),
+        unix_path: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        # A worker's internal endpoint (pmlb.workers): a Unix socket in the
+        # node's private run directory, which only the node's processes reach,
+        # so no route there is refused.
+        self.unix_path = unix_path
         self.token = token
         # Host header values accepted besides the address the client dialled.
         self.names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), *names}
@@ -72,6 +81,9 @@ class AdminServer:
         return None
 
     async def start(self) -> None:
+        if self.unix_path is not None:
+            self._server = await asyncio.start_unix_server(self._handle, self.unix_path)
+            return
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("admin HTTP on %s:%d", self.host, self.port)
@@ -89,7 +101,7 @@ class AdminServer:
             path, _, query = target.partition("?")
             found = self.routes.get((method, path))
             refusal = None
-            if found is not None and found[1]:
+            if found is not None and found[1] and self.unix_path is None:
                 sockname = writer.get_extra_info("sockname")
                 refusal = self._refusal(head, str(sockname[0]) if sockname else "")
             if found is None:
