@@ -44,6 +44,14 @@ def _worker_pids(supervisor: int) -> list[int]:
     return [pid for pid in children(supervisor) if "pmlb" in open(f"/proc/{pid}/cmdline").read()]
 
 
+def _listening(admin: int, n: int) -> bool:
+    m = scrape(admin)
+    return (
+        m.get('pmlb_upstream_up{upstream="e1"}') == 1
+        and sum(m.get(f'pmlb_worker_up{{worker="{i}"}}', 0) for i in range(n)) == n
+    )
+
+
 async def _line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: bytes) -> bytes:
     writer.write(text + b"\n")
     return await reader.readuntil(b"\n")
@@ -77,12 +85,9 @@ async def test_the_default_node_is_one_node_of_every_core(cluster: Cluster, etcd
     n = default_workers()
     async with asyncio.timeout(90):
         await async_wait_until(
-            lambda: (
-                scrape(admin).get('pmlb_upstream_up{upstream="e1"}') == 1
-                and scrape(admin).get("pmlb_workers") == n
-            ),
+            lambda: _listening(admin, n),
             20,
-            "every worker linked to e1",
+            "every worker linked to e1 and listening",
         )
         await async_wait_until(
             lambda: etcd.keys("/nodes/") == [f"{etcd.prefix}/nodes/h1"], 10, "h1 registered"
@@ -173,12 +178,9 @@ async def test_a_crashed_worker_is_restarted_and_the_others_clients_carry_on(
     cluster.procs.append(sup)
     async with asyncio.timeout(90):
         await async_wait_until(
-            lambda: (
-                scrape(admin).get('pmlb_upstream_up{upstream="e1"}') == 1
-                and scrape(admin).get("pmlb_workers") == 2
-            ),
+            lambda: _listening(admin, 2),
             20,
-            "both workers linked to e1",
+            "both workers linked to e1 and listening",
         )
         clients = [await asyncio.open_connection("127.0.0.1", listen) for _ in range(40)]
         marks = [(await _line(r, w, b"hi")).split()[0].decode() for r, w in clients]
