@@ -29,9 +29,31 @@ if not os.environ.get("PMLB_TEST_PARTITIONS"):
 settings.register_profile("pmlb", deadline=None)
 settings.load_profile("pmlb")
 
-# Every node a test starts is one process (its id, ports and marks as given)
-# unless the test asks for workers itself (tests/integration/test_workers.py).
+# A node a test starts is one process unless the test runs under the
+# ``workers`` parameter below (or asks for workers itself, test_workers.py).
 os.environ["PMLB_WORKERS"] = "1"
+# The modules whose guarantees must hold in the configuration users get: each
+# test runs at --workers 1 and at the default (one worker per CPU, two here),
+# through PMLB_WORKERS (0 = the default).
+WORKER_MODULES = frozenset(
+    {
+        "test_failover",
+        "test_hostile",
+        "test_upstream_faults",
+        "test_persistent",
+        "test_etcd_cluster",
+        "test_limits",
+        "test_dns_cluster",
+        "test_dataplane",
+    }
+)
+WORKERS = ("w1", "wdefault")
+# Modules in both sets would run 2 x 2 times; `make test` runs the pairs that
+# cover each value of each axis, with the defaults together (grpclib links at
+# the default worker count, grpc.aio links at one worker), and the modules
+# only in WORKER_MODULES at the default; `make test-matrix`
+# (PMLB_TEST_MATRIX=full) runs every combination.
+FULL_MATRIX = os.environ.get("PMLB_TEST_MATRIX") == "full"
 
 # Modules whose tests drive the node <-> upstream links: each of their tests runs
 # once per Bridge transport (pmlb.transport), node and upstreams alike, through
@@ -54,8 +76,21 @@ LINK_MODULES = frozenset(
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.module.__name__.rsplit(".", 1)[-1] in LINK_MODULES:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    links, workers = module in LINK_MODULES, module in WORKER_MODULES
+    if links and workers:
+        pairs = (
+            [(t, w) for t in TRANSPORTS for w in WORKERS]
+            if FULL_MATRIX
+            else list(zip(TRANSPORTS, reversed(WORKERS), strict=True))
+        )
+        metafunc.parametrize(("link_transport", "workers"), pairs, indirect=True)
+    elif links:
         metafunc.parametrize("link_transport", TRANSPORTS, indirect=True)
+    elif workers:
+        # `make test` runs these at the default only (every other module covers
+        # one worker); the matrix adds --workers 1.
+        metafunc.parametrize("workers", WORKERS if FULL_MATRIX else WORKERS[1:], indirect=True)
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +100,15 @@ def link_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     if transport is not None:
         monkeypatch.setenv("PMLB_LINK_TRANSPORT", transport)
     return transport
+
+
+@pytest.fixture(autouse=True)
+def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The worker count under test (worker modules): "w1" or "wdefault"."""
+    param: str | None = getattr(request, "param", None)
+    if param is not None:
+        monkeypatch.setenv("PMLB_WORKERS", "1" if param == "w1" else "0")
+    return param
 
 
 @dataclass
@@ -106,10 +150,10 @@ class Cluster:
         assert proc.alive(), proc.log()
         return Upstream(proc, uid, port)
 
-    def journaling(self, uid: str) -> Upstream:
+    def journaling(self, uid: str, port: int | None = None) -> Upstream:
         """An SDK upstream that answers like echo and journals every message it
         handles (tests/faults/journal_upstream.py); see ``journals``."""
-        port = free_port()
+        port = port or free_port()
         journal = self.log_dir / f"journal-{uid}.txt"
         args = ["--listen", f"127.0.0.1:{port}", "--id", uid, "--journal", str(journal)]
         proc = Proc(
