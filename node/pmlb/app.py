@@ -37,7 +37,13 @@ from pmlb.cluster.session import Session
 from pmlb.config import NodeConfig, config_changes
 from pmlb.dataplane.control import start_control
 from pmlb.dataplane.plane import DataPlane
-from pmlb.dataplane.siblings import NodeProbation, Siblings, admin_socket, control_socket
+from pmlb.dataplane.siblings import (
+    NodeCounters,
+    NodeProbation,
+    Siblings,
+    admin_socket,
+    control_socket,
+)
 from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError
 from pmlb.observability import metrics
@@ -68,10 +74,12 @@ class NodeApp:
         self.tracer = ConnTracer(config.node_id, config.service, config.otlp_endpoint)
         self.siblings: Siblings | None = None
         self.probation: NodeProbation | None = None
+        self.counters: NodeCounters | None = None
         self.channel: SupervisorChannel | None = None
         if role is not None:
             self.siblings = Siblings(config.node_id, role.index, role.count, role.rundir)
             self.probation = NodeProbation(role.rundir)
+            self.counters = NodeCounters(role.rundir, role.index, role.count)
             self.channel = supervisor_channel(role)
         self.plane = DataPlane(
             role.config(config) if role else config,
@@ -79,6 +87,7 @@ class NodeApp:
             self.tracer,
             self.siblings,
             self.probation,
+            self.counters,
         )
         self.admin: AdminServer | None = None
         self.internal_control: grpc.aio.Server | None = None
@@ -211,6 +220,8 @@ class NodeApp:
             await self.siblings.close()
         if self.probation is not None:
             self.probation.close()
+        if self.counters is not None:
+            self.counters.close()
         await asyncio.to_thread(self.tracer.shutdown)
         if self.store is not None:
             await self.store.close()

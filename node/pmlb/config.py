@@ -325,7 +325,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("upstream-key", "private key (PEM) for --upstream-cert"),
     Option(
         "max-connections",
-        "open client connections of the whole node (workers take equal shares); 0 = no limit",
+        "open client connections of the whole node (every worker's counted); 0 = no limit",
         0,
         int,
         reloadable=True,

@@ -32,9 +32,10 @@ The supervisor (the process the operator started) is the node's face:
 
 Each worker serves the node's control address too (gRPC sets SO_REUSEPORT),
 its own admin endpoint and control API on Unix sockets in a private run
-directory (mode 0700), and campaigns for the checker role as the node. The
-limits --max-connections and --accept-rate are node-wide: each worker applies
-an equal share (they add up to the limit); --max-per-client is per worker.
+directory (mode 0700), and campaigns for the checker role as the node.
+--max-connections counts every worker's connections (a shared counter per
+worker in that directory); --accept-rate is split equally between the
+workers; --max-per-client is per worker.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from typing import Any, Final
 
 from pmlb.aio import wait_event
 from pmlb.config import NodeConfig
+from pmlb.dataplane.siblings import create_counters
 from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError, PmlbError
 
@@ -89,15 +91,6 @@ def check_workers(config: NodeConfig, n: int) -> None:
         raise ConfigError(f"--workers {n} needs fixed --listen ports (port 0 differs per worker)")
 
 
-def share(total: int, count: int, index: int) -> int:
-    """Worker ``index``'s part of a node-wide ``total``: equal parts that add
-    up to it (the first ``total % count`` workers take one more). 0 stays 0
-    (no limit); a positive total gives every worker at least 1."""
-    if total <= 0:
-        return total
-    return max(1, total // count + (1 if index < total % count else 0))
-
-
 # -- the worker's side ---------------------------------------------------------
 
 
@@ -122,12 +115,9 @@ class WorkerRole:
             raise ConfigError(f"{ROLE_ENV} is not what a supervisor sets: {exc}") from None
 
     def config(self, config: NodeConfig) -> NodeConfig:
-        """The part of the node's limits this worker applies."""
-        return dataclasses.replace(
-            config,
-            max_connections=share(config.max_connections, self.count, self.index),
-            accept_rate=config.accept_rate / self.count,
-        )
+        """The part of the node's limits this worker applies (--max-connections
+        is counted node-wide instead, pmlb.dataplane.siblings.NodeCounters)."""
+        return dataclasses.replace(config, accept_rate=config.accept_rate / self.count)
 
 
 class SupervisorChannel:
@@ -334,6 +324,7 @@ class Supervisor:
         self.started_at = now_rfc3339()
         extra = self._preflight()
         self.rundir = tempfile.mkdtemp(prefix=f"pmlb-{self.config.node_id}-")
+        create_counters(self.rundir, self.count)
         base = [sys.executable, "-m", "pmlb", *self.argv, *extra]
         self.workers = [Worker(i, self.count, base, self.rundir) for i in range(self.count)]
         try:

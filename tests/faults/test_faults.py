@@ -146,9 +146,11 @@ async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) 
     assert node.proc.alive()
 
 
-async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster) -> None:
+@pytest.mark.parametrize("workers", ["w1", "wdefault"], indirect=True)
+async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster, workers: str) -> None:
     """At the limit the node stops accepting (clients wait in the backlog) and serves
-    everyone it has; as marks close, the waiting clients are taken in order."""
+    everyone it has; as marks close, the waiting clients are taken in order. The
+    limit is the whole node's, however many workers share it."""
     up = cluster.echo("u1", plain=True)
     node = await asyncio.to_thread(
         cluster.node, [f"u1={up.addr}"], framing="raw", extra=["--max-connections", "100"]
@@ -166,6 +168,7 @@ async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster) ->
     await asyncio.to_thread(
         wait_until, lambda: node.metrics()["pmlb_marks_open"] == 100, 10, "the node full"
     )
+    held_at_once = int(node.metrics()["pmlb_marks_open"])
     waiting[0].settimeout(0.5)
     with pytest.raises(TimeoutError):
         waiting[0].recv(4)  # parked in the backlog, not refused
@@ -183,15 +186,17 @@ async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster) ->
         assert s.recv(4) == b"w", "a waiting client is served once a slot frees"
         answered += 1
     took = time.monotonic() - t0
+    m = node.metrics()
+    workers_n = int(m.get("pmlb_workers", 1))
+    refused = int(m.get('pmlb_connections_refused_total{limit="node_full"}', 0))
     record(
-        "at --max-connections (100), 50 more wait",
-        connections=150,
-        held=150,
+        f"at --max-connections (100), 50 more wait [{workers}]",
+        connections=len(held) + len(waiting),
+        held=held_at_once,
         sent=sent,
         lost=sent - answered,
-        duplicated=0,  # one byte each way: a second echo would be read as the next reply
         recovery_s=round(took, 2),
-        note="accept paused, backlog kept",
+        note=f"accept paused, backlog kept; {workers_n} worker(s); refused {refused}",
     )
     assert "accepting paused" in node.proc.log()
     for s in held[:50] + waiting:

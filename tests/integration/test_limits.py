@@ -1,4 +1,4 @@
-"""Limits: per node, per client address, idle timeout, max lifetime."""
+"""Limits: per node, per client address (per worker), idle timeout, max lifetime."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import subprocess
 import time
+from collections import Counter
 
 import pytest
 
+from pmlb.ids import worker_of
+from pmlb.workers import default_workers
 from tests.conftest import Cluster
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -29,17 +32,36 @@ async def _works(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
     return (await r.readuntil(b"\n")).endswith(b" u1 ping\n")
 
 
-async def test_per_client_limit(cluster: Cluster) -> None:
+async def _mark(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> str | None:
+    """The mark of a connection the node admitted; None if it was refused."""
+    w.write(b"ping\n")
+    try:
+        line = await asyncio.wait_for(r.readuntil(b"\n"), 5)
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return None
+    return line.split()[0].decode()
+
+
+async def test_per_client_limit(cluster: Cluster, workers: str) -> None:
+    """--max-per-client is per worker process (its help says so): with N
+    workers one address holds at most 2 per worker, so of 2N + 1 connections
+    at least one is refused, and every worker admits at most 2."""
+    n = 1 if workers == "w1" else default_workers()
     up = cluster.echo("u1")
     node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"], extra=["--max-per-client", "2"])
     async with asyncio.timeout(30):
-        a = [await _open(node.port, "127.0.0.11") for _ in range(3)]
-        assert await _works(*a[0])
-        assert await _works(*a[1])
-        assert await _is_refused(a[2][0]), "third connection from one address refused"
+        a = [await _open(node.port, "127.0.0.11") for _ in range(2 * n + 1)]
+        marks = [await _mark(*c) for c in a]
+        admitted = [m for m in marks if m is not None]
+        assert len(admitted) < len(a), "at least one connection from one address refused"
+        per_worker = Counter(worker_of(m) for m in admitted)
+        assert max(per_worker.values()) <= 2, per_worker
+        if n == 1:
+            assert len(admitted) == 2
         b = [await _open(node.port, "127.0.0.12") for _ in range(2)]
         assert all([await _works(*c) for c in b]), "other addresses are not affected"
-        a[0][1].close()  # a slot frees up for that address
+        first = marks.index(admitted[0])
+        a[first][1].close()  # a slot frees up for that address (on that worker)
         for _ in range(50):
             d = await _open(node.port, "127.0.0.11")
             try:
@@ -49,9 +71,10 @@ async def test_per_client_limit(cluster: Cluster) -> None:
                 await asyncio.sleep(0.05)
         else:
             pytest.fail("no slot freed after a client left")
-        assert await _works(*a[1]), "admitted clients never notice the limit"
+        last = marks.index(admitted[-1])
+        assert await _works(*a[last]), "admitted clients never notice the limit"
     m = await asyncio.to_thread(node.metrics)
-    assert m['pmlb_connections_refused_total{limit="client_limit"}'] >= 1
+    assert m['pmlb_connections_refused_total{limit="client_limit"}'] >= len(a) - len(admitted)
 
 
 async def test_idle_timeout_and_max_lifetime(cluster: Cluster) -> None:

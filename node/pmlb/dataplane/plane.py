@@ -34,7 +34,7 @@ from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
-from pmlb.dataplane.siblings import NodeProbation, Siblings
+from pmlb.dataplane.siblings import NodeCounters, NodeProbation, Siblings
 from pmlb.domain import UpstreamSpec, format_hostport
 from pmlb.ids import MarkFactory
 from pmlb.observability.logs import fields
@@ -50,6 +50,9 @@ RECENTLY_CLOSED: Final = 512
 # How often parked suspects look again for an upstream whose probation lock a
 # sibling worker holds.
 PROBATION_POLL: Final = 0.05
+# How often a worker paused at --max-connections looks whether its siblings'
+# clients left room.
+LIMIT_POLL: Final = 0.05
 SERVING: Final = "SERVING"
 UNKNOWN: Final = "UNKNOWN"
 
@@ -62,10 +65,13 @@ class DataPlane:
         tracer: ConnTracer | None = None,
         siblings: Siblings | None = None,
         probation: NodeProbation | None = None,
+        counters: NodeCounters | None = None,
     ) -> None:
         self.config = config
         self.siblings = siblings
         self.probation = probation
+        self.counters = counters
+        self._limit_poll: asyncio.TimerHandle | None = None
         self._probation_retry: asyncio.TimerHandle | None = None
         self.stats = stats or NodeStats()
         self.tracer = tracer or ConnTracer(config.node_id, config.service, None)
@@ -184,12 +190,30 @@ class DataPlane:
     def bound_addresses(self) -> list[tuple[str, int]]:
         return [a.address for a in self.acceptors]
 
+    def node_open(self) -> int:
+        """Open connections of the whole node (every worker's)."""
+        return self.counters.total() if self.counters is not None else self.stats.open
+
     def _at_limit(self) -> bool:
         limit = self.config.max_connections
         if not limit:
             return False
         # Count sockets accepted but not yet set up, or a burst would overshoot.
-        return self.stats.open + sum(a.in_flight for a in self.acceptors) >= limit
+        full = self.node_open() + sum(a.in_flight for a in self.acceptors) >= limit
+        if full and self.counters is not None and self._limit_poll is None:
+            # A sibling's client leaving frees room without telling us: look again.
+            self._limit_poll = asyncio.get_running_loop().call_later(
+                LIMIT_POLL, self._recheck_limit
+            )
+        return full
+
+    def _recheck_limit(self) -> None:
+        self._limit_poll = None
+        if not self.accepting:
+            return
+        for acceptor in self.acceptors:
+            if acceptor.paused_at_limit and not self._at_limit():
+                acceptor.resume()
 
     def set_upstreams(self, specs: Iterable[UpstreamSpec]) -> None:
         """Make the link set match ``specs``: start new ones, update, retire gone ones."""
@@ -278,6 +302,8 @@ class DataPlane:
         stats = self.stats
         stats.accepted += 1
         stats.open += 1
+        if self.counters is not None:
+            self.counters.publish(stats.open)
         conn.mark = mark = self.factory.next()
         self.marks[mark] = conn
         self._idle.clear()
@@ -289,7 +315,7 @@ class DataPlane:
             if n > cfg.max_per_client:
                 self._refuse(conn, reasons.CLIENT_LIMIT, f"over {cfg.max_per_client} per client")
                 return
-        if cfg.max_connections and stats.open > cfg.max_connections:
+        if cfg.max_connections and self.node_open() > cfg.max_connections:
             self._refuse(conn, reasons.NODE_FULL, f"over {cfg.max_connections} connections")
             return
         if self.tracer.enabled:
@@ -367,6 +393,8 @@ class DataPlane:
             return
         stats = self.stats
         stats.open -= 1
+        if self.counters is not None:
+            self.counters.publish(stats.open)
         reason = conn.close_reason or reasons.CLIENT_CLOSED
         stats.closed[reasons.label(reason)] += 1
         if conn.accepted_ms:

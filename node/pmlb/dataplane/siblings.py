@@ -10,6 +10,12 @@ module is where the data plane gets them:
   that sibling over its internal control socket (gRPC on a Unix socket in the
   node's private run directory), so nothing but the node's own processes can
   use it.
+* **--max-connections counts the whole node.** Each worker publishes its
+  number of open connections in its own slot of a small shared file (one
+  int64 per worker, written only by that worker); a worker at the limit reads
+  the sum. Two workers accepting at the same instant may both see room for
+  one: the later one to publish refuses its client (node_full), so the node
+  never holds more than the limit for longer than that one accept.
 * **One suspect on probation per upstream, node-wide.** After a link breaks,
   the marks whose frames were in flight are suspects; each is resumed on an
   upstream only while no other suspect is on probation there, so a poison
@@ -26,7 +32,9 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any, Final
 
@@ -58,6 +66,43 @@ def control_socket(rundir: str, index: int) -> str:
 def admin_socket(rundir: str, index: int) -> str:
     """The internal admin (HTTP) socket of worker ``index``."""
     return os.path.join(rundir, f"w{index}.admin")
+
+
+COUNTERS_FILE: Final = "open-connections"
+
+
+def create_counters(rundir: str, count: int) -> None:
+    """The supervisor makes the shared counters file before any worker starts."""
+    path = os.path.join(rundir, COUNTERS_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, 8 * count)
+    finally:
+        os.close(fd)
+
+
+class NodeCounters:
+    """Open connections of every worker of the node (see the module docstring)."""
+
+    def __init__(self, rundir: str, index: int, count: int) -> None:
+        self.index = index
+        self.count = count
+        fd = os.open(os.path.join(rundir, COUNTERS_FILE), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._map = mmap.mmap(fd, 8 * count)
+        finally:
+            os.close(fd)
+        self._all = struct.Struct(f"={count}q")
+
+    def publish(self, open_here: int) -> None:
+        struct.pack_into("=q", self._map, 8 * self.index, open_here)
+
+    def total(self) -> int:
+        return sum(self._all.unpack_from(self._map))
+
+    def close(self) -> None:
+        self.publish(0)
+        self._map.close()
 
 
 class NodeProbation:

@@ -66,6 +66,7 @@ GAUGE_MIN: Final = frozenset(
 GAUGE_MAX: Final = frozenset(
     {
         "pmlb_build_info",
+        "pmlb_max_connections",
         "pmlb_upstream_health",
         "pmlb_checker",
         "pmlb_etcd_malformed_values",
