@@ -45,6 +45,7 @@ WORKER_MODULES = frozenset(
         "test_limits",
         "test_dns_cluster",
         "test_dataplane",
+        "test_dashboard_browser",
     }
 )
 WORKERS = ("w1", "wdefault")

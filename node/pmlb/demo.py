@@ -152,9 +152,7 @@ def run_demo(port: int, upstream_port: int = 7001) -> int:
             children.append(
                 _spawn(
                     f"node n{i}",
-                    "node",
-                    "--workers",
-                    "1",
+                    "node",  # the default --workers: one process per CPU
                     "--etcd",
                     etcd.url,
                     "--service",
