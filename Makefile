@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install js-install test-js test-partitions demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
+.PHONY: install js-install test-js test-partitions test-matrix demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -89,6 +89,16 @@ test-containers: install
 	PMLB_TEST_ETCD=container TESTCONTAINERS_RYUK_DISABLED=true $(PY) -m pytest \
 		tests/integration/test_etcd_cluster.py tests/integration/test_persistent.py \
 		tests/integration/test_advertise.py -k "not static_stability" $(PYTEST_ARGS)
+
+# Every combination of worker count (1, the default) and link transport for the
+# modules that run under both (make test runs the pairs that cover each value).
+MATRIX_MODULES := tests/integration/test_failover.py tests/integration/test_hostile.py \
+	tests/faults/test_upstream_faults.py tests/integration/test_persistent.py \
+	tests/integration/test_etcd_cluster.py tests/integration/test_limits.py \
+	tests/e2e/test_dns_cluster.py tests/integration/test_dataplane.py
+
+test-matrix: install
+	PMLB_TEST_MATRIX=full $(PY) -m pytest $(MATRIX_MODULES) $(PYTEST_ARGS)
 
 # Partitions on real network namespaces (root): a few minutes, cleans up after itself.
 test-partitions: install

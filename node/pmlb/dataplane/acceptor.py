@@ -18,6 +18,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Final
 
 from pmlb.dataplane import proxyproto
@@ -45,7 +46,15 @@ class Acceptor:
         proxy_failed: Callable[[str, int, str], None] | None = None,
         reuse_port: bool = False,
         keepalive: float = 0.0,
+        gate: AbstractContextManager[Any] | None = None,
+        counted: Callable[[int], None] | None = None,
     ) -> None:
+        # A node of several workers (pmlb.dataplane.siblings.NodeCounters):
+        # the limit check, the accept and counting the new socket happen under
+        # ``gate`` (a lock all workers take), so two workers never both take
+        # the last free slot; ``counted(extra)`` publishes this worker's count.
+        self.gate = gate
+        self.counted = counted
         # factory(header): the protocol for one connection; header is the PROXY
         # header already read (before TLS) for trusted peers, else None.
         self.factory = factory
@@ -108,33 +117,14 @@ class Acceptor:
 
     def _ready(self) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if self.at_limit():
-                self.pause()
-                self.paused_at_limit = True
-                self.limit_pauses += 1
-                self._log(
-                    "at the connection limit: accepting paused, new clients wait "
-                    "in the listen backlog"
-                )
-                return
-            if self.rate and not self._take_token():
-                self.pause()
-                self.rate_pauses += 1
-                self._log(f"accept rate limit ({self.rate:g}/s) reached: new clients wait")
-                self.loop.call_later(1.0 / self.rate, self.resume)
-                return
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRORS:
-                    self.resource_errors += 1
-                    self._log(f"accept failed ({exc.strerror}): pausing {RESOURCE_PAUSE}s")
-                    self.pause()
-                    self.loop.call_later(RESOURCE_PAUSE, self.resume)
-                else:
-                    self._log(f"accept failed: {exc}")
+            if self.gate is None:
+                conn = self._accept_one()
+            else:
+                with self.gate:
+                    conn = self._accept_one()
+                    if conn is not None and self.counted is not None:
+                        self.counted(1)  # before a sibling may look
+            if conn is None:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -145,8 +135,41 @@ class Acceptor:
             self._tasks.add(task)
             task.add_done_callback(self._set_up)
 
+    def _accept_one(self) -> socket.socket | None:
+        """One client socket, or None: nothing to accept, or accepting paused."""
+        if self.at_limit():
+            self.pause()
+            self.paused_at_limit = True
+            self.limit_pauses += 1
+            self._log(
+                "at the connection limit: accepting paused, new clients wait in the listen backlog"
+            )
+            return None
+        if self.rate and not self._take_token():
+            self.pause()
+            self.rate_pauses += 1
+            self._log(f"accept rate limit ({self.rate:g}/s) reached: new clients wait")
+            self.loop.call_later(1.0 / self.rate, self.resume)
+            return None
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:
+                self.resource_errors += 1
+                self._log(f"accept failed ({exc.strerror}): pausing {RESOURCE_PAUSE}s")
+                self.pause()
+                self.loop.call_later(RESOURCE_PAUSE, self.resume)
+            else:
+                self._log(f"accept failed: {exc}")
+            return None
+        return conn
+
     def _set_up(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        if self.counted is not None:
+            self.counted(0)
         # A connection can be counted both as open and as in flight for a moment,
         # which may pause us just under the limit: look again once it settles.
         if self.paused_at_limit and not self.closed and not self.at_limit():

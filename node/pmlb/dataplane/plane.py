@@ -174,6 +174,8 @@ class DataPlane:
                 proxy_failed=self._proxy_failed,
                 reuse_port=self.config.reuse_port,
                 keepalive=self.config.client_keepalive,
+                gate=_Admission(self) if self.counters is not None else None,
+                counted=self.publish_open if self.counters is not None else None,
             )
             self.acceptors.append(acceptor)
             log.info(
@@ -190,17 +192,22 @@ class DataPlane:
     def bound_addresses(self) -> list[tuple[str, int]]:
         return [a.address for a in self.acceptors]
 
-    def node_open(self) -> int:
-        """Open connections of the whole node (every worker's)."""
-        return self.counters.total() if self.counters is not None else self.stats.open
+    def publish_open(self, extra: int = 0) -> None:
+        """This worker's client sockets (open or being set up, plus ``extra``
+        just accepted) in its slot of the node's counters."""
+        if self.counters is not None:
+            held = self.stats.open + sum(a.in_flight for a in self.acceptors) + extra
+            self.counters.publish(held)
 
     def _at_limit(self) -> bool:
         limit = self.config.max_connections
         if not limit:
             return False
-        # Count sockets accepted but not yet set up, or a burst would overshoot.
-        full = self.node_open() + sum(a.in_flight for a in self.acceptors) >= limit
-        if full and self.counters is not None and self._limit_poll is None:
+        if self.counters is None:
+            # Count sockets accepted but not yet set up, or a burst would overshoot.
+            return self.stats.open + sum(a.in_flight for a in self.acceptors) >= limit
+        full = self.counters.total() >= limit  # every worker's, in flight included
+        if full and self._limit_poll is None:
             # A sibling's client leaving frees room without telling us: look again.
             self._limit_poll = asyncio.get_running_loop().call_later(
                 LIMIT_POLL, self._recheck_limit
@@ -302,8 +309,7 @@ class DataPlane:
         stats = self.stats
         stats.accepted += 1
         stats.open += 1
-        if self.counters is not None:
-            self.counters.publish(stats.open)
+        self.publish_open()
         conn.mark = mark = self.factory.next()
         self.marks[mark] = conn
         self._idle.clear()
@@ -315,7 +321,8 @@ class DataPlane:
             if n > cfg.max_per_client:
                 self._refuse(conn, reasons.CLIENT_LIMIT, f"over {cfg.max_per_client} per client")
                 return
-        if cfg.max_connections and self.node_open() > cfg.max_connections:
+        # A safety net: the acceptors keep the node (every worker) within it.
+        if cfg.max_connections and stats.open > cfg.max_connections:
             self._refuse(conn, reasons.NODE_FULL, f"over {cfg.max_connections} connections")
             return
         if self.tracer.enabled:
@@ -393,8 +400,7 @@ class DataPlane:
             return
         stats = self.stats
         stats.open -= 1
-        if self.counters is not None:
-            self.counters.publish(stats.open)
+        self.publish_open()
         reason = conn.close_reason or reasons.CLIENT_CLOSED
         stats.closed[reasons.label(reason)] += 1
         if conn.accepted_ms:
@@ -610,6 +616,30 @@ class DataPlane:
             *(link.close(max(0.1, deadline - time.monotonic())) for link in links),
             return_exceptions=True,
         )
+
+
+class _Admission:
+    """The acceptors' gate in a node of several workers: the node-wide
+    admission lock, taken only while --max-connections is set (it may be set
+    or lifted by SIGHUP)."""
+
+    __slots__ = ("_locked", "_plane")
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+        self._locked = False
+
+    def __enter__(self) -> None:
+        counters = self._plane.counters
+        if counters is not None and self._plane.config.max_connections:
+            counters.__enter__()
+            self._locked = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._locked:
+            self._locked = False
+            assert self._plane.counters is not None
+            self._plane.counters.__exit__()
 
 
 def _client_key(addr: str) -> bytes:

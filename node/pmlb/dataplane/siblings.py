@@ -10,12 +10,12 @@ module is where the data plane gets them:
   that sibling over its internal control socket (gRPC on a Unix socket in the
   node's private run directory), so nothing but the node's own processes can
   use it.
-* **--max-connections counts the whole node.** Each worker publishes its
-  number of open connections in its own slot of a small shared file (one
-  int64 per worker, written only by that worker); a worker at the limit reads
-  the sum. Two workers accepting at the same instant may both see room for
-  one: the later one to publish refuses its client (node_full), so the node
-  never holds more than the limit for longer than that one accept.
+* **--max-connections counts the whole node.** Each worker publishes the
+  client sockets it holds (open, or accepted and still being set up) in its
+  own slot of a small shared file (one int64 per worker, written only by that
+  worker). The check for room, the accept and publishing the new count happen
+  under one lock all workers take (flock), so two workers never both take the
+  last free slot; a client leaving only lowers a count, so it needs no lock.
 * **One suspect on probation per upstream, node-wide.** After a link breaks,
   the marks whose frames were in flight are suspects; each is resumed on an
   upstream only while no other suspect is on probation there, so a poison
@@ -87,12 +87,22 @@ class NodeCounters:
     def __init__(self, rundir: str, index: int, count: int) -> None:
         self.index = index
         self.count = count
-        fd = os.open(os.path.join(rundir, COUNTERS_FILE), os.O_RDWR | os.O_CLOEXEC)
+        path = os.path.join(rundir, COUNTERS_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             self._map = mmap.mmap(fd, 8 * count)
         finally:
             os.close(fd)
         self._all = struct.Struct(f"={count}q")
+        self._lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def __enter__(self) -> NodeCounters:
+        """Hold the admission lock: check, accept and publish as one step."""
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
 
     def publish(self, open_here: int) -> None:
         struct.pack_into("=q", self._map, 8 * self.index, open_here)
@@ -103,6 +113,7 @@ class NodeCounters:
     def close(self) -> None:
         self.publish(0)
         self._map.close()
+        os.close(self._lock)
 
 
 class NodeProbation:
