@@ -29,6 +29,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be bound now: free to listen on, which a port nobody
+    listens on may not be (it can be the source port of some connection)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_until(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02) -> object:
     """Poll ``cond`` until it is truthy; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import ROOT, children, free_port, run_pmlb, tcp_open, wait_until
+from tests.support import ROOT, bindable, children, free_port, run_pmlb, tcp_open, wait_until
 
 
 def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
@@ -20,7 +20,10 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     # The demo derives more ports from these: listeners port and port + 1, admin
     # port + 100.., control port + 200.., upstreams up and up + 1. None may overlap.
     derived = {port, port + 1, port + 100, port + 101, port + 200, port + 201}
-    while {up, up + 1} & derived or tcp_open("127.0.0.1", up + 1):
+    while not all(map(bindable, derived)):
+        port = free_port()
+        derived = {port, port + 1, port + 100, port + 101, port + 200, port + 201}
+    while {up, up + 1} & derived or not bindable(up + 1):
         up = free_port()
     log = (tmp_path / "demo.log").open("wb")
     tmp_before = set(Path(tempfile.gettempdir()).glob("pmlb-etcd-*"))
