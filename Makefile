@@ -95,7 +95,8 @@ test-containers: install
 MATRIX_MODULES := tests/integration/test_failover.py tests/integration/test_hostile.py \
 	tests/faults/test_upstream_faults.py tests/integration/test_persistent.py \
 	tests/integration/test_etcd_cluster.py tests/integration/test_limits.py \
-	tests/e2e/test_dns_cluster.py tests/integration/test_dataplane.py
+	tests/e2e/test_dns_cluster.py tests/integration/test_dataplane.py \
+	tests/faults/test_poison_workers.py
 
 test-matrix: install
 	PMLB_TEST_MATRIX=full $(PY) -m pytest $(MATRIX_MODULES) $(PYTEST_ARGS)

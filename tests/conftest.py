@@ -22,6 +22,10 @@ collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
 # tests/partitions needs root and network namespaces: `make test-partitions`.
 if not os.environ.get("PMLB_TEST_PARTITIONS"):
     collect_ignore.append("partitions")
+# Ten crashing-message runs at the default worker count: `make test-matrix`
+# (make test runs the single-run poison test at the default).
+if os.environ.get("PMLB_TEST_MATRIX") != "full":
+    collect_ignore.append("faults/test_poison_workers.py")
 
 # Hypothesis checks properties, not speed: its default 200 ms deadline per
 # example is a timed assertion that fails on a busy shared machine (it did,
