@@ -21,20 +21,39 @@ import atheris
 with atheris.instrument_imports(include=["pmlb"]):  # our parsers, not their libraries
     from pmlb import wire
     from pmlb.dataplane import framing, proxyproto
-    from pmlb.errors import FrameTooLarge
+    from pmlb.errors import FrameTooLarge, FramingError
     from pmlb.store import keys
+
+
+FRAMINGS = [
+    "raw",
+    "line",
+    "len16",
+    "len32",
+    "mqtt",
+    "modbus-tcp",
+    "smpp",
+    "stomp",
+    "length-field:offset=3,size=3,order=little,adjust=-2,strip=0",
+    "length-field:size=varint,strip=0",
+    "length-field:size=8,strip=8",
+    "delimiter:hex=0d0a,keep=yes",
+    "delimiter:text=END",
+]
 
 
 def _framing(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    name = fdp.PickValueInList(["raw", "line", "len16", "len32"])
+    name = fdp.PickValueInList(FRAMINGS)
     limit = fdp.ConsumeIntInRange(1, 4096)
     dec = framing.make_decoder(name, limit)
     try:
         while fdp.remaining_bytes():
             for msg in dec.feed(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 512))):
-                assert len(msg) <= limit
-    except FrameTooLarge:
+                assert len(msg) <= limit, (name, limit, len(msg))
+            # Bounded memory: one partial message (plus a header or a split delimiter).
+            assert dec.pending <= limit + 1024 + 16, (name, limit, dec.pending)
+    except (FrameTooLarge, FramingError):
         pass
 
 

@@ -50,6 +50,7 @@ WORKER_MODULES = frozenset(
         "test_dns_cluster",
         "test_dataplane",
         "test_dashboard_browser",
+        "test_modbus",
     }
 )
 WORKERS = ("w1", "wdefault")

@@ -21,7 +21,6 @@ from typing import Any
 
 from pmlb.domain import (
     BALANCERS,
-    FRAMINGS,
     UpstreamSpec,
     check_framing,
     parse_hostport,
@@ -236,7 +235,15 @@ NODE_OPTIONS: tuple[Option, ...] = (
         DEFAULT_TRANSPORT,
         choices=TRANSPORTS,
     ),
-    Option("framing", "client framing", "raw", choices=FRAMINGS),
+    Option(
+        "framing",
+        "client framing: raw (reads as they come: a message may be split on failover), line, "
+        "len16, len32, mqtt, modbus-tcp, smpp, stomp, "
+        "length-field:offset=N,size=1|2|3|4|8|varint,order=big|little,adjust=N,strip=N, "
+        "delimiter:hex=HEX|text=TEXT,keep=yes|no, or plugin:NAME (entry point group "
+        "pmlb.framings)",
+        "raw",
+    ),
     Option("max-frame", "maximum message size", 65535, _positive_size),
     Option(
         "balancer",

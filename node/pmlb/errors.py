@@ -20,6 +20,12 @@ class FrameTooLarge(PmlbError):
         self.limit = limit
 
 
+class FramingError(PmlbError):
+    """Client input that breaks its framing's rule (a length field that cannot
+    be, a varint too long, a STOMP body without its NUL): only that client is
+    closed (protocol_error)."""
+
+
 class InvalidMark(PmlbError):
     """A string is not a well-formed mark."""
 

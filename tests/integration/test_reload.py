@@ -73,3 +73,16 @@ def test_check_lists_every_error_and_exits_2(tmp_path: Path) -> None:
     ok = run_pmlb(*args, "--upstream", "127.0.0.1:1", "--drain-timeout", "30s")
     assert ok.returncode == 0, ok.stderr
     assert "configuration OK" in ok.stdout
+
+
+def test_check_names_a_bad_framing_setting_and_accepts_the_presets() -> None:
+    args = ["node", "--check", "--listen", "127.0.0.1:9000", "--upstream", "127.0.0.1:1"]
+    bad = run_pmlb(*args, "--framing", "length-field:offset=1,size=2,strip=3")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "pmlb node: error: framing 'length-field:offset=1,size=2,strip=3': strip must be 0 "
+        "(upstreams get and send whole messages) or the size of a fixed length field at offset 0"
+    )
+    for framing in ("mqtt", "modbus-tcp", "smpp", "stomp", "delimiter:hex=00,keep=yes"):
+        ok = run_pmlb(*args, "--framing", framing)
+        assert ok.returncode == 0, (framing, ok.stderr)

@@ -70,7 +70,7 @@ def test_env_lists_are_comma_separated() -> None:
         (["--listen", "h:1"], "at least one --upstream"),
         (["--listen", "h:1", "--upstream", "h:1", "--etcd", "http://e:1"], "not both"),
         (["--listen", "h:1", "--upstream", "h:1", "--max-frame", "-3"], "--max-frame"),
-        (["--listen", "h:1", "--upstream", "h:1", "--framing", "xml"], "not one of"),
+        (["--listen", "h:1", "--upstream", "h:1", "--framing", "xml"], "unknown framing 'xml'"),
         (["--listen", "h:1", "--upstream", "h:1", "--node-id", "a b"], "--node-id"),
         (
             ["--listen", "h:1", "--upstream", "h:1", "--framing", "len16", "--max-frame", "99999"],

@@ -43,7 +43,7 @@ from pmlb.dataplane.mark import (
     WAITING,
     Mark,
 )
-from pmlb.errors import FrameTooLarge
+from pmlb.errors import FrameTooLarge, FramingError
 from pmlb.observability.logs import fields
 
 if TYPE_CHECKING:
@@ -153,6 +153,13 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             self.plane.stats.frames_too_large += 1
             log.warning("mark=%s client sent an oversized frame: %s", self.mark, exc)
             self.close(reasons.FRAME_TOO_LARGE, str(exc))
+            return
+        except FramingError as exc:
+            self.plane.stats.framing_errors += 1
+            log.warning(
+                "mark=%s client broke the %s framing: %s", self.mark, self.plane.config.framing, exc
+            )
+            self.close(reasons.PROTOCOL_ERROR, f"bad framing: {exc}")
             return
         if not messages:
             return

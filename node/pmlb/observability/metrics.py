@@ -42,6 +42,7 @@ _COUNTERS = (
         "Upstream frames that broke the protocol.",
     ),
     ("pmlb_frames_too_large", "frames_too_large", "Client messages over the max frame size."),
+    ("pmlb_framing_errors", "framing_errors", "Clients closed for breaking their framing's rule."),
     ("pmlb_link_breaks", "link_breaks", "Links to upstreams that broke."),
     ("pmlb_credit_stalls", "credit_stalls", "Times a client stopped being read (backpressure)."),
     ("pmlb_no_upstream", "no_upstream", "Clients closed for lack of a routable upstream."),

@@ -58,6 +58,7 @@ class NodeStats:
         "frames_in",
         "frames_out",
         "frames_too_large",
+        "framing_errors",
         "garbage_batches",
         "limited",
         "link_breaks",
@@ -103,6 +104,7 @@ class NodeStats:
         self.moves = 0
         self.replay_overflows = 0
         self.frames_too_large = 0
+        self.framing_errors = 0
         self.no_upstream = 0
         self.write_overflows = 0
         self.poisoned = 0  # marks closed: frames in flight on two links that broke

@@ -296,11 +296,16 @@ class Open(_message.Message):
     accepted_at_unix_ms: _builtins.int
     """When the client connected, in milliseconds since the Unix epoch."""
     framing: _builtins.str
-    """Framing of the service: "raw", "line", "len16" or "len32". With a message
-    framing each Data payload is one whole client message (without its
-    delimiter or length prefix), and each Data payload the upstream sends is
-    delivered to the client as one message (the node adds the delimiter or
-    prefix). With "raw", payloads are byte runs as read and as written.
+    """Framing of the service, as configured: "raw", "line", "len16", "len32",
+    "mqtt", "modbus-tcp", "smpp", "stomp", "length-field:...",
+    "delimiter:..." or "plugin:NAME" (the node's README, "Framings"). With any
+    but "raw" each Data payload is one whole client message, and each Data
+    payload the upstream sends is delivered to the client as one message.
+    "line", "len16", "len32", "length-field:...,strip=<size>" and
+    "delimiter:...,keep=no" leave out the delimiter or length field (the node
+    adds it back to what the upstream sends); every other framing passes
+    whole protocol messages unchanged both ways. With "raw", payloads are
+    byte runs as read and as written: a message may be split between two.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
