@@ -33,19 +33,24 @@ class ScriptedUpstream:
         yield hello.SerializeToString()
 
         def pump() -> None:
-            for raw in requests:
-                out = pb.Batch()
-                for f in pb.Batch.FromString(raw).frames:
-                    if f.HasField("data"):
-                        out.frames.add(
-                            mark=f.mark,
-                            data=pb.Data(
-                                payload=f.mark.encode() + b" " + f.data.payload, acked=f.data.seq
-                            ),
-                        )
-                if out.frames:
-                    self.outbox.put(out.SerializeToString())
-            self.outbox.put(None)
+            try:
+                for raw in requests:
+                    out = pb.Batch()
+                    for f in pb.Batch.FromString(raw).frames:
+                        if f.HasField("data"):
+                            out.frames.add(
+                                mark=f.mark,
+                                data=pb.Data(
+                                    payload=f.mark.encode() + b" " + f.data.payload,
+                                    acked=f.data.seq,
+                                ),
+                            )
+                    if out.frames:
+                        self.outbox.put(out.SerializeToString())
+            except grpc.RpcError:
+                pass  # the node ended the stream (the test is over, or it refused a batch)
+            finally:
+                self.outbox.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
         while (item := self.outbox.get()) is not None:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from pmlb.ids import worker_of
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.conftest import Cluster, Etcd, Node
 from tests.faults.report import record
@@ -147,19 +148,22 @@ async def test_metadata_follows_the_mark_and_push_from_anywhere(
             await s.stop(0)
 
 
-async def _streamer(port: int, idx: int, n_msgs: int) -> list[str]:
+async def _streamer(port: int, idx: int, n_msgs: int, marks: list[str] | None = None) -> list[str]:
+    """The upstream of each reply, in order; ``marks`` gets the client's mark."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
     seen = []
-    marks = set()
+    mine = set()
     for n in range(n_msgs):
         w.write(f"c{idx}-{n}\n".encode())
         mark, upstream, text = (await r.readuntil(b"\n")).decode().rstrip("\n").split(" ", 2)
-        marks.add(mark)
-        assert len(marks) == 1, f"client {idx}: the mark changed"
+        mine.add(mark)
+        assert len(mine) == 1, f"client {idx}: the mark changed"
         assert text == f"c{idx}-{n}", f"client {idx}: expected #{n}, got {text!r}"
         seen.append(upstream)
         await asyncio.sleep(0.01)
     w.close()
+    if marks is not None:
+        marks.append(mine.pop())
     return seen
 
 
@@ -173,16 +177,21 @@ async def test_drain_an_upstream_under_load(etcd: Etcd, cluster: Cluster) -> Non
     )
     await _serving(node, "u1", "u2")
     async with asyncio.timeout(60):
-        tasks = [asyncio.create_task(_streamer(node.port, i, 150)) for i in range(60)]
+        marks: list[list[str]] = [[] for _ in range(60)]
+        tasks = [asyncio.create_task(_streamer(node.port, i, 150, marks[i])) for i in range(60)]
         await asyncio.sleep(0.5)
         await asyncio.to_thread(etcd.pmlb, "upstream", "drain", "echo", "u1")
         results = await asyncio.gather(*tasks)  # every message answered, in order
     moved = [s for s in results if s[0] == "u1"]
-    assert len(moved) == 30
+    # Round-robin alternates exactly within each worker process of the node.
+    workers = {worker_of(m[0]) for m in marks}
+    for worker in workers:
+        mine = [s for s, m in zip(results, marks, strict=True) if worker_of(m[0]) == worker]
+        assert sum(s[0] == "u1" for s in mine) in (len(mine) // 2, -(-len(mine) // 2))
     assert all(s[-1] == "u2" for s in moved), "every mark left the drained upstream"
     m = await asyncio.to_thread(node.metrics)
     assert m['pmlb_upstream_marks{upstream="u1"}'] == 0
-    assert m["pmlb_moves_total"] == 30
+    assert m["pmlb_moves_total"] == len(moved)
 
 
 @pytest.mark.asyncio
