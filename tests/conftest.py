@@ -15,7 +15,7 @@ from hypothesis import settings
 
 from pmlb.localetcd import LocalEtcd, etcd_binary
 from pmlb.transport import TRANSPORTS
-from tests.support import ROOT, Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
+from tests.support import ROOT, STRICT, Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
 
 # tests/deploy builds container images and runs containers: `make test-deploy`.
 collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
@@ -79,6 +79,16 @@ LINK_MODULES = frozenset(
         "test_nodejs_sdk",
     }
 )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``needs(why)``: skip here, fail under .ci/run (tests/support.needs)."""
+    for mark in item.iter_markers("needs"):
+        why = mark.args[0] if mark.args else None
+        if why:
+            if STRICT:
+                pytest.fail(f"{why} (PMLB_TEST_STRICT: CI does not skip)", pytrace=False)
+            pytest.skip(why)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -310,6 +320,8 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
 
         why = engine_error()
         if why is not None:
+            if STRICT:
+                pytest.fail(f"PMLB_TEST_ETCD=container: {why} (PMLB_TEST_STRICT: CI does not skip)")
             pytest.skip(f"PMLB_TEST_ETCD=container: {why}")
         server = ContainerEtcd(log_path=tmp_path / "etcd.log")
     else:

@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,6 +29,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+# Set by .ci/run: a test whose tool is missing fails instead of skipping, so a
+# CI machine that lacks docker, chromium or HAProxy cannot turn green by
+# leaving their tests out.
+STRICT: bool = bool(os.environ.get("PMLB_TEST_STRICT"))
+
+
+def needs(missing: str | None) -> pytest.MarkDecorator:
+    """Mark a test (or a module, as ``pytestmark``) as needing a tool;
+    ``missing`` says why it is unavailable and how to install it, or is None
+    when it is there. See ``pytest_runtest_setup`` in tests/conftest.py."""
+    return pytest.mark.needs(missing)
 
 
 def bindable(port: int, host: str = "127.0.0.1") -> bool:

@@ -20,14 +20,14 @@ import pytest
 
 from tests.conftest import etcdctl
 from tests.containers import engine_error
-from tests.support import ROOT, free_port, run_pmlb, tcp_open, wait_until
+from tests.support import ROOT, free_port, needs, run_pmlb, tcp_open, wait_until
 
 IMAGE = "pmlb:0.1.0"
 ETCD_IMAGE = "pmlb-etcd:3.5.1"
 PREFIX = "/pmlb-deploy"
 
 _NO_ENGINE = engine_error()  # asked once: it runs `docker info`
-pytestmark = pytest.mark.skipif(_NO_ENGINE is not None, reason=str(_NO_ENGINE))
+pytestmark = needs(_NO_ENGINE)
 
 
 def docker(*args: str, timeout: float = 120) -> str:

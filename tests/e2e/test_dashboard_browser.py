@@ -17,14 +17,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cluster, Etcd
-from tests.support import ROOT, Proc, free_port, tcp_open, wait_until
+from tests.support import ROOT, Proc, free_port, needs, tcp_open, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+pytestmark = needs(
+    None
+    if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
+    else "Debian's chromium and chromium-driver are not installed: apt-get install chromium "
+    "chromium-driver (.ci/run does)"
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -12,22 +11,20 @@ from collections import Counter
 from pathlib import Path
 
 import dns.resolver
-import pytest
 
 from tests.conftest import Cluster, Etcd
 from tests.faults.report import record
-from tests.support import Proc, free_port, wait_until
+from tests.support import Proc, free_port, needs, wait_until
 
 NAME = "lb.pmlb.test"
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
-# A developer machine without dnsmasq skips with this reason; CI (which installs
-# dnsmasq-base in .ci/run) never skips: there a missing dnsmasq fails the run.
-pytestmark = pytest.mark.skipif(
-    shutil.which("dnsmasq") is None
-    and not Path("/usr/sbin/dnsmasq").exists()
-    and not os.environ.get("CI"),
-    reason="dnsmasq is not installed: apt-get install dnsmasq-base (.ci/run does)",
+# A developer machine without dnsmasq skips with this reason; under .ci/run a
+# missing dnsmasq fails the run (tests/support.needs).
+pytestmark = needs(
+    None
+    if shutil.which("dnsmasq") or Path("/usr/sbin/dnsmasq").exists()
+    else "dnsmasq is not installed: apt-get install dnsmasq-base (.ci/run does)"
 )
 
 

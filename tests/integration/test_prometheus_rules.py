@@ -18,19 +18,19 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import Cluster, Etcd
-from tests.support import ROOT, Proc, free_port, http_get, tcp_open, wait_until
+from tests.support import ROOT, Proc, free_port, http_get, needs, tcp_open, wait_until
 
 RULES = ROOT / "deploy" / "prometheus" / "pmlb-rules.yml"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
-needs_prometheus = pytest.mark.skipif(
-    not (Path(PROMETHEUS).exists() and Path(PROMTOOL).exists()),
-    reason="Debian's prometheus package is not installed (.ci/run installs it)",
+needs_prometheus = needs(
+    None
+    if Path(PROMETHEUS).exists() and Path(PROMTOOL).exists()
+    else "Debian's prometheus package is not installed: apt-get install prometheus (.ci/run does)"
 )
 
 
