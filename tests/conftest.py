@@ -51,6 +51,7 @@ WORKER_MODULES = frozenset(
         "test_dataplane",
         "test_dashboard_browser",
         "test_modbus",
+        "test_resp_plugin",
     }
 )
 WORKERS = ("w1", "wdefault")
