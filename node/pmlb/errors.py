@@ -26,6 +26,10 @@ class FramingError(PmlbError):
     closed (protocol_error)."""
 
 
+class MetadataTooLarge(PmlbError):
+    """Metadata that would take a mark past the node's --max-meta."""
+
+
 class InvalidMark(PmlbError):
     """A string is not a well-formed mark."""
 

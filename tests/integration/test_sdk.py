@@ -114,3 +114,49 @@ async def test_nodes_leaving_leave_no_errors_in_the_upstream_log(cluster: Cluste
     log = echo.proc.log()
     assert "Traceback" not in log, log[-3000:]
     assert " ERROR " not in log, log[-3000:]
+
+
+async def test_the_node_limits_reach_the_sdk_which_refuses_what_they_forbid(
+    cluster: Cluster,
+) -> None:
+    """Open carries --max-frame and --max-meta; a reply or metadata over them
+    raises in the handler (which answers otherwise) instead of the node
+    dropping it or closing the client."""
+    from pmlb.errors import FrameTooLarge, MetadataTooLarge
+
+    class Limited(Handler):
+        def on_message(self, conn: Conn, data: bytes) -> None:
+            try:
+                conn.send(b"x" * (conn.max_frame + 1))
+            except FrameTooLarge as exc:
+                conn.send(f"refused: {exc}".encode())
+            try:
+                conn.set_meta({"k": "v" * conn.max_meta})
+            except MetadataTooLarge:
+                conn.send(f"meta refused at {conn.max_meta}".encode())
+            conn.send(b"x" * conn.max_frame)  # exactly the limit is fine
+
+    server = UpstreamServer(Limited(), upstream_id="l", listen="127.0.0.1:0")
+    await server.start()
+    try:
+        node = await asyncio.to_thread(
+            cluster.node,
+            [f"l=127.0.0.1:{server.port}"],
+            extra=["--max-frame", "1000", "--max-meta", "64"],
+        )
+        async with asyncio.timeout(30):
+            r, w = await asyncio.open_connection("127.0.0.1", node.port)
+            w.write(b"go\n")
+            assert await r.readuntil(b"\n") == (
+                b"refused: frame of 1001 bytes exceeds the limit of 1000 bytes\n"
+            )
+            assert await r.readuntil(b"\n") == b"meta refused at 64\n"
+            assert await r.readuntil(b"\n") == b"x" * 1000 + b"\n"
+            w.write(b"again\n")
+            assert (await r.readuntil(b"\n")).startswith(b"refused"), "the client stayed"
+            w.close()
+        m = await asyncio.to_thread(node.metrics)
+        assert m.get('pmlb_connections_closed_total{reason="protocol_error"}', 0) == 0
+        assert m.get("pmlb_bad_upstream_frames_total", 0) == 0, "nothing oversized was sent"
+    finally:
+        await server.stop(0)

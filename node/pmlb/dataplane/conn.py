@@ -287,6 +287,8 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         replay = self.replay
         o.next_seq = next_seq
         o.framing = cfg.framing
+        o.max_frame = self.plane.max_frame
+        o.max_meta = self.plane.max_meta
         o.listener = self.plane.listener_name
         o.accepted_at_unix_ms = self.accepted_ms
         o.resumed = resumed

@@ -48,7 +48,7 @@ import grpc
 
 from pmlb import __version__, reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.errors import BackpressureError, MarkGone
+from pmlb.errors import BackpressureError, FrameTooLarge, MarkGone, MetadataTooLarge
 from pmlb.ids import node_of
 from pmlb.transport import (
     DEFAULT_TRANSPORT,
@@ -104,6 +104,8 @@ class Conn:
         "framing",
         "last_seq",
         "mark",
+        "max_frame",
+        "max_meta",
         "metadata",
         "node_id",
         "resumed",
@@ -124,6 +126,9 @@ class Conn:
         self.resumed = o.resumed
         self.trace_context: dict[str, str] = dict(o.trace_context)
         self.framing = o.framing
+        # The node's limits for this mark (0: an older node did not say).
+        self.max_frame = o.max_frame
+        self.max_meta = o.max_meta
         self.accepted_at_unix_ms = o.accepted_at_unix_ms
         # ``seq``: the sequence number of the message being handled (in
         # on_message), stable across replays and upstreams: with ``mark`` it
@@ -153,11 +158,15 @@ class Conn:
         Never blocks. When the node has no credit left for this mark the
         message waits in a queue bounded by the server's ``max_queue`` (each
         message counts its length plus wire.FRAME_OVERHEAD); past it
-        BackpressureError is raised (the client is not reading). Raised inside
-        a handler, it closes only this mark (``upstream_error``).
+        BackpressureError is raised (the client is not reading). A payload
+        over the node's ``max_frame`` raises FrameTooLarge: the node would not
+        deliver it. Raised inside a handler, either closes only this mark
+        (``upstream_error``); catch it to answer otherwise.
         """
         if self.closed:
             raise MarkGone(f"mark {self.mark} is closed")
+        if self.max_frame and len(payload) > self.max_frame:
+            raise FrameTooLarge(len(payload), self.max_frame)
         if self._queue or self._credit <= 0:
             cost = len(payload) + wire.FRAME_OVERHEAD
             self._queued_bytes += cost
@@ -191,7 +200,17 @@ class Conn:
         self._session.forget(self)
 
     def set_meta(self, values: Mapping[str, str]) -> None:
-        """Set metadata on the mark; the node hands it to every later upstream."""
+        """Set metadata on the mark; the node hands it to every later upstream.
+        MetadataTooLarge when the mark's metadata would exceed the node's
+        ``max_meta`` (the sum of key and value lengths); nothing is changed."""
+        if self.max_meta:
+            after = {**self.metadata, **values}
+            size = sum(len(k) + len(v) for k, v in after.items())
+            if size > self.max_meta:
+                raise MetadataTooLarge(
+                    f"mark {self.mark}: metadata of {size} bytes exceeds the node's "
+                    f"limit of {self.max_meta}"
+                )
         self.metadata.update(values)
         f = self._session.writer.frame()
         f.mark = self.mark

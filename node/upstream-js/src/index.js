@@ -17,6 +17,8 @@ export {
   PmlbError,
   BackpressureError,
   MarkGone,
+  FrameTooLarge,
+  MetadataTooLarge,
   nodeOf,
   PROTOCOL_VERSION,
   DEFAULT_WINDOW,

@@ -19,6 +19,17 @@ export class PmlbError extends Error {}
 export class BackpressureError extends PmlbError {}
 /** The mark is closed, or not reachable from this upstream. */
 export class MarkGone extends PmlbError {}
+/** A payload over the node's maxFrame for this mark: the node would not deliver it. */
+export class FrameTooLarge extends PmlbError {}
+/** Metadata that would take the mark past the node's maxMeta. */
+export class MetadataTooLarge extends PmlbError {}
+
+/** Length as the node counts it: Unicode code points. */
+function codePoints(text) {
+  let n = 0;
+  for (const _ of text) n += 1;
+  return n;
+}
 
 const OPEN = 0;
 const DATA = 1;
@@ -49,6 +60,9 @@ export class Conn {
     this.resumed = open.resumed;
     this.traceContext = { ...open.traceContext };
     this.framing = open.framing;
+    // The node's limits for this mark (0: an older node did not say).
+    this.maxFrame = open.maxFrame || 0;
+    this.maxMeta = open.maxMeta || 0;
     this.listener = open.listener;
     this.acceptedAtUnixMs = Number(open.acceptedAtUnixMs);
     // seq: the sequence number of the message being handled; with mark, the
@@ -72,11 +86,17 @@ export class Conn {
   /**
    * Send one message to the mark's client. Never blocks: without credit it
    * waits in a queue bounded by the server's maxQueue (length + 64 per
-   * message); past that BackpressureError is thrown.
+   * message); past that BackpressureError is thrown. A payload over the
+   * node's maxFrame throws FrameTooLarge (the node would not deliver it).
    */
   send(payload) {
     if (this.closed) throw new MarkGone(`mark ${this.mark} is closed`);
     const buf = typeof payload === 'string' ? Buffer.from(payload) : payload;
+    if (this.maxFrame && buf.length > this.maxFrame) {
+      throw new FrameTooLarge(
+        `frame of ${buf.length} bytes exceeds the limit of ${this.maxFrame} bytes`,
+      );
+    }
     if (this._queue.length || this._credit <= 0) {
       const cost = buf.length + FRAME_OVERHEAD;
       if (this._queuedBytes + cost > this._session.maxQueue) {
@@ -112,8 +132,22 @@ export class Conn {
     this._session.forget(this);
   }
 
-  /** Set metadata on the mark; the node hands it to every later upstream. */
+  /**
+   * Set metadata on the mark; the node hands it to every later upstream.
+   * Throws MetadataTooLarge when the mark's metadata would exceed the node's
+   * maxMeta (the sum of key and value lengths); nothing is changed then.
+   */
   setMeta(values) {
+    if (this.maxMeta) {
+      const after = { ...this.metadata, ...values };
+      let size = 0;
+      for (const [k, v] of Object.entries(after)) size += codePoints(k) + codePoints(v);
+      if (size > this.maxMeta) {
+        throw new MetadataTooLarge(
+          `mark ${this.mark}: metadata of ${size} bytes exceeds the node's limit of ${this.maxMeta}`,
+        );
+      }
+    }
     Object.assign(this.metadata, values);
     const f = this._session.writer.frame();
     f.mark = this.mark;

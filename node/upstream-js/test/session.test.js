@@ -3,7 +3,13 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 
 import { floodMessage } from '../src/conformance.js';
-import { BackpressureError, Session, nodeOf } from '../src/session.js';
+import {
+  BackpressureError,
+  FrameTooLarge,
+  MetadataTooLarge,
+  Session,
+  nodeOf,
+} from '../src/session.js';
 
 class FakeWriter {
   constructor() {
@@ -101,6 +107,41 @@ describe('session', () => {
     const rest = writer.take('data');
     assert.equal(rest.length, 1);
     assert.equal(rest[0].data.payload.toString()[0], '3');
+  });
+
+  it("refuses a reply over the node's maxFrame and metadata over its maxMeta", () => {
+    const thrown = [];
+    const { s, writer } = session({
+      onMessage(conn, d) {
+        for (const attempt of [
+          () => conn.send(Buffer.alloc(11)),
+          () => conn.setMeta({ key: 'toolong' }), // 3 + 7 > 8
+        ]) {
+          try {
+            attempt();
+          } catch (err) {
+            thrown.push(err);
+          }
+        }
+        conn.setMeta({ k: 'v' });
+        conn.send(d);
+      },
+    });
+    s.process({ frames: [open('m', { maxFrame: 10, maxMeta: 8 }), data('m', 1, 'ok')] });
+    assert.ok(thrown[0] instanceof FrameTooLarge, String(thrown[0]));
+    assert.match(thrown[0].message, /11 bytes exceeds the limit of 10/);
+    assert.ok(thrown[1] instanceof MetadataTooLarge, String(thrown[1]));
+    const conn = s.conns.get('m');
+    assert.deepEqual([conn.maxFrame, conn.maxMeta], [10, 8]);
+    assert.deepEqual(conn.metadata, { k: 'v' }, 'a refused change changes nothing');
+    assert.deepEqual(
+      writer.take('data').map((f) => f.data.payload.toString()),
+      ['ok'],
+    );
+    assert.deepEqual(
+      writer.take('meta').map((f) => f.meta.set),
+      [{ k: 'v' }],
+    );
   });
 
   it('throws BackpressureError when the queue bound is hit, and the mark stays', () => {

@@ -269,6 +269,8 @@ class Open(_message.Message):
     LISTENER_FIELD_NUMBER: _builtins.int
     ACCEPTED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     FRAMING_FIELD_NUMBER: _builtins.int
+    MAX_FRAME_FIELD_NUMBER: _builtins.int
+    MAX_META_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service the client connected to."""
     client_addr: _builtins.str
@@ -307,6 +309,18 @@ class Open(_message.Message):
     whole protocol messages unchanged both ways. With "raw", payloads are
     byte runs as read and as written: a message may be split between two.
     """
+    max_frame: _builtins.int
+    """The largest Data payload the node delivers to this mark's client, in
+    bytes (the node's --max-frame). A larger payload from an upstream is not
+    delivered: the SDKs refuse it in send() with an error. 0: not stated (a
+    node older than this field).
+    """
+    max_meta: _builtins.int
+    """The most metadata the node keeps for this mark (the node's --max-meta):
+    the sum of the lengths of every key and value, in bytes. A Meta frame
+    that would take the mark past it is ignored by the node: the SDKs refuse
+    it in set_meta() with an error. 0: not stated.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Metadata set on this mark by upstreams (see Meta), as the node holds it.
@@ -333,10 +347,12 @@ class Open(_message.Message):
         listener: _builtins.str = ...,
         accepted_at_unix_ms: _builtins.int = ...,
         framing: _builtins.str = ...,
+        max_frame: _builtins.int = ...,
+        max_meta: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at_unix_ms", b"accepted_at_unix_ms", "client_addr", b"client_addr", "client_port", b"client_port", "framing", b"framing", "listener", b"listener", "metadata", b"metadata", "next_seq", b"next_seq", "node_id", b"node_id", "resumed", b"resumed", "service", b"service", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at_unix_ms", b"accepted_at_unix_ms", "client_addr", b"client_addr", "client_port", b"client_port", "framing", b"framing", "listener", b"listener", "max_frame", b"max_frame", "max_meta", b"max_meta", "metadata", b"metadata", "next_seq", b"next_seq", "node_id", b"node_id", "resumed", b"resumed", "service", b"service", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
