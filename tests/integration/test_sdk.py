@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.conftest import Cluster
-from tests.support import async_wait_until, http_get
+from tests.support import async_wait_until, free_port, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -160,3 +160,83 @@ async def test_the_node_limits_reach_the_sdk_which_refuses_what_they_forbid(
         assert m.get("pmlb_bad_upstream_frames_total", 0) == 0, "nothing oversized was sent"
     finally:
         await server.stop(0)
+
+
+async def test_a_deferred_message_and_one_a_push_answered_are_replayed_when_unfinished(
+    cluster: Cluster,
+) -> None:
+    """Acknowledgements an upstream controls. ``hold`` defers its own
+    acknowledgement (and replies at once); ``slow`` is still being handled when
+    another mark's handler pushes to its client. Neither is finished, so when
+    their upstream goes away the node replays both to the next one; ``push``,
+    answered by its own handler, is not replayed."""
+    handled: list[tuple[str, str, int]] = []
+    release = asyncio.Event()
+
+    class App(Handler):
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.server: UpstreamServer | None = None
+            self.deferred: list[object] = []
+
+        async def on_message(self, conn: Conn, data: bytes) -> None:
+            text = data.decode()
+            handled.append((self.name, text.split(" ")[0], conn.seq))
+            if text == "hold":
+                self.deferred.append(conn.defer())
+                conn.send(b"held")
+            elif text == "slow":
+                await release.wait()
+                conn.send(b"slow done")
+            elif text.startswith("push "):
+                assert self.server is not None
+                await self.server.push(text.split(" ")[1], b"pushed")
+                conn.send(b"pushed it")
+
+    a_app, b_app = App("a"), App("b")
+    a = UpstreamServer(a_app, upstream_id="a", listen="127.0.0.1:0")
+    a_app.server = a
+    await a.start()
+    b_port = free_port()
+    b = UpstreamServer(b_app, upstream_id="b", listen=f"127.0.0.1:{b_port}")
+    b_app.server = b
+    try:
+        # b is not up yet: every mark binds to a.
+        node = await asyncio.to_thread(
+            cluster.node,
+            [f"a=127.0.0.1:{a.port}", f"b=127.0.0.1:{b_port}"],
+            wait_links=["a"],
+        )
+        async with asyncio.timeout(30):
+            clients = {}
+            for word in ("hold", "slow"):
+                clients[word] = await asyncio.open_connection("127.0.0.1", node.port)
+                clients[word][1].write(word.encode() + b"\n")
+            assert await clients["hold"][0].readuntil(b"\n") == b"held\n"
+            await async_wait_until(lambda: ("a", "slow", 1) in handled, 10, "slow started")
+            _, body = await asyncio.to_thread(
+                http_get, f"http://127.0.0.1:{node.admin}/connections"
+            )
+            slow_mark = next(m["mark"] for m in json.loads(body)["marks"] if m["frames_out"] == 0)
+            clients["push"] = await asyncio.open_connection("127.0.0.1", node.port)
+            clients["push"][1].write(f"push {slow_mark}\n".encode())
+            assert await clients["push"][0].readuntil(b"\n") == b"pushed it\n"
+            assert await clients["slow"][0].readuntil(b"\n") == b"pushed\n"
+
+            await b.start()
+            await async_wait_until(
+                lambda: node.metrics().get('pmlb_upstream_up{upstream="b"}') == 1, 15, "b up"
+            )
+            await a.stop(0)  # a goes away with "hold" and "slow" unfinished
+            await async_wait_until(lambda: ("b", "hold", 1) in handled, 15, "hold replayed")
+            await async_wait_until(lambda: ("b", "slow", 1) in handled, 15, "slow replayed")
+            release.set()
+            assert await clients["slow"][0].readuntil(b"\n") == b"slow done\n"
+            for _, w in clients.values():
+                w.close()
+        assert ("b", "push", 1) not in handled, "a message its own reply acknowledged"
+        assert handled.count(("a", "push", 1)) == 1
+    finally:
+        release.set()
+        await a.stop(0)
+        await b.stop(0)

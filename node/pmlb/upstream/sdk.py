@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import hmac
 import inspect
 import logging
@@ -89,6 +91,7 @@ class Conn:
         "_acked_sent",
         "_busy",
         "_credit",
+        "_deferred",
         "_done_seq",
         "_inbox",
         "_owed",
@@ -144,6 +147,9 @@ class Conn:
         self._credit = session.peer_window
         self._owed = 0
         self._acked_sent = self.last_seq
+        # Messages whose handler deferred their acknowledgement (defer()):
+        # nothing at or above the lowest is acknowledged until it is done.
+        self._deferred: set[int] = set()
         self._queue: deque[tuple[bytes, int]] = deque()
         self._queued_bytes = 0
         self._stamp = 0
@@ -167,17 +173,52 @@ class Conn:
             raise MarkGone(f"mark {self.mark} is closed")
         if self.max_frame and len(payload) > self.max_frame:
             raise FrameTooLarge(len(payload), self.max_frame)
+        # A reply from this mark's own handler acknowledges the message being
+        # handled; a send from anywhere else (another mark's handler, a
+        # background task) only what this mark's handlers have finished.
+        acked = self.last_seq if _handling.get() is self else self._done_seq
         if self._queue or self._credit <= 0:
             cost = len(payload) + wire.FRAME_OVERHEAD
             self._queued_bytes += cost
             if self._queued_bytes > self._session.server.max_queue:
                 self._queued_bytes -= cost
                 raise BackpressureError(f"mark {self.mark}: outgoing queue full")
-            self._queue.append((payload, self.last_seq))
+            self._queue.append((payload, acked))
             return
-        self._emit(payload, self.last_seq)
+        self._emit(payload, acked)
+
+    def defer(self) -> Callable[[], None]:
+        """Hold this message's acknowledgement until the returned ``done()``
+        is called, even after the handler returns and its replies are sent.
+
+        Call it in ``on_message`` before any reply. Until ``done()``, the node
+        keeps the message (and every later one of this mark) for replay: if
+        this upstream dies first, the next one receives it again. Use it when
+        the message's effect is not safe yet when the handler returns (a
+        publish whose fan-out is still being accepted, a write still in
+        flight). ``done()`` may be called from anywhere, once."""
+        if _handling.get() is not self:
+            raise RuntimeError("defer() belongs in this mark's own on_message")
+        seq = self.seq
+        if seq and self._acked_sent >= seq:
+            raise RuntimeError(
+                f"mark {self.mark}: seq {seq} was acknowledged already (by a reply): "
+                "call defer() before replying"
+            )
+        self._deferred.add(seq)
+        return functools.partial(self._undefer, seq)
+
+    def _undefer(self, seq: int) -> None:
+        self._deferred.discard(seq)
+        if not self.closed:
+            self._settle()
+
+    def _clamp(self, acked: int) -> int:
+        """The highest acknowledgement allowed: below every deferred message."""
+        return min(acked, min(self._deferred) - 1) if self._deferred else acked
 
     def _emit(self, payload: bytes, acked: int) -> None:
+        acked = self._clamp(acked)
         session = self._session
         self._credit -= len(payload) + session.overhead
         writer = session.writer
@@ -187,7 +228,7 @@ class Conn:
         d.payload = payload
         if acked:
             d.acked = acked
-            self._acked_sent = acked
+            self._acked_sent = max(self._acked_sent, acked)
         writer.add_payload(len(payload) + wire.FRAME_OVERHEAD)
         writer.kick()
 
@@ -244,7 +285,7 @@ class Conn:
         session = self._session
         if self.closed or self._queued_bytes >= session.peer_window:
             return  # hold the node's credit: this mark's client is not keeping up
-        done = self._done_seq
+        done = self._clamp(self._done_seq)
         ack_due = not self._queue and self._acked_sent < done
         if self._owed >= session.grant_threshold or ack_due:
             f = session.writer.frame()
@@ -257,6 +298,21 @@ class Conn:
                 fl.acked = done
                 self._acked_sent = done
             session.writer.kick()
+
+
+# The mark whose on_message is running here (its replies acknowledge its message).
+_handling: contextvars.ContextVar[Conn | None] = contextvars.ContextVar(
+    "pmlb_handling", default=None
+)
+
+
+async def _as_handler(conn: Conn, awaitable: Awaitable[None]) -> None:
+    """Run an async on_message as ``conn``'s own handler (see Conn.send)."""
+    token = _handling.set(conn)
+    try:
+        await awaitable
+    finally:
+        _handling.reset(token)
 
 
 # One unit of a mark's work: (kind, seq, payload or close reason, credit cost).
@@ -414,7 +470,14 @@ class _Session:
             conn.seq = seq
             if seq:
                 conn.last_seq = seq
-            return handler.on_message(conn, arg)
+            token = _handling.set(conn)
+            try:
+                result = handler.on_message(conn, arg)
+            finally:
+                _handling.reset(token)
+            if result is not None and inspect.isawaitable(result):
+                return _as_handler(conn, result)
+            return result
         if kind == _OPEN:
             return self._traced("pmlb.upstream.open", conn, "", handler.on_open)
         # _CLOSE

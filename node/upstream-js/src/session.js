@@ -9,7 +9,13 @@
 // the node), so a slow handler delays only its own mark. A handler that
 // throws (or rejects) closes only its mark, with reason "upstream_error".
 
+import { AsyncLocalStorage } from 'node:async_hooks';
+
 import { FRAME_OVERHEAD } from './writer.js';
+
+// The mark whose onMessage is running (its replies acknowledge its message),
+// carried through the handler's awaits.
+const handling = new AsyncLocalStorage();
 
 export const PROTOCOL_VERSION = 2;
 export const DEFAULT_WINDOW = 262144;
@@ -77,6 +83,9 @@ export class Conn {
     this._credit = session.peerWindow;
     this._owed = 0;
     this._ackedSent = before;
+    // Messages whose handler deferred their acknowledgement (defer()):
+    // nothing at or above the lowest is acknowledged until it is done.
+    this._deferred = new Set();
     this._queue = [];
     this._queuedBytes = 0;
     this._inbox = [];
@@ -97,25 +106,60 @@ export class Conn {
         `frame of ${buf.length} bytes exceeds the limit of ${this.maxFrame} bytes`,
       );
     }
+    // A reply from this mark's own handler acknowledges the message being
+    // handled; a send from anywhere else (another mark's handler, a timer)
+    // only what this mark's handlers have finished.
+    const acked = handling.getStore() === this ? this.lastSeq : this._doneSeq;
     if (this._queue.length || this._credit <= 0) {
       const cost = buf.length + FRAME_OVERHEAD;
       if (this._queuedBytes + cost > this._session.maxQueue) {
         throw new BackpressureError(`mark ${this.mark}: outgoing queue full`);
       }
       this._queuedBytes += cost;
-      this._queue.push([buf, this.lastSeq]);
+      this._queue.push([buf, acked]);
       return;
     }
-    this._emit(buf, this.lastSeq);
+    this._emit(buf, acked);
   }
 
-  _emit(buf, acked) {
+  /**
+   * Hold this message's acknowledgement until the returned done() is called,
+   * even after the handler returns and its replies are sent. Call it in
+   * onMessage before any reply. Until done(), the node keeps the message (and
+   * every later one of this mark) for replay: if this upstream dies first, the
+   * next one receives it again.
+   */
+  defer() {
+    if (handling.getStore() !== this) {
+      throw new PmlbError("defer() belongs in this mark's own onMessage");
+    }
+    const seq = this.seq;
+    if (seq && this._ackedSent >= seq) {
+      throw new PmlbError(
+        `mark ${this.mark}: seq ${seq} was acknowledged already (by a reply): call defer() before replying`,
+      );
+    }
+    this._deferred.add(seq);
+    return () => {
+      this._deferred.delete(seq);
+      if (!this.closed) this._settle();
+    };
+  }
+
+  /** The highest acknowledgement allowed: below every deferred message. */
+  _clamp(acked) {
+    if (!this._deferred.size) return acked;
+    return Math.min(acked, Math.min(...this._deferred) - 1);
+  }
+
+  _emit(buf, ackedWanted) {
+    const acked = this._clamp(ackedWanted);
     const s = this._session;
     this._credit -= buf.length + s.overhead;
     const data = { payload: buf };
     if (acked) {
       data.acked = acked;
-      this._ackedSent = acked;
+      this._ackedSent = Math.max(this._ackedSent, acked);
     }
     const f = s.writer.frame();
     f.mark = this.mark;
@@ -182,7 +226,7 @@ export class Conn {
   _settle() {
     const s = this._session;
     if (this.closed || this._queuedBytes >= s.peerWindow) return;
-    const done = this._doneSeq;
+    const done = this._clamp(this._doneSeq);
     const ackDue = !this._queue.length && this._ackedSent < done;
     if (this._owed >= s.grantThreshold || ackDue) {
       const flow = {};
@@ -343,7 +387,7 @@ export class Session {
       if (conn.closed) return undefined;
       conn.seq = seq;
       if (seq) conn.lastSeq = seq;
-      return h.onMessage?.(conn, arg);
+      return handling.run(conn, () => h.onMessage?.(conn, arg));
     }
     if (kind === OPEN) return h.onOpen?.(conn);
     if (conn.closed) return undefined;

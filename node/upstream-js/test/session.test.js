@@ -144,6 +144,61 @@ describe('session', () => {
     );
   });
 
+  it('defer() holds the acknowledgement until done(), replies or not', () => {
+    let done;
+    const { s, writer } = session({
+      onMessage(conn) {
+        done = conn.defer();
+        conn.send('held');
+      },
+    });
+    s.process({ frames: [open('m'), data('m', 1, 'hold')] });
+    const [reply] = writer.take('data');
+    assert.equal(reply.data.payload.toString(), 'held');
+    assert.ok(!reply.data.acked, 'the reply does not acknowledge a deferred message');
+    assert.deepEqual(
+      writer.take('flow').filter((f) => f.flow.acked),
+      [],
+    );
+    done();
+    assert.deepEqual(
+      writer.take('flow').map((f) => f.flow.acked),
+      [1],
+    );
+  });
+
+  it("a send from another mark's handler does not acknowledge the target's message", async () => {
+    let release;
+    const gate = new Promise((resolve) => {
+      release = resolve;
+    });
+    const { s, writer } = session({
+      async onMessage(conn, d) {
+        if (d.toString() === 'slow') {
+          await gate;
+          conn.send('slow done');
+        } else {
+          s.conns.get('b').send('pushed');
+          conn.send('pushed it');
+        }
+      },
+    });
+    s.process({ frames: [open('b'), data('b', 1, 'slow'), open('a'), data('a', 1, 'push')] });
+    await tick();
+    const sent = writer.take('data').map((f) => [f.mark, f.data.payload.toString(), f.data.acked]);
+    assert.deepEqual(sent, [
+      ['b', 'pushed', undefined],
+      ['a', 'pushed it', 1],
+    ]);
+    release();
+    await tick();
+    await tick();
+    assert.deepEqual(
+      writer.take('data').map((f) => [f.mark, f.data.payload.toString(), f.data.acked]),
+      [['b', 'slow done', 1]],
+    );
+  });
+
   it('throws BackpressureError when the queue bound is hit, and the mark stays', () => {
     let thrown;
     const { s, writer } = session(
