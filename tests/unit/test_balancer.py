@@ -53,9 +53,11 @@ def test_p2c_avoids_the_loaded_target_and_honours_weights() -> None:
     p = PowerOfTwo(random.Random(7))
     picks = Counter(p.pick(ts, b"").id for _ in range(1000))  # type: ignore[union-attr]
     assert picks["a"] == 0
+    # Equal loads: the first candidate wins, and it is drawn by weight, so "a"
+    # takes 9 in 10 picks: 1800 of 2000 (binomial sd 13.4; 5 sd either way).
     w = [T("a", 9), T("b", 1)]
     share = Counter(p.pick(w, b"").id for _ in range(2000))  # type: ignore[union-attr]
-    assert share["a"] > share["b"]
+    assert 1800 - 67 <= share["a"] <= 1800 + 67, share
 
 
 def test_hash_is_sticky_and_moves_little_when_a_target_leaves() -> None:
