@@ -18,7 +18,7 @@ import pytest
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from tests.conftest import Cluster
-from tests.support import http_get
+from tests.support import async_wait_until, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -49,6 +49,7 @@ def _hello(name: str) -> bytes:
 class Rogue:
     def __init__(self) -> None:
         self.closes_seen: dict[str, str] = {}
+        self.refused: list[tuple[str, str, int, int]] = []
 
     async def bridge(self, _it: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         await context.read()  # the node's hello
@@ -61,6 +62,9 @@ class Rogue:
             for f in pb.Batch.FromString(raw).frames:
                 if f.HasField("close"):
                     self.closes_seen[f.mark] = f.close.reason
+                if f.HasField("refused"):
+                    r = f.refused
+                    self.refused.append((f.mark, r.reason, r.size, r.limit))
                 if not f.HasField("data"):
                     continue
                 payload = f.data.payload
@@ -71,6 +75,8 @@ class Rogue:
                 if payload == b"oversize":
                     out.frames.add(mark=f.mark, data=pb.Data(payload=b"o" * 5000))
                     continue
+                if payload == b"bigmeta":  # over the node's --max-meta (16384)
+                    out.frames.add(mark=f.mark, meta=pb.Meta(set={"k": "v" * 20000}))
                 out.frames.add(mark=f.mark, data=pb.Data(payload=b"echo " + payload))
             await context.write(out.SerializeToString())
 
@@ -101,20 +107,29 @@ async def test_garbage_unknown_marks_and_bad_frames_are_contained(cluster: Clust
             g = await client()
             assert await ask(g, b"garbage") == b"echo garbage\n", "the link survived garbage"
 
+            # An oversized reply is not delivered: the upstream is told (Refused)
+            # and the client stays connected for the next answer.
             x = await client()
             x[1].write(b"oversize\n")
-            assert await x[0].read() == b"", "the mark fed an oversized payload is closed"
+            await async_wait_until(lambda: rogue.refused, 10, "the rogue told of its refusal")
+            assert [(r[1], r[2], r[3]) for r in rogue.refused] == [
+                ("payload_too_large", 5000, 1024)
+            ]
+            assert await ask(x, b"bigmeta") == b"echo bigmeta\n"
+            await async_wait_until(lambda: len(rogue.refused) == 2, 10, "meta refused")
+            assert rogue.refused[1][1:] == ("metadata_too_large", 20001, 16384)
 
-            for c in [*bystanders, g]:
+            for c in [*bystanders, g, x]:
                 assert await ask(c, b"after") == b"echo after\n"
-            for c in [*bystanders, g]:
+            for c in [*bystanders, g, x]:
                 c[1].close()
 
         m = await asyncio.to_thread(node.metrics)
         assert m["pmlb_garbage_batches_total"] == 1
         assert m["pmlb_unknown_mark_frames_total"] == 1
-        assert m["pmlb_bad_upstream_frames_total"] == 2  # the open, the oversized payload
-        assert m['pmlb_connections_closed_total{reason="protocol_error"}'] == 1
+        # the open, the oversized payload, the oversized metadata
+        assert m["pmlb_bad_upstream_frames_total"] == 3
+        assert 'pmlb_connections_closed_total{reason="protocol_error"}' not in m
         assert m['pmlb_upstream_up{upstream="rogue"}'] == 1
         assert rogue.closes_seen.get(GHOST) == "unknown_mark", "the rogue is told the mark is gone"
         log = node.proc.log()

@@ -425,16 +425,18 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         if self.add_credit(credit):
             self._maybe_resume()
 
-    def on_meta(self, meta: pb.Meta, max_bytes: int) -> bool:
-        """Apply an upstream's metadata change; False when it exceeds the bound."""
+    def on_meta(self, meta: pb.Meta, max_bytes: int) -> int:
+        """Apply an upstream's metadata change: 0, or the size it would have
+        reached when that exceeds the bound (then nothing changes)."""
         current = dict(self.meta or {})
         current.update(meta.set)
         for key in meta.unset:
             current.pop(key, None)
-        if sum(len(k) + len(v) for k, v in current.items()) > max_bytes:
-            return False
+        size = sum(len(k) + len(v) for k, v in current.items())
+        if size > max_bytes:
+            return size
         self.meta = current or None
-        return True
+        return 0
 
     def upstream_close(self, reason: str, detail: str, link: Link) -> None:
         if self.stale_close(link):

@@ -75,6 +75,7 @@ class Link:
         self._stream: ClientStream | None = None
         self._stopping = False
         self._unknown_logged = 0.0
+        self._refused_logged = 0.0
         self._foreign_logged = 0.0
         self._ping_id = 0
         self.last_received = 0.0
@@ -400,10 +401,9 @@ class Link:
                 d = f.data
                 payload = d.payload
                 if len(payload) > plane.max_frame:
+                    # Not delivered; the upstream is told and may answer otherwise.
                     stats.bad_frames_from_upstream += 1
-                    conn.close(
-                        reasons.PROTOCOL_ERROR, "upstream payload over the maximum frame size"
-                    )
+                    self._refuse(conn.mark, "payload_too_large", len(payload), plane.max_frame)
                     continue
                 stats.frames_out += 1
                 stats.bytes_out += len(payload)
@@ -421,14 +421,10 @@ class Link:
                     self,
                 )
             elif kind == "meta":
-                if not conn.on_meta(f.meta, plane.max_meta):
+                size = conn.on_meta(f.meta, plane.max_meta)
+                if size:
                     stats.bad_frames_from_upstream += 1
-                    log.warning(
-                        "mark=%s upstream %s metadata over %d bytes, ignored",
-                        conn.mark,
-                        self.id,
-                        plane.max_meta,
-                    )
+                    self._refuse(conn.mark, "metadata_too_large", size, plane.max_meta)
             else:
                 stats.bad_frames_from_upstream += 1
                 log.warning(
@@ -449,6 +445,7 @@ class Link:
         if kind == "data":
             if len(f.data.payload) > self.plane.max_frame:
                 self.plane.stats.bad_frames_from_upstream += 1
+                self._refuse(f.mark, "payload_too_large", len(f.data.payload), self.plane.max_frame)
                 return
             ok = siblings.push(worker, f.mark, f.data.payload)
         else:
@@ -475,6 +472,28 @@ class Link:
                 kind,
                 mark,
                 self.plane.stats.refused_pushes,
+            )
+
+    def _refuse(self, mark: str, reason: str, size: int, limit: int) -> None:
+        """Tell the upstream a frame of its was not applied (pb.Refused); log
+        at most once a second."""
+        f = self.writer.frame()
+        f.mark = mark
+        r = f.refused
+        r.reason = reason
+        r.size = size
+        r.limit = limit
+        self.writer.kick()
+        now = time.monotonic()
+        if now - self._refused_logged > 1.0:
+            self._refused_logged = now
+            log.warning(
+                "mark=%s upstream %s: %s (%d bytes, limit %d): refused back to it",
+                mark,
+                self.id,
+                reason,
+                size,
+                limit,
             )
 
     def _reject_unknown(self, marks: list[str]) -> None:

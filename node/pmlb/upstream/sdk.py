@@ -433,6 +433,18 @@ class _Session:
                     r.ping.id = p.id
                     r.ping.reply = True
                     self.writer.kick()
+            elif kind == "refused":
+                # A frame of ours the node did not apply (we check its limits
+                # before sending, so this is a bug worth a line in the log).
+                stats["refused_by_node"] += 1
+                r = f.refused
+                log.warning(
+                    "mark=%s the node refused a frame: %s (%d bytes, limit %d)",
+                    mark,
+                    reasons.clean(r.reason),
+                    r.size,
+                    r.limit,
+                )
             else:
                 stats["unexpected_frames"] += 1
         for conn in touched:
@@ -653,6 +665,7 @@ class UpstreamServer:
             "frames_for_unknown_marks": 0,
             "duplicates_skipped": 0,
             "unexpected_frames": 0,
+            "refused_by_node": 0,
             "handler_errors": 0,
             "unauthenticated": 0,
         }

@@ -93,6 +93,7 @@ export class UpstreamServer {
       framesForUnknownMarks: 0,
       duplicatesSkipped: 0,
       unexpectedFrames: 0,
+      refusedByNode: 0,
       handlerErrors: 0,
       unauthenticated: 0,
     };

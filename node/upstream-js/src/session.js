@@ -353,6 +353,16 @@ export class Session {
           }
           break;
         }
+        case 'refused': {
+          // A frame of ours the node did not apply (we check its limits before
+          // sending, so this is a bug worth a line in the log).
+          this.stats.refusedByNode = (this.stats.refusedByNode ?? 0) + 1;
+          const r = f.refused;
+          this.log(
+            `mark=${mark} the node refused a frame: ${String(r.reason).slice(0, 64)} (${r.size} bytes, limit ${r.limit})`,
+          );
+          break;
+        }
         default:
           this.stats.unexpectedFrames += 1;
       }

@@ -141,6 +141,7 @@ class Frame(_message.Message):
     FLOW_FIELD_NUMBER: _builtins.int
     META_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     mark: _builtins.str
     """The mark this frame belongs to. An upstream may send data, close or meta
     for any mark owned by the node at the other end of the link (push), not
@@ -159,6 +160,8 @@ class Frame(_message.Message):
     def meta(self) -> Global___Meta: ...
     @_builtins.property
     def ping(self) -> Global___Ping: ...
+    @_builtins.property
+    def refused(self) -> Global___Refused: ...
     def __init__(
         self,
         *,
@@ -169,16 +172,55 @@ class Frame(_message.Message):
         flow: Global___Flow | None = ...,
         meta: Global___Meta | None = ...,
         ping: Global___Ping | None = ...,
+        refused: Global___Refused | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "meta", b"meta", "open", b"open", "ping", b"ping"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "meta", b"meta", "open", b"open", "ping", b"ping", "refused", b"refused"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "mark", b"mark", "meta", b"meta", "open", b"open", "ping", b"ping"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "mark", b"mark", "meta", b"meta", "open", b"open", "ping", b"ping", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "data", "close", "flow", "meta", "ping"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "data", "close", "flow", "meta", "ping", "refused"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class Refused(_message.Message):
+    """Node to upstream: a frame of yours for this mark was not applied, and why.
+    The mark stays open and its client connected, so answer otherwise if you
+    can (a smaller reply, an error the client understands). The node also logs
+    and counts it (pmlb_bad_upstream_frames_total). Both SDKs check these limits
+    before sending (Open.max_frame, Open.max_meta), so an SDK upstream meets
+    this only through a bug; an upstream that does not know this kind ignores it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """"payload_too_large": a Data payload over Open.max_frame, not delivered.
+    "metadata_too_large": a Meta change that would take the mark's metadata
+    over Open.max_meta, not applied.
+    """
+    size: _builtins.int
+    """The size of what was refused and the limit it exceeded, in bytes."""
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        size: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "reason", b"reason", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refused: _TypeAlias = Refused  # noqa: Y015
 
 @_typing.final
 class Ping(_message.Message):
