@@ -10,7 +10,8 @@ from tests.support import ROOT
 
 def _proto_words() -> set[str]:
     text = (ROOT / "proto/pmlb/v1/upstream.proto").read_text()
-    block = text[text.index("message Close {") : text.index("string reason = 1;")]
+    start = text.index("message Close {")
+    block = text[start : text.index("string reason = 1;", start)]
     return set(re.findall(r"^  //   ([a-z_]+) ", block, re.M))
 
 

@@ -437,13 +437,13 @@ class _Session:
                 # A frame of ours the node did not apply (we check its limits
                 # before sending, so this is a bug worth a line in the log).
                 stats["refused_by_node"] += 1
-                r = f.refused
+                refusal = f.refused
                 log.warning(
                     "mark=%s the node refused a frame: %s (%d bytes, limit %d)",
                     mark,
-                    reasons.clean(r.reason),
-                    r.size,
-                    r.limit,
+                    reasons.clean(refusal.reason),
+                    refusal.size,
+                    refusal.limit,
                 )
             else:
                 stats["unexpected_frames"] += 1
