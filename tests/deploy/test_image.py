@@ -27,7 +27,9 @@ ETCD_IMAGE = "pmlb-etcd:3.5.1"
 PREFIX = "/pmlb-deploy"
 
 _NO_ENGINE = engine_error()  # asked once: it runs `docker info`
-pytestmark = needs(_NO_ENGINE)
+# Building the images comes first (the fixture below): on a fresh machine that
+# includes debootstrapping a Debian base, minutes beyond the suite's 120 s.
+pytestmark = [needs(_NO_ENGINE), pytest.mark.timeout(1500)]
 
 
 def docker(*args: str, timeout: float = 120) -> str:
