@@ -82,6 +82,13 @@ LINK_MODULES = frozenset(
 )
 
 
+# For a test of a module outside WORKER_MODULES that must hold at the default
+# worker count too: the default in `make test`, both in the matrix.
+default_workers_too = pytest.mark.parametrize(
+    "workers", WORKERS if FULL_MATRIX else WORKERS[1:], indirect=True
+)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """``needs(why)``: skip here, fail under .ci/run (tests/support.needs)."""
     for mark in item.iter_markers("needs"):

@@ -51,7 +51,7 @@ from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.dashboard import add_page_routes
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
-from pmlb.store.etcd import EtcdSettings, EtcdStore
+from pmlb.store.etcd import EtcdStore, node_settings
 from pmlb.store.keys import Keys, now_rfc3339
 from pmlb.tlsconf import grpc_server_credentials
 from pmlb.workers import SupervisorChannel, WorkerRole, supervisor_channel
@@ -110,16 +110,7 @@ class NodeApp:
         self.control: grpc.aio.Server | None = None
         self.control_port = 0
         if config.etcd:
-            self.store = EtcdStore(
-                EtcdSettings(
-                    endpoints=config.etcd,
-                    user=config.etcd_user,
-                    password=config.etcd_password,
-                    ca_file=config.etcd_ca,
-                    cert_file=config.etcd_cert,
-                    key_file=config.etcd_key,
-                )
-            )
+            self.store = EtcdStore(node_settings(config))
             self.keys = Keys(config.etcd_prefix)
             self.session = Session(self.store, config.lease_ttl)
             if role is None:  # a worker's node is registered by its supervisor

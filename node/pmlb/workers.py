@@ -459,19 +459,10 @@ class Supervisor:
             return None
         from pmlb.cluster.registration import Registration, node_entry
         from pmlb.cluster.session import Session
-        from pmlb.store.etcd import EtcdSettings, EtcdStore
+        from pmlb.store.etcd import EtcdStore, node_settings
         from pmlb.store.keys import Keys
 
-        store = EtcdStore(
-            EtcdSettings(
-                endpoints=cfg.etcd,
-                user=cfg.etcd_user,
-                password=cfg.etcd_password,
-                ca_file=cfg.etcd_ca,
-                cert_file=cfg.etcd_cert,
-                key_file=cfg.etcd_key,
-            )
-        )
+        store = EtcdStore(node_settings(cfg))
         await store.connect()
         admin = (self.admin.host, self.admin.port) if self.admin is not None else None
         registration = Registration(

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, Etcd
+from tests.conftest import Cluster, Etcd, default_workers_too
 from tests.faults.clients import stream as _stream
 from tests.faults.report import record
 from tests.support import wait_until
@@ -55,6 +55,7 @@ class Relay:
             self.server.close()
 
 
+@default_workers_too
 @pytest.mark.parametrize("direction", ["both", "node_to_upstream", "upstream_to_node"])
 async def test_link_cut_without_fin(cluster: Cluster, direction: str) -> None:
     u1, u2 = cluster.echo("u1"), cluster.echo("u2")
@@ -213,6 +214,7 @@ async def test_at_max_connections_accept_pauses_and_resumes(cluster: Cluster, wo
 
 
 @pytest.mark.slow
+@default_workers_too
 async def test_etcd_stopped_then_replaced_under_load(etcd: Etcd, cluster: Cluster) -> None:
     """etcd SIGSTOPped for 30 s, then killed and replaced by an empty one, while 100
     clients stream: nothing lost, nobody disconnected, new clients still routed."""

@@ -18,7 +18,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -33,6 +33,9 @@ from tenacity import (
 )
 
 from pmlb.errors import ConfigError, PmlbError
+
+if TYPE_CHECKING:
+    from pmlb.config import NodeConfig
 
 log = logging.getLogger("pmlb.store")
 T = TypeVar("T")
@@ -405,6 +408,18 @@ class EtcdStore:
 
 def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
+
+
+def node_settings(config: NodeConfig) -> EtcdSettings:
+    """EtcdSettings of a node (the node itself, or its supervisor)."""
+    return EtcdSettings(
+        endpoints=config.etcd,
+        user=config.etcd_user,
+        password=config.etcd_password,
+        ca_file=config.etcd_ca,
+        cert_file=config.etcd_cert,
+        key_file=config.etcd_key,
+    )
 
 
 def settings_from(values: Mapping[str, Any]) -> EtcdSettings:
