@@ -199,6 +199,32 @@ class _Channel(Channel):
             conn._ping_handle.cancel()
             conn._ping_handle = loop.call_later(KEEPALIVE_TIME, patient_ping)
 
+    def tcp_state(self) -> str:
+        """The kernel's view of the connection, for the log line that calls a
+        link hung: whether TCP itself is retransmitting, and since when the
+        peer has been silent."""
+        sock = self._sock
+        if sock is None:
+            return "not connected"
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError as exc:
+            return f"TCP_INFO unavailable ({exc})"
+        if len(info) < 104:
+            return "TCP_INFO too short"
+        (retransmits, probes, backoff) = struct.unpack_from("BBB", info, 2)
+        rto, _ato, _smss, _rmss, unacked, _sacked, lost, retrans = struct.unpack_from("8I", info, 8)
+        last_sent, _, last_recv, last_ack = struct.unpack_from("4I", info, 44)
+        rtt, rttvar = struct.unpack_from("II", info, 68)
+        cwnd = struct.unpack_from("I", info, 80)[0]
+        total_retrans = struct.unpack_from("I", info, 100)[0]
+        return (
+            f"tcp: unacked={unacked} lost={lost} retrans={retrans} total_retrans={total_retrans} "
+            f"retransmits={retransmits} probes={probes} backoff={backoff} rto={rto / 1000:.0f}ms "
+            f"rtt={rtt / 1000:.0f}ms rttvar={rttvar / 1000:.0f}ms cwnd={cwnd} "
+            f"last_sent={last_sent}ms last_recv={last_recv}ms last_ack={last_ack}ms"
+        )
+
     def last_data(self) -> float:
         """Called once per watchdog period: progress is what this period
         brought, so pings never add up to it."""
@@ -312,6 +338,9 @@ class _Client:
 
     def last_data(self) -> float:
         return cast(_Channel, self._channel).last_data()
+
+    def tcp_state(self) -> str:
+        return cast(_Channel, self._channel).tcp_state()
 
     async def close(self) -> None:
         self._cancelled = True
