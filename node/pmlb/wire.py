@@ -50,6 +50,9 @@ BRIDGE_METHOD: Final = "/pmlb.v1.Upstream/Bridge"
 MAX_BATCH_FRAMES: Final = 1024
 MAX_BATCH_BYTES: Final = 1 << 20
 GRPC_MAX_MESSAGE: Final = 64 << 20
+# The most payload one held Batch (BatchWriter.hold, the SDKs' atomic()) may
+# carry: half of what a peer accepts in one message, leaving room for framing.
+MAX_ATOMIC_BYTES: Final = GRPC_MAX_MESSAGE // 2
 
 log = logging.getLogger("pmlb.wire")
 
@@ -89,8 +92,10 @@ class BatchWriter:
         "_closed",
         "_count",
         "_full",
+        "_held",
         "_on_drain",
         "_open_bytes",
+        "_swaps",
         "_task",
         "_wake",
         "_write",
@@ -110,6 +115,12 @@ class BatchWriter:
         self._batch = pb.Batch()
         self._count = 0
         self._open_bytes = 0
+        # hold(): the open batch is not cut, so frames made until release()
+        # reach the peer in one Batch (applied whole or not at all). _swaps
+        # counts open batches taken by the writer task, to catch an await
+        # inside a hold.
+        self._held = 0
+        self._swaps = 0
         self._full: deque[tuple[pb.Batch, int]] = deque()
         self._wake = asyncio.Event()
         self._closed = False
@@ -124,8 +135,27 @@ class BatchWriter:
         """The batch being filled (to set ``hello`` before the first write)."""
         return self._batch
 
+    @property
+    def open_bytes(self) -> int:
+        """Payload bytes in the batch being filled."""
+        return self._open_bytes
+
+    def hold(self) -> int:
+        """Keep every frame made from now until release() in one Batch; the
+        caller must not await in between. Returns the token for release()."""
+        self._held += 1
+        return self._swaps
+
+    def release(self, token: int) -> None:
+        self._held -= 1
+        if self._swaps != token:
+            raise RuntimeError(
+                "frames held for one Batch were sent in several: "
+                "an await between hold() and release()"
+            )
+
     def frame(self) -> pb.Frame:
-        if self._count >= MAX_BATCH_FRAMES:
+        if self._count >= MAX_BATCH_FRAMES and not self._held:
             self._cut()
         self._count += 1
         return self._batch.frames.add()
@@ -134,7 +164,7 @@ class BatchWriter:
         """Account ``size`` payload bytes just put in a frame of the open batch."""
         self.pending_bytes += size
         self._open_bytes += size
-        if self._open_bytes >= MAX_BATCH_BYTES:
+        if self._open_bytes >= MAX_BATCH_BYTES and not self._held:
             self._cut()
 
     def _cut(self) -> None:
@@ -161,6 +191,7 @@ class BatchWriter:
                     batch, size = self._full.popleft()
                 else:
                     batch, size = self._batch, self._open_bytes
+                    self._swaps += 1
                     self._batch = pb.Batch()
                     self._count = 0
                     self._open_bytes = 0

@@ -319,6 +319,8 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             if not link.expect_since:
                 link.expect_since = time.monotonic()
         writer.kick()
+        if self.plane.watch.watchers:
+            self.plane.watch.changed(self)
         if resumed:
             self.plane.stats.failovers += 1
             if self.lost_at:
@@ -563,6 +565,11 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         if transport.get_write_buffer_size():
             # A client that does not read would keep close() pending forever.
             self._arm(self.plane.config.close_linger, transport.abort)
+
+    @property
+    def upstream_id(self) -> str:
+        """The id of the upstream the mark is bound to ("" while unbound)."""
+        return self.route.id if self.route is not None else ""
 
     def describe(self) -> dict[str, Any]:
         return {

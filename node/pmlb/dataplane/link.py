@@ -58,6 +58,10 @@ class Link:
         self.marks: dict[str, ClientConn] = {}
         self.stalled: set[ClientConn] = set()
         self.congested = False
+        # The upstream asked for MarkEvents (Hello.watch_marks); stale: events
+        # were skipped while congested, a new snapshot is due on drain.
+        self.watch_marks = False
+        self.watch_stale = False
         self.peer_window = wire.DEFAULT_WINDOW
         # Per-frame credit charge agreed with the upstream (wire.frame_overhead)
         # and whether it answers pings (protocol 2).
@@ -222,6 +226,7 @@ class Link:
         hello.initial_window = cfg.window
         hello.service = cfg.service
         hello.software = f"pmlb/{__version__}"
+        hello.answers_pings = True
         writer_task = writer.start()
         # A write that fails ends the session: the read below fails at once.
         writer_task.add_done_callback(
@@ -236,6 +241,7 @@ class Link:
             protocol = min(first.hello.protocol, wire.PROTOCOL_VERSION)
             self.overhead = wire.frame_overhead(protocol)
             self.pings = protocol >= 2
+            self.watch_marks = first.hello.watch_marks
             self.state = UP
             self.up_since = time.monotonic()
             self.connects += 1
@@ -340,10 +346,11 @@ class Link:
                 self._hung = True
                 log.warning(
                     "link %s (%s): nothing received for %.1fs with data outstanding; "
-                    "treating the upstream as hung",
+                    "treating the upstream as hung (%s)",
                     self.id,
                     self.spec.addr,
                     timeout,
+                    getattr(stream, "tcp_state", lambda: "")(),
                 )
                 stream.cancel()
                 return
@@ -360,6 +367,8 @@ class Link:
             stalled, self.stalled = self.stalled, set()
             for conn in stalled:
                 conn._maybe_resume()
+        if self.watch_stale and not self.congested and self in self.plane.watch.watchers:
+            self.plane.watch.snapshot(self, self.plane.marks.values())
 
     def check_congestion(self) -> None:
         if not self.congested and self.writer.pending_bytes > self.plane.config.link_buffer:
@@ -380,7 +389,12 @@ class Link:
         for f in batch.frames:
             kind = f.WhichOneof("kind")
             if kind == "ping":
-                continue  # an answer to our ping: receiving it was the point
+                if not f.ping.reply:
+                    # The upstream's barrier (Hello.answers_pings): every frame
+                    # before it is applied by now, this loop being in order.
+                    self._answer_ping(f.ping.id)
+                # An answer to ours: receiving it was the point.
+                continue
             conn = marks.get(f.mark)
             if conn is None:
                 if plane.siblings is not None and kind in ("data", "close"):
@@ -425,6 +439,8 @@ class Link:
                 if size:
                     stats.bad_frames_from_upstream += 1
                     self._refuse(conn.mark, "metadata_too_large", size, plane.max_meta)
+                elif plane.watch.watchers:
+                    plane.watch.changed(conn)
             else:
                 stats.bad_frames_from_upstream += 1
                 log.warning(
@@ -460,8 +476,19 @@ class Link:
         allowed = self.plane.config.push_upstreams
         return "*" in allowed or self.id in allowed
 
+    def _answer_ping(self, ping_id: int) -> None:
+        f = self.writer.frame()
+        f.ping.id = ping_id
+        f.ping.reply = True
+        self.writer.kick()
+
     def _refuse_foreign(self, mark: str, kind: str | None) -> None:
         self.plane.stats.refused_pushes += 1
+        # Told, so that an SDK can fail the push instead of calling it accepted.
+        f = self.writer.frame()
+        f.mark = mark
+        f.refused.reason = "not_permitted"
+        self.writer.kick()
         now = time.monotonic()
         if now - self._foreign_logged > 1.0:  # at most once a second
             self._foreign_logged = now

@@ -35,6 +35,7 @@ from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
 from pmlb.dataplane.siblings import NodeCounters, NodeProbation, Siblings
+from pmlb.dataplane.watch import MarkWatch
 from pmlb.domain import UpstreamSpec, format_hostport
 from pmlb.ids import MarkFactory
 from pmlb.observability.logs import fields
@@ -117,6 +118,7 @@ class DataPlane:
         self._sweeper: asyncio.Task[None] | None = None
         self._raw_decoder: Decoder | None = None
         self.recently_closed: dict[str, dict[str, object]] = {}
+        self.watch = MarkWatch()
 
     def reconfigure(self, config: NodeConfig) -> None:
         """Take a reloaded config (only config.RELOADABLE fields differ): the
@@ -327,6 +329,8 @@ class DataPlane:
             return
         if self.tracer.enabled:
             conn.span = self.tracer.start(conn)
+        if self.watch.watchers:
+            self.watch.changed(conn)
         log.info(
             "mark=%s client=%s:%d accepted",
             mark,
@@ -398,6 +402,8 @@ class DataPlane:
     def forget(self, conn: ClientConn) -> None:
         if self.marks.pop(conn.mark, None) is None:
             return
+        if self.watch.watchers:
+            self.watch.closed(conn)
         stats = self.stats
         stats.open -= 1
         self.publish_open()
@@ -548,11 +554,14 @@ class DataPlane:
     # -- link events ------------------------------------------------------------------
 
     def link_up(self, link: Link) -> None:
+        if link.watch_marks:
+            self.watch.add(link, self.marks.values())
         self._bind_waiting()
 
     def link_down(self, link: Link) -> None:
         """Fail every mark of ``link`` over to another upstream (same mark, replay);
         a mark whose frames broke the previous link as well is closed (poison)."""
+        self.watch.remove(link)
         affected = [
             c
             for c in self.marks.values()

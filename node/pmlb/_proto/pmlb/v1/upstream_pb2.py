@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pmlb/v1/upstream.proto\x12\x07pmlb.v1\"F\n\x05\x42\x61tch\x12\x1d\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.pmlb.v1.Hello\x12\x1e\n\x06\x66rames\x18\x02 \x03(\x0b\x32\x0e.pmlb.v1.Frame\"`\n\x05Hello\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x16\n\x0einitial_window\x18\x03 \x01(\r\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x10\n\x08software\x18\x05 \x01(\t\"\xfe\x01\n\x05\x46rame\x12\x0c\n\x04mark\x18\x01 \x01(\t\x12\x1d\n\x04open\x18\x02 \x01(\x0b\x32\r.pmlb.v1.OpenH\x00\x12\x1d\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\r.pmlb.v1.DataH\x00\x12\x1f\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x0e.pmlb.v1.CloseH\x00\x12\x1d\n\x04\x66low\x18\x05 \x01(\x0b\x32\r.pmlb.v1.FlowH\x00\x12\x1d\n\x04meta\x18\x06 \x01(\x0b\x32\r.pmlb.v1.MetaH\x00\x12\x1d\n\x04ping\x18\x07 \x01(\x0b\x32\r.pmlb.v1.PingH\x00\x12#\n\x07refused\x18\x08 \x01(\x0b\x32\x10.pmlb.v1.RefusedH\x00\x42\x06\n\x04kind\"6\n\x07Refused\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\x04\"!\n\x04Ping\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05reply\x18\x02 \x01(\x08\"\xa7\x03\n\x04Open\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_port\x18\x03 \x01(\r\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12-\n\x08metadata\x18\x05 \x03(\x0b\x32\x1b.pmlb.v1.Open.MetadataEntry\x12\x0f\n\x07resumed\x18\x06 \x01(\x08\x12\x36\n\rtrace_context\x18\x07 \x03(\x0b\x32\x1f.pmlb.v1.Open.TraceContextEntry\x12\x10\n\x08next_seq\x18\x08 \x01(\x04\x12\x10\n\x08listener\x18\t \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_at_unix_ms\x18\n \x01(\x03\x12\x0f\n\x07\x66raming\x18\x0b \x01(\t\x12\x11\n\tmax_frame\x18\x0c \x01(\r\x12\x10\n\x08max_meta\x18\r \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x04\x44\x61ta\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\x04\"\'\n\x05\x43lose\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"%\n\x04\x46low\x12\r\n\x05\x61\x63ked\x18\x01 \x01(\x04\x12\x0e\n\x06\x63redit\x18\x02 \x01(\r\"f\n\x04Meta\x12#\n\x03set\x18\x01 \x03(\x0b\x32\x16.pmlb.v1.Meta.SetEntry\x12\r\n\x05unset\x18\x02 \x03(\t\x1a*\n\x08SetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x38\n\x08Upstream\x12,\n\x06\x42ridge\x12\x0e.pmlb.v1.Batch\x1a\x0e.pmlb.v1.Batch(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pmlb/v1/upstream.proto\x12\x07pmlb.v1\"F\n\x05\x42\x61tch\x12\x1d\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.pmlb.v1.Hello\x12\x1e\n\x06\x66rames\x18\x02 \x03(\x0b\x32\x0e.pmlb.v1.Frame\"\x8c\x01\n\x05Hello\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x16\n\x0einitial_window\x18\x03 \x01(\r\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x10\n\x08software\x18\x05 \x01(\t\x12\x15\n\ranswers_pings\x18\x06 \x01(\x08\x12\x13\n\x0bwatch_marks\x18\x07 \x01(\x08\"\xa8\x02\n\x05\x46rame\x12\x0c\n\x04mark\x18\x01 \x01(\t\x12\x1d\n\x04open\x18\x02 \x01(\x0b\x32\r.pmlb.v1.OpenH\x00\x12\x1d\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\r.pmlb.v1.DataH\x00\x12\x1f\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x0e.pmlb.v1.CloseH\x00\x12\x1d\n\x04\x66low\x18\x05 \x01(\x0b\x32\r.pmlb.v1.FlowH\x00\x12\x1d\n\x04meta\x18\x06 \x01(\x0b\x32\r.pmlb.v1.MetaH\x00\x12\x1d\n\x04ping\x18\x07 \x01(\x0b\x32\r.pmlb.v1.PingH\x00\x12#\n\x07refused\x18\x08 \x01(\x0b\x32\x10.pmlb.v1.RefusedH\x00\x12(\n\nmark_event\x18\t \x01(\x0b\x32\x12.pmlb.v1.MarkEventH\x00\x42\x06\n\x04kind\"\xd8\x01\n\tMarkEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .pmlb.v1.MarkEvent.MetadataEntry\x12\x13\n\x0b\x63lient_addr\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_port\x18\x05 \x01(\r\x12\x1b\n\x13\x61\x63\x63\x65pted_at_unix_ms\x18\x06 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x07Refused\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\x04\"!\n\x04Ping\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05reply\x18\x02 \x01(\x08\"\xa7\x03\n\x04Open\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_port\x18\x03 \x01(\r\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12-\n\x08metadata\x18\x05 \x03(\x0b\x32\x1b.pmlb.v1.Open.MetadataEntry\x12\x0f\n\x07resumed\x18\x06 \x01(\x08\x12\x36\n\rtrace_context\x18\x07 \x03(\x0b\x32\x1f.pmlb.v1.Open.TraceContextEntry\x12\x10\n\x08next_seq\x18\x08 \x01(\x04\x12\x10\n\x08listener\x18\t \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_at_unix_ms\x18\n \x01(\x03\x12\x0f\n\x07\x66raming\x18\x0b \x01(\t\x12\x11\n\tmax_frame\x18\x0c \x01(\r\x12\x10\n\x08max_meta\x18\r \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x04\x44\x61ta\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\x04\"\'\n\x05\x43lose\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"%\n\x04\x46low\x12\r\n\x05\x61\x63ked\x18\x01 \x01(\x04\x12\x0e\n\x06\x63redit\x18\x02 \x01(\r\"f\n\x04Meta\x12#\n\x03set\x18\x01 \x03(\x0b\x32\x16.pmlb.v1.Meta.SetEntry\x12\r\n\x05unset\x18\x02 \x03(\t\x1a*\n\x08SetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x38\n\x08Upstream\x12,\n\x06\x42ridge\x12\x0e.pmlb.v1.Batch\x1a\x0e.pmlb.v1.Batch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pmlb._proto.pmlb.v1.upstream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MARKEVENT_METADATAENTRY']._loaded_options = None
+  _globals['_MARKEVENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_OPEN_METADATAENTRY']._loaded_options = None
   _globals['_OPEN_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_OPEN_TRACECONTEXTENTRY']._loaded_options = None
@@ -40,30 +42,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_META_SETENTRY']._serialized_options = b'8\001'
   _globals['_BATCH']._serialized_start=35
   _globals['_BATCH']._serialized_end=105
-  _globals['_HELLO']._serialized_start=107
-  _globals['_HELLO']._serialized_end=203
-  _globals['_FRAME']._serialized_start=206
-  _globals['_FRAME']._serialized_end=460
-  _globals['_REFUSED']._serialized_start=462
-  _globals['_REFUSED']._serialized_end=516
-  _globals['_PING']._serialized_start=518
-  _globals['_PING']._serialized_end=551
-  _globals['_OPEN']._serialized_start=554
-  _globals['_OPEN']._serialized_end=977
-  _globals['_OPEN_METADATAENTRY']._serialized_start=877
-  _globals['_OPEN_METADATAENTRY']._serialized_end=924
-  _globals['_OPEN_TRACECONTEXTENTRY']._serialized_start=926
-  _globals['_OPEN_TRACECONTEXTENTRY']._serialized_end=977
-  _globals['_DATA']._serialized_start=979
-  _globals['_DATA']._serialized_end=1030
-  _globals['_CLOSE']._serialized_start=1032
-  _globals['_CLOSE']._serialized_end=1071
-  _globals['_FLOW']._serialized_start=1073
-  _globals['_FLOW']._serialized_end=1110
-  _globals['_META']._serialized_start=1112
-  _globals['_META']._serialized_end=1214
-  _globals['_META_SETENTRY']._serialized_start=1172
-  _globals['_META_SETENTRY']._serialized_end=1214
-  _globals['_UPSTREAM']._serialized_start=1216
-  _globals['_UPSTREAM']._serialized_end=1272
+  _globals['_HELLO']._serialized_start=108
+  _globals['_HELLO']._serialized_end=248
+  _globals['_FRAME']._serialized_start=251
+  _globals['_FRAME']._serialized_end=547
+  _globals['_MARKEVENT']._serialized_start=550
+  _globals['_MARKEVENT']._serialized_end=766
+  _globals['_MARKEVENT_METADATAENTRY']._serialized_start=719
+  _globals['_MARKEVENT_METADATAENTRY']._serialized_end=766
+  _globals['_REFUSED']._serialized_start=768
+  _globals['_REFUSED']._serialized_end=822
+  _globals['_PING']._serialized_start=824
+  _globals['_PING']._serialized_end=857
+  _globals['_OPEN']._serialized_start=860
+  _globals['_OPEN']._serialized_end=1283
+  _globals['_OPEN_METADATAENTRY']._serialized_start=719
+  _globals['_OPEN_METADATAENTRY']._serialized_end=766
+  _globals['_OPEN_TRACECONTEXTENTRY']._serialized_start=1232
+  _globals['_OPEN_TRACECONTEXTENTRY']._serialized_end=1283
+  _globals['_DATA']._serialized_start=1285
+  _globals['_DATA']._serialized_end=1336
+  _globals['_CLOSE']._serialized_start=1338
+  _globals['_CLOSE']._serialized_end=1377
+  _globals['_FLOW']._serialized_start=1379
+  _globals['_FLOW']._serialized_end=1416
+  _globals['_META']._serialized_start=1418
+  _globals['_META']._serialized_end=1520
+  _globals['_META_SETENTRY']._serialized_start=1478
+  _globals['_META_SETENTRY']._serialized_end=1520
+  _globals['_UPSTREAM']._serialized_start=1522
+  _globals['_UPSTREAM']._serialized_end=1578
 # @@protoc_insertion_point(module_scope)

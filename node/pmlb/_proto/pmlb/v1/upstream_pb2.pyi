@@ -76,6 +76,8 @@ class Hello(_message.Message):
     INITIAL_WINDOW_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
     SOFTWARE_FIELD_NUMBER: _builtins.int
+    ANSWERS_PINGS_FIELD_NUMBER: _builtins.int
+    WATCH_MARKS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Node to upstream: the node id (the same string the node's marks name).
     Upstream to node: the upstream's own id (informational; the node keys its
@@ -100,6 +102,19 @@ class Hello(_message.Message):
     """Node to upstream: the service this link serves. Empty from upstreams."""
     software: _builtins.str
     """Free-form software name and version of the sender, for logs."""
+    answers_pings: _builtins.bool
+    """Node to upstream: true when the node answers a Ping request from the
+    upstream (reply = false) once it has applied every frame the upstream
+    sent before it on this stream: pushes delivered to their clients' write
+    buffers (or refused, or answered with an "unknown_mark" close), metadata
+    set. The SDKs use it to tell a caller that its pushes were accepted. A
+    node that does not set it ignores an upstream's Ping.
+    """
+    watch_marks: _builtins.bool
+    """Upstream to node: send me the marks of this stream's node (every mark the
+    node, or with --workers this worker of it, holds, bound to any upstream)
+    and their changes, as MarkEvent frames. The node starts with a snapshot.
+    """
     def __init__(
         self,
         *,
@@ -108,10 +123,12 @@ class Hello(_message.Message):
         initial_window: _builtins.int = ...,
         service: _builtins.str = ...,
         software: _builtins.str = ...,
+        answers_pings: _builtins.bool = ...,
+        watch_marks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "initial_window", b"initial_window", "protocol", b"protocol", "service", b"service", "software", b"software"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers_pings", b"answers_pings", "id", b"id", "initial_window", b"initial_window", "protocol", b"protocol", "service", b"service", "software", b"software", "watch_marks", b"watch_marks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -128,6 +145,8 @@ class Frame(_message.Message):
       flow   both ways
       meta   upstream -> node
       ping   both ways (protocol 2), with an empty mark
+      refused     node -> upstream
+      mark_event  node -> upstream (Hello.watch_marks)
     A receiver ignores a frame of a kind it does not expect from that side, and
     counts it.
     """
@@ -142,6 +161,7 @@ class Frame(_message.Message):
     META_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    MARK_EVENT_FIELD_NUMBER: _builtins.int
     mark: _builtins.str
     """The mark this frame belongs to. An upstream may send data, close or meta
     for any mark owned by the node at the other end of the link (push), not
@@ -162,6 +182,8 @@ class Frame(_message.Message):
     def ping(self) -> Global___Ping: ...
     @_builtins.property
     def refused(self) -> Global___Refused: ...
+    @_builtins.property
+    def mark_event(self) -> Global___MarkEvent: ...
     def __init__(
         self,
         *,
@@ -173,16 +195,93 @@ class Frame(_message.Message):
         meta: Global___Meta | None = ...,
         ping: Global___Ping | None = ...,
         refused: Global___Refused | None = ...,
+        mark_event: Global___MarkEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "meta", b"meta", "open", b"open", "ping", b"ping", "refused", b"refused"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "mark_event", b"mark_event", "meta", b"meta", "open", b"open", "ping", b"ping", "refused", b"refused"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "mark", b"mark", "meta", b"meta", "open", b"open", "ping", b"ping", "refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "flow", b"flow", "kind", b"kind", "mark", b"mark", "mark_event", b"mark_event", "meta", b"meta", "open", b"open", "ping", b"ping", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "data", "close", "flow", "meta", "ping", "refused"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "data", "close", "flow", "meta", "ping", "refused", "mark_event"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class MarkEvent(_message.Message):
+    """Node to upstream, only when the upstream's Hello set watch_marks: the marks
+    this node holds, so that an upstream can find the marks bound to other
+    upstreams (a broker's subscribers) and their metadata. Frame.mark is the
+    mark, or empty for "snapshot" and "synced".
+
+    The node sends "snapshot", then an "open" for every mark it holds, then
+    "synced"; after that an "open" whenever a mark is accepted or changes
+    (metadata set or removed, bound to another upstream), and a "close" when it
+    ends. It may send a new snapshot at any time (after the link was congested,
+    for instance): forget what this stream told you and rebuild. A mark's
+    change reaches this stream before any later frame the node sends on it, but
+    streams from different nodes (or workers) are not ordered with each other.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDR_FIELD_NUMBER: _builtins.int
+    CLIENT_PORT_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    event: _builtins.str
+    """"snapshot", "open", "close" or "synced"."""
+    upstream: _builtins.str
+    """"open": the id of the upstream the mark is bound to ("" while unbound)."""
+    client_addr: _builtins.str
+    """"open": the client's address and port, and when it connected
+    (milliseconds since the Unix epoch).
+    """
+    client_port: _builtins.int
+    accepted_at_unix_ms: _builtins.int
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """"open": the mark's metadata, whole (not a difference)."""
+
+    def __init__(
+        self,
+        *,
+        event: _builtins.str = ...,
+        upstream: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        client_addr: _builtins.str = ...,
+        client_port: _builtins.int = ...,
+        accepted_at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at_unix_ms", b"accepted_at_unix_ms", "client_addr", b"client_addr", "client_port", b"client_port", "event", b"event", "metadata", b"metadata", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkEvent: _TypeAlias = MarkEvent  # noqa: Y015
 
 @_typing.final
 class Refused(_message.Message):
@@ -203,6 +302,8 @@ class Refused(_message.Message):
     """"payload_too_large": a Data payload over Open.max_frame, not delivered.
     "metadata_too_large": a Meta change that would take the mark's metadata
     over Open.max_meta, not applied.
+    "not_permitted": a push, close or metadata change for a mark bound to
+    another upstream, from an upstream not in the node's --push-upstreams.
     """
     size: _builtins.int
     """The size of what was refused and the limit it exceeded, in bytes."""
@@ -230,6 +331,10 @@ class Ping(_message.Message):
     that reads the stream, never behind a handler. A slow handler therefore
     never makes its link look hung; an upstream that answers no ping within the
     node's --ack-timeout is treated as hung and its marks are moved.
+
+    An upstream may ping too, when the node's Hello set answers_pings: the
+    node's reply is a barrier, sent once every frame before the ping on this
+    stream has been applied (the SDKs' "push accepted").
     """
 
     DESCRIPTOR: _descriptor.Descriptor
