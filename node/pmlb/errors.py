@@ -40,3 +40,15 @@ class BackpressureError(PmlbError):
 
 class MarkGone(PmlbError):
     """The mark is not open (any more) on the node that owns it."""
+
+
+class PushRefused(PmlbError):
+    """The node did not accept a push: ``reason`` is the node's word
+    ("not_permitted": this upstream is not in the node's --push-upstreams;
+    "payload_too_large"), or "unconfirmed" when the link ended before the
+    node confirmed it (it may or may not have been delivered)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"push not accepted: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+        self.detail = detail

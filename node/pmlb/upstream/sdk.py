@@ -43,14 +43,20 @@ import inspect
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
 from pmlb import __version__, reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.errors import BackpressureError, FrameTooLarge, MarkGone, MetadataTooLarge
+from pmlb.errors import (
+    BackpressureError,
+    FrameTooLarge,
+    MarkGone,
+    MetadataTooLarge,
+    PushRefused,
+)
 from pmlb.ids import node_of
 from pmlb.transport import (
     DEFAULT_TRANSPORT,
@@ -60,6 +66,7 @@ from pmlb.transport import (
     ServerTLS,
     check_transport,
 )
+from pmlb.upstream.tracking import Barriers, MarkInfo, WatchedMarks
 
 if TYPE_CHECKING:
     from pmlb.client import MarkClient
@@ -79,6 +86,11 @@ class Handler:
 
     def on_message(self, conn: Conn, data: bytes) -> Awaitable[None] | None:
         return None
+
+    def on_mark(self, mark: str, info: MarkInfo | None) -> None:
+        """With ``UpstreamServer(watch_marks=True)``: a mark of a node this
+        upstream has a link with appeared or changed (``info``), or ended
+        (None). Called from the stream's reader: keep it short, never block."""
 
     def on_close(self, conn: Conn, reason: str) -> Awaitable[None] | None:
         return None
@@ -186,6 +198,27 @@ class Conn:
             self._queue.append((payload, acked))
             return
         self._emit(payload, acked)
+
+    def _push(self, payload: bytes) -> None:
+        """A push to this mark (UpstreamServer.push): written now, not held
+        for credit (the node bounds it by the client's write buffer), after
+        anything queued before it."""
+        if self.closed:
+            raise MarkGone(f"mark {self.mark} is closed")
+        if self.max_frame and len(payload) > self.max_frame:
+            raise FrameTooLarge(len(payload), self.max_frame)
+        if self._queue:
+            self._flush_queue(force=True)
+        self._emit(payload, self.last_seq if _handling.get() is self else self._done_seq)
+
+    def accepted(self) -> asyncio.Future[None]:
+        """Done when the node has applied everything this upstream sent on
+        the mark's stream so far: replies in the client's write buffer,
+        metadata set (and told to upstreams that watch marks), pushes made
+        from this mark's handlers accepted. Fails with PushRefused when the
+        link ends first, or when the node refused one of this mark's frames.
+        On a node older than this SDK, done at once."""
+        return self._session.barriers.track(self.mark)
 
     def defer(self) -> Callable[[], None]:
         """Hold this message's acknowledgement until the returned ``done()``
@@ -340,6 +373,7 @@ class _Session:
         peer_window: int,
         peer_protocol: int,
         writer: wire.BatchWriter,
+        answers_pings: bool = False,
     ) -> None:
         self.server = server
         self.node_id = node_id
@@ -352,6 +386,13 @@ class _Session:
         self.running = 0  # marks whose handlers run in a task right now
         self.ready: deque[tuple[Conn, Awaitable[None], _Work]] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.barriers = Barriers(self._ping, answers_pings)
+        self.ended = False
+
+    def _ping(self, ping_id: int) -> None:
+        f = self.writer.frame()
+        f.ping.id = ping_id
+        self.writer.kick()
 
     def send_close(self, mark: str, reason: str, detail: str) -> None:
         f = self.writer.frame()
@@ -418,6 +459,8 @@ class _Session:
             elif kind == "close":
                 conn = conns.get(mark)
                 if conn is None:
+                    if f.close.reason == reasons.UNKNOWN_MARK and self.barriers.gone(mark):
+                        stats["pushes_refused"] += 1
                     continue
                 reason = f.close.reason
                 if reason != reasons.UNKNOWN_MARK:
@@ -433,11 +476,19 @@ class _Session:
                     r.ping.id = p.id
                     r.ping.reply = True
                     self.writer.kick()
+                else:
+                    self.barriers.answered(p.id)
+            elif kind == "mark_event":
+                self.server.marks.apply(self, self.node_id, mark, f.mark_event)
             elif kind == "refused":
-                # A frame of ours the node did not apply (we check its limits
-                # before sending, so this is a bug worth a line in the log).
+                # A frame of ours the node did not apply: a push it does not
+                # permit fails that push; anything else is a bug worth a line
+                # in the log (we check the node's limits before sending).
                 stats["refused_by_node"] += 1
                 refusal = f.refused
+                why = reasons.clean(refusal.reason)
+                if self.barriers.refuse(mark, PushRefused(why, f"mark {mark}")):
+                    stats["pushes_refused"] += 1
                 log.warning(
                     "mark=%s the node refused a frame: %s (%d bytes, limit %d)",
                     mark,
@@ -596,6 +647,9 @@ class _Session:
                 self._spawn(nxt, coro, w)
 
     async def end(self, reason: str) -> None:
+        self.ended = True
+        self.barriers.lost(reason)
+        self.server.marks.ended(self)
         handler = self.server.handler
         for _, coro, _ in self.ready:
             close = getattr(coro, "close", None)
@@ -634,6 +688,7 @@ class UpstreamServer:
         token: str | None = None,
         tls: ServerTLS | None = None,
         transport: str | None = None,
+        watch_marks: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -666,10 +721,14 @@ class UpstreamServer:
             "duplicates_skipped": 0,
             "unexpected_frames": 0,
             "refused_by_node": 0,
+            "pushes_refused": 0,
             "handler_errors": 0,
             "unauthenticated": 0,
         }
         self._sessions: dict[str, set[_Session]] = {}
+        # Every mark of the nodes linked here, when asked (watch_marks).
+        self.watch_marks = watch_marks
+        self.marks = WatchedMarks(handler.on_mark if watch_marks else None)
         self._marks: dict[str, Conn] = {}
         # Reaching marks of nodes we have no link with goes through their
         # control API, found in etcd (only when etcd endpoints are given).
@@ -756,26 +815,69 @@ class UpstreamServer:
         """The Conn of a mark bound to this upstream, if any."""
         return self._marks.get(mark)
 
-    async def push(self, mark: str, payload: bytes) -> None:
-        """Send to any mark in the cluster.
+    def push(self, mark: str, payload: bytes) -> asyncio.Future[None]:
+        """Send one message to any mark in the cluster; the returned future is
+        done when the node has accepted it (it is in the client's write
+        buffer), or fails: MarkGone (not open), PushRefused (the node did
+        not permit it, or the link ended before the node confirmed it).
+
+        The message is on its way when push returns: awaiting is only for
+        knowing it was accepted, so many pushes can be awaited together
+        (``asyncio.gather``), confirmed by one round trip per node. A push is
+        not held for credit: the node bounds it by the client's write buffer
+        (a client that does not read is closed, write_overflow).
 
         A mark bound here, or owned by a node this upstream has a link with,
         is reached over that link; any other through its node's control API
-        (needs ``etcd``). Raises MarkGone when the mark is not open.
+        (needs ``etcd``; accepted when the call returns). Pushes to marks
+        bound to other upstreams need the node's ``--push-upstreams``.
         """
-        conn = self._marks.get(mark)
-        if conn is not None:
-            conn.send(payload)
-            return
-        session = self._session_for(mark)
-        if session is not None:
-            f = session.writer.frame()
-            f.mark = mark
-            f.data.payload = payload
-            session.writer.add_payload(len(payload) + wire.FRAME_OVERHEAD)
-            session.writer.kick()
-            return
-        await self._control(mark).send(mark, payload)
+        loop = asyncio.get_running_loop()
+        try:
+            conn = self._marks.get(mark)
+            if conn is not None:
+                conn._push(payload)
+                return conn._session.barriers.track(mark)
+            session = self._session_for(mark)
+            if session is not None:
+                writer = session.writer
+                size = len(payload) + wire.FRAME_OVERHEAD
+                if writer._held and writer.open_bytes + size > wire.MAX_ATOMIC_BYTES:
+                    raise BackpressureError(
+                        f"more than {wire.MAX_ATOMIC_BYTES} bytes pushed in one atomic()"
+                    )
+                f = writer.frame()
+                f.mark = mark
+                f.data.payload = payload
+                writer.add_payload(size)
+                writer.kick()
+                return session.barriers.track(mark)
+            return asyncio.ensure_future(self._control(mark).send(mark, payload))
+        except Exception as exc:
+            failed: asyncio.Future[None] = loop.create_future()
+            failed.set_exception(exc)
+            return failed
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Frames made inside (pushes, sends, metadata; no await inside) reach
+        each node in one Batch, which the node applies whole or not at all:
+        if this process dies, a node has either all of them or none. At most
+        wire.MAX_ATOMIC_BYTES per node. Use it with a marker in the sender's
+        metadata to make a fan-out happen once (README, "Exactly once")."""
+        held = [(s.writer, s.writer.hold()) for ss in self._sessions.values() for s in ss]
+        try:
+            yield
+        finally:
+            for writer, token in held:
+                writer.release(token)
+
+    async def marks_synced(self, streams: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``streams`` node streams (one per node, or per worker of
+        a node) have sent their whole list of marks (``watch_marks``)."""
+        if not self.watch_marks:
+            raise RuntimeError("marks_synced() needs UpstreamServer(watch_marks=True)")
+        await self.marks.synced(streams, timeout)
 
     async def close_mark(self, mark: str, reason: str = reasons.UPSTREAM_CLOSED) -> None:
         """Close any mark in the cluster (same routes as ``push``)."""
@@ -790,8 +892,19 @@ class UpstreamServer:
         await self._control(mark).close(mark, reason)
 
     def _session_for(self, mark: str) -> _Session | None:
-        sessions = self._sessions.get(node_of(mark))
-        return next(iter(sessions)) if sessions else None
+        """A live stream to the node owning ``mark``: the one of the mark
+        being handled, when it is to the same node, so that what a handler
+        sends goes in order (and in one atomic() Batch) with its replies."""
+        node = node_of(mark)
+        handling = _handling.get()
+        if handling is not None and not handling.closed:
+            own = handling._session
+            if own.node_id == node and not own.ended:
+                return own
+        for session in self._sessions.get(node, ()):
+            if not session.ended:
+                return session
+        return None
 
     def _control(self, mark: str) -> MarkClient:
         if self._marks_client is None:
@@ -822,12 +935,14 @@ class UpstreamServer:
         reply.protocol = wire.PROTOCOL_VERSION
         reply.initial_window = self.window
         reply.software = f"pmlb-upstream-python/{__version__}"
+        reply.watch_marks = self.watch_marks
         session = _Session(
             self,
             hello.id,
             hello.initial_window or wire.DEFAULT_WINDOW,
             min(hello.protocol, wire.PROTOCOL_VERSION),
             writer,
+            hello.answers_pings,
         )
         self.stats["streams"] += 1
         self._sessions.setdefault(hello.id, set()).add(session)
