@@ -28,7 +28,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from tests.conftest import FULL_MATRIX, Cluster, Node, Upstream
+from tests.conftest import FULL_MATRIX, Cluster, Node, Upstream, default_workers_too
 from tests.faults.report import record
 from tests.support import ROOT, Proc, free_port, http_get, needs, tcp_open, wait_until
 
@@ -172,11 +172,14 @@ def _run(port: int, kill: Callable[[], None] | None, tag: str) -> dict[str, Any]
         for c in [*subs, pub]:
             c.stop()
     lost = dup = corrupt = 0
+    missing: dict[str, list[int]] = {}
     for s in subs:
         got = [i for i in s.received if i is not None and i < MESSAGES]
         corrupt += s.received.count(None)
         lost += MESSAGES - len(set(got))
         dup += len(got) - len(set(got))
+        if len(set(got)) < MESSAGES:
+            missing[s.name] = sorted(set(range(MESSAGES)) - set(got))[:10]
     clients = [*subs, pub]
     return {
         "lost": lost,
@@ -186,10 +189,12 @@ def _run(port: int, kill: Callable[[], None] | None, tag: str) -> dict[str, Any]
         "disconnects": sum(c.disconnects for c in clients),
         "pubacks": pub.pubacks - 1,  # not the last message's
         "delivered": sum(len(s.received) - 1 for s in subs),
+        "missing": missing,  # the first few, per subscriber, for the failure message
     }
 
 
-def test_paho_through_an_upstream_sigkill_loses_nothing(cluster: Cluster) -> None:
+@default_workers_too
+def test_paho_through_an_upstream_sigkill_loses_nothing(cluster: Cluster, workers: str) -> None:
     """RUNS times: the broker holding the publisher is SIGKILLed after a third
     of the PUBACKs; every client stays connected, every message arrives once
     and intact at every subscriber, and every publish is acknowledged."""
@@ -215,9 +220,9 @@ def test_paho_through_an_upstream_sigkill_loses_nothing(cluster: Cluster) -> Non
         if (r["lost"], r["duplicated"], r["corrupt"], r["reconnects"]) == (0, 0, 0, 0)
         and r["pubacks"] == MESSAGES
     )
-    total = {k: sum(r[k] for r in results) for k in results[0]}
+    total = {k: sum(r[k] for r in results) for k in results[0] if k != "missing"}
     record(
-        f"mqtt: paho QoS 1, {MESSAGES} pipelined (1 in 3 of 100 KB), broker SIGKILLed",
+        f"mqtt: paho QoS 1, {MESSAGES} pipelined (1 in 3 of 100 KB), broker SIGKILLed [{workers}]",
         connections=SUBSCRIBERS + 1,
         held=SUBSCRIBERS + 1 - max(r["reconnects"] for r in results),
         sent=MESSAGES * RUNS,
@@ -230,7 +235,7 @@ def test_paho_through_an_upstream_sigkill_loses_nothing(cluster: Cluster) -> Non
             f"deliveries {total['delivered']}"
         ),
     )
-    assert clean == RUNS, results
+    assert clean == RUNS, [(r["lost"], r["missing"]) for r in results]
     assert all(r["failovers"] > 0 for r in results), "the killed broker held marks"
     assert total["protocol_errors"] == 0, results
 
@@ -266,7 +271,10 @@ def test_the_same_workload_against_mosquitto_directly(tmp_path: Path) -> None:
 
 
 @needs_mosquitto
-def test_mosquitto_clients_through_an_upstream_sigkill(cluster: Cluster, tmp_path: Path) -> None:
+@default_workers_too
+def test_mosquitto_clients_through_an_upstream_sigkill(
+    cluster: Cluster, tmp_path: Path, workers: str
+) -> None:
     """mosquitto_pub -l publishes lines (QoS 1, as they come) while two
     mosquitto_sub wait for all of them; the broker holding the publisher is
     SIGKILLed halfway. Then a 100 KB file, with mosquitto_pub -f."""
@@ -316,7 +324,7 @@ def test_mosquitto_clients_through_an_upstream_sigkill(cluster: Cluster, tmp_pat
     received = [g[: len(lines)] for g in got]
     bigs = [b"\n".join(g[len(lines) :]).rstrip(b"\n") for g in got]
     record(
-        "mqtt: mosquitto_pub -l / mosquitto_sub, broker SIGKILLed",
+        f"mqtt: mosquitto_pub -l / mosquitto_sub, broker SIGKILLed [{workers}]",
         connections=len(subs) + 1,
         sent=len(lines) + 1,
         lost=sum(

@@ -729,6 +729,7 @@ class UpstreamServer:
         # Every mark of the nodes linked here, when asked (watch_marks).
         self.watch_marks = watch_marks
         self.marks = WatchedMarks(handler.on_mark if watch_marks else None)
+        self._atomic = 0  # atomic() blocks being run
         self._marks: dict[str, Conn] = {}
         # Reaching marks of nodes we have no link with goes through their
         # control API, found in etcd (only when etcd endpoints are given).
@@ -835,7 +836,7 @@ class UpstreamServer:
         loop = asyncio.get_running_loop()
         try:
             conn = self._marks.get(mark)
-            if conn is not None:
+            if conn is not None and not self._reroute(conn):
                 conn._push(payload)
                 return conn._session.barriers.track(mark)
             session = self._session_for(mark)
@@ -858,6 +859,19 @@ class UpstreamServer:
             failed.set_exception(exc)
             return failed
 
+    def _reroute(self, conn: Conn) -> bool:
+        """Inside atomic(), a push to a mark bound here over another stream
+        of the same node (another worker's link) goes on the handler's own
+        stream instead, so that it lands in the same Batch (the node forwards
+        it to the worker holding the mark)."""
+        if not self._atomic:
+            return False
+        handling = _handling.get()
+        if handling is None or handling.closed:
+            return False
+        own = handling._session
+        return own is not conn._session and own.node_id == conn._session.node_id
+
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
         """Frames made inside (pushes, sends, metadata; no await inside) reach
@@ -866,9 +880,11 @@ class UpstreamServer:
         wire.MAX_ATOMIC_BYTES per node. Use it with a marker in the sender's
         metadata to make a fan-out happen once (README, "Exactly once")."""
         held = [(s.writer, s.writer.hold()) for ss in self._sessions.values() for s in ss]
+        self._atomic += 1
         try:
             yield
         finally:
+            self._atomic -= 1
             for writer, token in held:
                 writer.release(token)
 
