@@ -70,7 +70,9 @@ async def test_an_upstream_sees_every_mark_of_the_node_with_its_metadata(
         async with asyncio.timeout(30):
             for s in servers:
                 await s.marks_synced(streams)
-            clients = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(CLIENTS)]
+            clients = [
+                await asyncio.open_connection("127.0.0.1", node.port) for _ in range(CLIENTS)
+            ]
             owners: dict[str, str] = {}
             for i, (r, w) in enumerate(clients):
                 _, upstream, mark = (await r.readuntil(b"\n")).decode().split()
@@ -81,8 +83,10 @@ async def test_an_upstream_sees_every_mark_of_the_node_with_its_metadata(
             for s in servers:
                 # Each sees all of them, its own and the other's, as bound and tagged.
                 await async_wait_until(
-                    lambda s=s: {m: (i.upstream, i.metadata.get("tag")) for m, i in s.marks.items()}
-                    == {m: (u, f"t{n}") for n, (m, u) in enumerate(owners.items())},
+                    lambda s=s: (
+                        {m: (i.upstream, i.metadata.get("tag")) for m, i in s.marks.items()}
+                        == {m: (u, f"t{n}") for n, (m, u) in enumerate(owners.items())}
+                    ),
                     10,
                     f"{s.upstream_id} sees every mark",
                 )
@@ -94,7 +98,9 @@ async def test_an_upstream_sees_every_mark_of_the_node_with_its_metadata(
             closed = list(owners)[:3]
             for s in servers:
                 await async_wait_until(
-                    lambda s=s: not any(m in s.marks for m in closed) and len(s.marks) == CLIENTS - 3,
+                    lambda s=s: (
+                        not any(m in s.marks for m in closed) and len(s.marks) == CLIENTS - 3
+                    ),
                     10,
                     f"{s.upstream_id} forgets closed marks",
                 )
