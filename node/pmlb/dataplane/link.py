@@ -62,6 +62,10 @@ class Link:
         # were skipped while congested, a new snapshot is due on drain.
         self.watch_marks = False
         self.watch_stale = False
+        # Pushes handed to sibling workers, not answered yet (see _to_sibling),
+        # and the ping answers waiting for them.
+        self._forwards: set[asyncio.Future[str]] = set()
+        self._answering: set[asyncio.Task[None]] = set()
         self.peer_window = wire.DEFAULT_WINDOW
         # Per-frame credit charge agreed with the upstream (wire.frame_overhead)
         # and whether it answers pings (protocol 2).
@@ -391,7 +395,11 @@ class Link:
             if kind == "ping":
                 if not f.ping.reply:
                     # The upstream's barrier (Hello.answers_pings): every frame
-                    # before it is applied by now, this loop being in order.
+                    # before it is applied by now, this loop being in order;
+                    # the marks it named that we do not hold are told first.
+                    if unknown:
+                        self._reject_unknown(unknown)
+                        unknown = []
                     self._answer_ping(f.ping.id)
                 # An answer to ours: receiving it was the point.
                 continue
@@ -463,12 +471,25 @@ class Link:
                 self.plane.stats.bad_frames_from_upstream += 1
                 self._refuse(f.mark, "payload_too_large", len(f.data.payload), self.plane.max_frame)
                 return
-            ok = siblings.push(worker, f.mark, f.data.payload)
+            done = siblings.push(worker, f.mark, f.data.payload)
         else:
             reason = reasons.clean(f.close.reason) or reasons.UPSTREAM_CLOSED
-            ok = siblings.push(worker, f.mark, None, reason)
-        if not ok:
+            done = siblings.push(worker, f.mark, None, reason)
+        if done is None:
             self._refuse_foreign(f.mark, kind)
+            return
+        # Until the sibling answers, a ping from the upstream waits (the push
+        # is not accepted yet); a mark the sibling does not hold is answered
+        # like one of ours (unknown_mark), before that ping's answer.
+        self._forwards.add(done)
+        mark = f.mark
+        done.add_done_callback(lambda d: self._forward_done(d, mark))
+
+    def _forward_done(self, done: asyncio.Future[str], mark: str) -> None:
+        self._forwards.discard(done)
+        if not done.cancelled() and done.result() == "not_found" and self.state == UP:
+            self.plane.stats.unknown_mark_frames += 1
+            self._reject_unknown([mark])
 
     @property
     def acts_anywhere(self) -> bool:
@@ -477,10 +498,27 @@ class Link:
         return "*" in allowed or self.id in allowed
 
     def _answer_ping(self, ping_id: int) -> None:
+        if self._forwards:
+            # Pushes handed to sibling workers are not applied yet: answer
+            # once they are (bounded: siblings.FORWARD_TIMEOUT each).
+            pending = list(self._forwards)
+            task = asyncio.get_running_loop().create_task(self._answer_later(pending, ping_id))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+            return
         f = self.writer.frame()
         f.ping.id = ping_id
         f.ping.reply = True
         self.writer.kick()
+
+    async def _answer_later(self, pending: list[asyncio.Future[str]], ping_id: int) -> None:
+        writer = self.writer
+        await asyncio.wait(pending)
+        if writer is self.writer and self.state == UP:  # the same stream: still asked
+            f = writer.frame()
+            f.ping.id = ping_id
+            f.ping.reply = True
+            writer.kick()
 
     def _refuse_foreign(self, mark: str, kind: str | None) -> None:
         self.plane.stats.refused_pushes += 1

@@ -31,10 +31,13 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import logging
 import mmap
 import os
 import struct
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -176,6 +179,16 @@ class NodeProbation:
         self._fds.clear()
 
 
+@dataclass(slots=True)
+class _Forward:
+    """One push (payload) or close (payload None) handed to a sibling."""
+
+    mark: str
+    payload: bytes | None
+    reason: str
+    done: asyncio.Future[str]
+
+
 class Siblings:
     """The node's other workers, reached over their internal control sockets."""
 
@@ -188,6 +201,9 @@ class Siblings:
         self.in_flight = 0
         self._stubs: dict[int, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Per sibling, what is handed to it, in order: one sender task each,
+        # so two pushes to one mark arrive in the order the upstream sent them.
+        self._queues: dict[int, deque[_Forward]] = {}
 
     def owner(self, mark: str) -> int | None:
         """The sibling worker holding ``mark``, or None (ours, another node's,
@@ -213,42 +229,79 @@ class Siblings:
         """One control call on ``worker``; raises grpc.aio.AioRpcError."""
         return await getattr(self.stub(worker), method)(request, timeout=FORWARD_TIMEOUT)
 
-    def push(self, worker: int, mark: str, payload: bytes | None, reason: str = "") -> bool:
+    def push(
+        self, worker: int, mark: str, payload: bytes | None, reason: str = ""
+    ) -> asyncio.Future[str] | None:
         """Hand an upstream's Data (``payload``) or Close for ``mark`` to
-        ``worker``, without waiting; False when too many are in flight."""
+        ``worker``, in order, without waiting. The future says how it ended:
+        "ok", "not_found" (the sibling does not hold the mark) or "error";
+        None when too many are in flight (refused)."""
         if self.in_flight >= MAX_FORWARDS:
-            return False
+            return None
         self.in_flight += 1
         self.forwarded += 1
-        request: Any
-        if payload is not None:
-            method, request = "Send", npb.SendRequest(mark=mark, payloads=[payload])
-        else:
-            method, request = "Close", npb.CloseRequest(mark=mark, reason=reason)
-        task = asyncio.get_running_loop().create_task(self._push(worker, method, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return True
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        queue = self._queues.get(worker)
+        if queue is None:
+            queue = self._queues[worker] = deque()
+        queue.append(_Forward(mark, payload, reason, done))
+        if len(queue) == 1:
+            task = asyncio.get_running_loop().create_task(self._send(worker, queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return done
 
-    async def _push(self, worker: int, method: str, request: Any) -> None:
-        try:
-            await self.call(worker, method, request)
-        except grpc.aio.AioRpcError as exc:
-            # NOT_FOUND: the mark closed meanwhile, as it may on one worker too.
-            log.log(
-                logging.DEBUG if exc.code() == grpc.StatusCode.NOT_FOUND else logging.WARNING,
-                "%s for mark %s handed to worker %d: %s",
-                method,
-                request.mark,
-                worker,
-                exc.code().name,
-            )
-        finally:
-            self.in_flight -= 1
+    async def _send(self, worker: int, queue: deque[_Forward]) -> None:
+        """Forward ``queue`` to ``worker`` until it is empty; consecutive
+        payloads for one mark go in one Send."""
+        while queue:
+            first = queue[0]
+            batch = [first]
+            if first.payload is not None:
+                for f in itertools.islice(queue, 1, None):
+                    if f.mark != first.mark or f.payload is None:
+                        break
+                    batch.append(f)
+            request: Any
+            if first.payload is not None:
+                method = "Send"
+                request = npb.SendRequest(
+                    mark=first.mark, payloads=[f.payload for f in batch if f.payload is not None]
+                )
+            else:
+                method, request = "Close", npb.CloseRequest(mark=first.mark, reason=first.reason)
+            outcome = "ok"
+            try:
+                await self.call(worker, method, request)
+            except grpc.aio.AioRpcError as exc:
+                # NOT_FOUND: the mark closed meanwhile, as it may on one worker too.
+                outcome = "not_found" if exc.code() == grpc.StatusCode.NOT_FOUND else "error"
+                log.log(
+                    logging.DEBUG if outcome == "not_found" else logging.WARNING,
+                    "%s for mark %s handed to worker %d: %s",
+                    method,
+                    first.mark,
+                    worker,
+                    exc.code().name,
+                )
+            except asyncio.CancelledError:
+                outcome = "error"
+                raise
+            finally:
+                for f in batch:
+                    queue.popleft()
+                    self.in_flight -= 1
+                    if not f.done.done():
+                        f.done.set_result(outcome)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for queue in self._queues.values():
+            for f in queue:
+                if not f.done.done():
+                    f.done.set_result("error")
+        self._queues.clear()
         for channel, _ in self._stubs.values():
             await channel.close(grace=None)
         self._stubs.clear()
