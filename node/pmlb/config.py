@@ -225,7 +225,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option(
         "push-upstreams",
         "upstream ids allowed to send to, close or set metadata on marks bound elsewhere "
-        "(* for all); others act only on their own marks (repeatable)",
+        "(* for all); others act only on their own marks (repeatable, or comma-separated)",
         repeated=True,
     ),
     Option(
@@ -782,7 +782,10 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         control_key=values["control_key"],
         control_client_ca=values["control_client_ca"],
         upstream_token=values["upstream_token"],
-        push_upstreams=tuple(values["push_upstreams"]),
+        # "a,b" is two ids, as an operator writing it means (ids have no commas).
+        push_upstreams=tuple(
+            uid.strip() for v in values["push_upstreams"] for uid in v.split(",") if uid.strip()
+        ),
         tls_cert=values["tls_cert"],
         tls_key=values["tls_key"],
         tls_client_ca=values["tls_client_ca"],

@@ -62,6 +62,15 @@ def test_env_lists_are_comma_separated() -> None:
     assert [u.id for u in c.upstreams] == ["a", "b"]
 
 
+def test_push_upstreams_take_a_comma_list_as_well_as_repeats() -> None:
+    """``--push-upstreams js1,py1`` named one upstream called "js1,py1" (so
+    both were refused, with a log line blaming --push-upstreams)."""
+    base = ["--listen", "h:1", "--upstream", "h:1"]
+    c = _cfg([*base, "--push-upstreams", "js1,py1", "--push-upstreams", "u3"])
+    assert c.push_upstreams == ("js1", "py1", "u3")
+    assert _cfg(base, {"PMLB_PUSH_UPSTREAMS": "a, b"}).push_upstreams == ("a", "b")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
