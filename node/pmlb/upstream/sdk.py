@@ -488,7 +488,8 @@ class _Session:
                 refusal = f.refused
                 why = reasons.clean(refusal.reason)
                 if self.barriers.refuse(mark, PushRefused(why, f"mark {mark}")):
-                    stats["pushes_refused"] += 1
+                    stats["pushes_refused"] += 1  # the caller's future says so
+                    continue
                 log.warning(
                     "mark=%s the node refused a frame: %s (%d bytes, limit %d)",
                     mark,
@@ -878,7 +879,7 @@ class UpstreamServer:
         each node in one Batch, which the node applies whole or not at all:
         if this process dies, a node has either all of them or none. At most
         wire.MAX_ATOMIC_BYTES per node. Use it with a marker in the sender's
-        metadata to make a fan-out happen once (README, "Exactly once")."""
+        metadata to make a fan-out happen once (README, "Reaching other marks")."""
         held = [(s.writer, s.writer.hold()) for ss in self._sessions.values() for s in ss]
         self._atomic += 1
         try:

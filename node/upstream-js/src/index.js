@@ -19,8 +19,10 @@ export {
   MarkGone,
   FrameTooLarge,
   MetadataTooLarge,
+  PushRefused,
   nodeOf,
   PROTOCOL_VERSION,
   DEFAULT_WINDOW,
 } from './session.js';
-export { BatchWriter, FRAME_OVERHEAD } from './writer.js';
+export { BatchWriter, FRAME_OVERHEAD, MAX_ATOMIC_BYTES } from './writer.js';
+export { WatchedMarks } from './tracking.js';

@@ -6,8 +6,17 @@ import * as grpc from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 
 import { BRIDGE_PATH, GARBAGE, decodeBatch, encodeBatch } from './proto.js';
-import { DEFAULT_WINDOW, MarkGone, PROTOCOL_VERSION, Session, nodeOf } from './session.js';
-import { BatchWriter, FRAME_OVERHEAD } from './writer.js';
+import {
+  BackpressureError,
+  DEFAULT_WINDOW,
+  MarkGone,
+  PROTOCOL_VERSION,
+  Session,
+  handlingConn,
+  nodeOf,
+} from './session.js';
+import { WatchedMarks } from './tracking.js';
+import { BatchWriter, FRAME_OVERHEAD, MAX_ATOMIC_BYTES } from './writer.js';
 
 export const VERSION = '0.1.0';
 /** The grpc.health.v1 service name the checker asks about. */
@@ -52,7 +61,9 @@ function defaultLogger(id) {
 export class UpstreamServer {
   /**
    * @param {object} handler {onOpen(conn), onMessage(conn, data), onClose(conn, reason)}:
-   *   each optional, each may return a promise.
+   *   each optional, each may return a promise; and, with watchMarks,
+   *   onMark(mark, info) (info null when the mark ended), called from the
+   *   stream's reader: keep it short.
    * @param {object} options
    * @param {string} options.upstreamId this upstream's id (in its Hello and logs)
    * @param {string} [options.listen] host:port, default 127.0.0.1:0 (any free port)
@@ -63,6 +74,8 @@ export class UpstreamServer {
    *   default PMLB_UPSTREAM_TOKEN
    * @param {grpc.ServerCredentials} [options.credentials] TLS; default insecure
    * @param {object} [options.logger] {info, warn, error}
+   * @param {boolean} [options.watchMarks] keep `marks`: every mark of the nodes
+   *   linked here (bound to any upstream), with its metadata
    */
   constructor(handler, options) {
     const {
@@ -74,6 +87,7 @@ export class UpstreamServer {
       token = process.env.PMLB_UPSTREAM_TOKEN,
       credentials,
       logger,
+      watchMarks = false,
     } = options ?? {};
     if (!upstreamId) throw new TypeError('upstreamId is required');
     if (!(concurrency >= 1)) throw new RangeError('concurrency must be at least 1');
@@ -94,11 +108,19 @@ export class UpstreamServer {
       duplicatesSkipped: 0,
       unexpectedFrames: 0,
       refusedByNode: 0,
+      pushesRefused: 0,
       handlerErrors: 0,
       unauthenticated: 0,
     };
     this._marks = new Map();
     this._sessions = new Map(); // node id -> Set<Session>
+    this.watchMarks = Boolean(watchMarks);
+    /** Every mark of the linked nodes, when watchMarks (a read-only Map). */
+    this.marks = new WatchedMarks(
+      this.watchMarks && handler.onMark ? (mark, info) => handler.onMark(mark, info) : null,
+    );
+    this.marks.onError = (msg, err) => this.log.error(msg, err);
+    this._atomic = 0;
     this._health = new HealthImplementation({ '': 'SERVING', [HEALTH_SERVICE]: 'SERVING' });
     this._server = null;
   }
@@ -148,24 +170,92 @@ export class UpstreamServer {
   }
 
   /**
-   * Send to a mark bound here, or to any mark of a node this upstream has a
-   * link with (push; the node must list this upstream in --push-upstreams).
-   * Throws MarkGone otherwise: reaching other nodes' marks goes through their
-   * control API (pmlb.v1.Node), which this SDK does not wrap yet.
+   * Send one message to a mark bound here, or to any mark of a node this
+   * upstream has a link with (the node must list this upstream in
+   * --push-upstreams for marks bound elsewhere). Returns a promise that
+   * resolves when the node has accepted the message (it is in the client's
+   * write buffer) and rejects with MarkGone (not open, or no link to its
+   * node: this SDK does not wrap the control API) or PushRefused (the node
+   * did not permit it, or the link ended before the node confirmed it).
+   *
+   * The message is on its way when push returns: awaiting is only for
+   * knowing it was accepted, so many pushes can be awaited together
+   * (Promise.all), confirmed by one round trip per node; a rejection nobody
+   * awaits is counted (stats.pushesRefused), never unhandled. A push is not
+   * held for credit: the node bounds it by the client's write buffer.
    */
   push(mark, payload) {
-    const conn = this._marks.get(mark);
-    if (conn) {
-      conn.send(payload);
-      return;
+    try {
+      const buf = typeof payload === 'string' ? Buffer.from(payload) : payload;
+      const conn = this._marks.get(mark);
+      if (conn && !this._reroute(conn)) {
+        conn._push(buf);
+        return conn._session.barriers.track(mark);
+      }
+      const session = this._sessionFor(mark);
+      const writer = session.writer;
+      const size = buf.length + FRAME_OVERHEAD;
+      if (writer.held && writer.openBytes + size > MAX_ATOMIC_BYTES) {
+        throw new BackpressureError(`more than ${MAX_ATOMIC_BYTES} bytes pushed in one atomic()`);
+      }
+      const f = writer.frame();
+      f.mark = mark;
+      f.data = { payload: buf };
+      writer.addPayload(size);
+      writer.kick();
+      return session.barriers.track(mark);
+    } catch (err) {
+      const failed = Promise.reject(err);
+      failed.catch(() => {});
+      return failed;
     }
-    const session = this._sessionFor(mark);
-    const buf = typeof payload === 'string' ? Buffer.from(payload) : payload;
-    const f = session.writer.frame();
-    f.mark = mark;
-    f.data = { payload: buf };
-    session.writer.addPayload(buf.length + FRAME_OVERHEAD);
-    session.writer.kick();
+  }
+
+  /**
+   * Run `fn` (synchronous: no await inside) so that the frames it makes
+   * (pushes, sends, metadata) reach each node in one Batch, which the node
+   * applies whole or not at all: if this process dies, a node has either all
+   * of them or none. At most 32 MiB per node. Returns what `fn` returns.
+   */
+  atomic(fn) {
+    const held = [];
+    for (const sessions of this._sessions.values()) {
+      for (const s of sessions) held.push([s.writer, s.writer.hold()]);
+    }
+    this._atomic += 1;
+    let result;
+    try {
+      result = fn();
+    } finally {
+      this._atomic -= 1;
+      for (const [writer, token] of held) writer.release(token);
+    }
+    if (result !== null && typeof result === 'object' && typeof result.then === 'function') {
+      throw new TypeError(
+        'atomic() takes a synchronous function: its frames after an await are not held',
+      );
+    }
+    return result;
+  }
+
+  /**
+   * Resolves when `streams` node streams (one per node, or per worker of a
+   * node) have sent their whole list of marks (watchMarks).
+   */
+  async marksSynced(streams = 1, timeoutMs = 10000) {
+    if (!this.watchMarks) throw new Error('marksSynced() needs the watchMarks option');
+    await this.marks.synced(streams, timeoutMs);
+  }
+
+  /** Inside atomic(), a push to a mark bound here over another stream of the
+   * same node (another worker's link) goes on the handler's own stream, so
+   * it lands in the same Batch (the node forwards it to the right worker). */
+  _reroute(conn) {
+    if (!this._atomic) return false;
+    const h = handlingConn();
+    if (!h || h.closed) return false;
+    const own = h._session;
+    return own !== conn._session && own.nodeId === conn._session.nodeId;
   }
 
   /** Close any mark reachable as with push. */
@@ -178,12 +268,15 @@ export class UpstreamServer {
     this._sessionFor(mark).sendClose(mark, reason, detail);
   }
 
+  /** A live stream to the node owning `mark`: the one of the mark being
+   * handled when it is to the same node, so what a handler sends goes in
+   * order (and in one atomic() Batch) with its replies. */
   _sessionFor(mark) {
-    const sessions = this._sessions.get(nodeOf(mark));
-    if (!sessions || !sessions.size) {
-      throw new MarkGone(`no link to the node owning ${mark}`);
-    }
-    return sessions.values().next().value;
+    const node = nodeOf(mark);
+    const h = handlingConn();
+    if (h && !h.closed && h._session.nodeId === node && !h._session.ended) return h._session;
+    for (const s of this._sessions.get(node) ?? []) if (!s.ended) return s;
+    throw new MarkGone(`no link to the node owning ${mark}`);
   }
 
   _authorized(call) {
@@ -255,6 +348,7 @@ export class UpstreamServer {
           protocol: PROTOCOL_VERSION,
           initialWindow: this.window,
           software: `pmlb-upstream-node/${VERSION}`,
+          watchMarks: this.watchMarks,
         };
         session = new Session({
           handler: this.handler,
@@ -266,6 +360,7 @@ export class UpstreamServer {
           stats: this.stats,
           log: (msg, err) => this.log.error(msg, err),
           marks: this._marks,
+          watched: this.watchMarks ? this.marks : null,
         });
         this.stats.streams += 1;
         if (!this._sessions.has(hello.id)) this._sessions.set(hello.id, new Set());

@@ -11,24 +11,37 @@
 
 import { AsyncLocalStorage } from 'node:async_hooks';
 
+import {
+  BackpressureError,
+  FrameTooLarge,
+  MarkGone,
+  MetadataTooLarge,
+  PmlbError,
+  PushRefused,
+} from './errors.js';
+import { Barriers } from './tracking.js';
 import { FRAME_OVERHEAD } from './writer.js';
+
+export {
+  BackpressureError,
+  FrameTooLarge,
+  MarkGone,
+  MetadataTooLarge,
+  PmlbError,
+  PushRefused,
+} from './errors.js';
 
 // The mark whose onMessage is running (its replies acknowledge its message),
 // carried through the handler's awaits.
 const handling = new AsyncLocalStorage();
 
+/** The Conn whose onMessage is running here, if any (the server's push routing). */
+export function handlingConn() {
+  return handling.getStore();
+}
+
 export const PROTOCOL_VERSION = 2;
 export const DEFAULT_WINDOW = 262144;
-
-export class PmlbError extends Error {}
-/** The mark's outgoing queue is full: its client is not reading. */
-export class BackpressureError extends PmlbError {}
-/** The mark is closed, or not reachable from this upstream. */
-export class MarkGone extends PmlbError {}
-/** A payload over the node's maxFrame for this mark: the node would not deliver it. */
-export class FrameTooLarge extends PmlbError {}
-/** Metadata that would take the mark past the node's maxMeta. */
-export class MetadataTooLarge extends PmlbError {}
 
 /** Length as the node counts it: Unicode code points. */
 function codePoints(text) {
@@ -120,6 +133,34 @@ export class Conn {
       return;
     }
     this._emit(buf, acked);
+  }
+
+  /**
+   * A push to this mark (UpstreamServer.push): written now, not held for
+   * credit (the node bounds it by the client's write buffer), after anything
+   * queued before it.
+   */
+  _push(buf) {
+    if (this.closed) throw new MarkGone(`mark ${this.mark} is closed`);
+    if (this.maxFrame && buf.length > this.maxFrame) {
+      throw new FrameTooLarge(
+        `frame of ${buf.length} bytes exceeds the limit of ${this.maxFrame} bytes`,
+      );
+    }
+    if (this._queue.length) this._flushQueue(true);
+    this._emit(buf, handling.getStore() === this ? this.lastSeq : this._doneSeq);
+  }
+
+  /**
+   * Resolves when the node has applied everything this upstream sent on the
+   * mark's stream so far: replies in the client's write buffer, metadata set
+   * (and told to upstreams that watch marks), pushes made from this mark's
+   * handlers accepted. Rejects with PushRefused when the link ends first, or
+   * when the node refused one of this mark's frames. On a node older than
+   * this SDK, resolves at once.
+   */
+  accepted() {
+    return this._session.barriers.track(this.mark);
   }
 
   /**
@@ -258,8 +299,21 @@ export class Session {
    * @param {object} opts.stats counters, shared with the server
    * @param {(msg: string, err?: unknown) => void} opts.log
    * @param {Map<string, Conn>} [opts.marks] the server's marks, kept current
+   * @param {import('./tracking.js').WatchedMarks} [opts.watched] the server's
+   *   view of the node's marks, when it asked to watch them
    */
-  constructor({ handler, writer, hello, window, maxQueue, concurrency, stats, log, marks }) {
+  constructor({
+    handler,
+    writer,
+    hello,
+    window,
+    maxQueue,
+    concurrency,
+    stats,
+    log,
+    marks,
+    watched,
+  }) {
     this.handler = handler;
     this.writer = writer;
     this.nodeId = hello.id;
@@ -275,6 +329,14 @@ export class Session {
     this.serverMarks = marks ?? new Map();
     this.running = 0;
     this.ready = [];
+    this.ended = false;
+    // The server's view of the node's marks (watchMarks), or null.
+    this.watched = watched ?? null;
+    this.barriers = new Barriers((id) => {
+      const f = this.writer.frame();
+      f.ping = { id };
+      this.writer.kick();
+    }, Boolean(hello.answersPings));
   }
 
   sendClose(mark, reason, detail) {
@@ -338,7 +400,12 @@ export class Session {
         }
         case 'close': {
           const conn = this.conns.get(mark);
-          if (!conn) break;
+          if (!conn) {
+            if (f.close.reason === 'unknown_mark' && this.barriers.gone(mark)) {
+              this.stats.pushesRefused = (this.stats.pushesRefused ?? 0) + 1;
+            }
+            break;
+          }
           // Answered once its earlier messages are handled: a "moved" mark
           // gets its replies first, then this close. unknown_mark needs none.
           const answer = f.close.reason !== 'unknown_mark';
@@ -350,14 +417,28 @@ export class Session {
             const r = this.writer.frame();
             r.ping = { id: f.ping.id, reply: true };
             this.writer.kick();
+          } else {
+            this.barriers.answered(Number(f.ping.id));
           }
           break;
         }
+        case 'markEvent': {
+          if (this.watched) this.watched.apply(this, this.nodeId, mark, f.markEvent);
+          else this.stats.unexpectedFrames += 1;
+          break;
+        }
         case 'refused': {
-          // A frame of ours the node did not apply (we check its limits before
-          // sending, so this is a bug worth a line in the log).
+          // A frame of ours the node did not apply: a push it does not permit
+          // fails that push; anything else is a bug worth a line in the log
+          // (we check the node's limits before sending).
           this.stats.refusedByNode = (this.stats.refusedByNode ?? 0) + 1;
           const r = f.refused;
+          const why = String(r.reason).slice(0, 64);
+          if (this.barriers.refuse(mark, new PushRefused(why, `mark ${mark}`))) {
+            // The caller's promise says so.
+            this.stats.pushesRefused = (this.stats.pushesRefused ?? 0) + 1;
+            break;
+          }
           this.log(
             `mark=${mark} the node refused a frame: ${String(r.reason).slice(0, 64)} (${r.size} bytes, limit ${r.limit})`,
           );
@@ -480,6 +561,9 @@ export class Session {
 
   /** The stream ended: every mark on it is gone from here. */
   async end(reason) {
+    this.ended = true;
+    this.barriers.lost(reason);
+    this.watched?.ended(this);
     this.ready = [];
     for (const conn of [...this.conns.values()]) {
       this.forget(conn);

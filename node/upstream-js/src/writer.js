@@ -10,6 +10,9 @@ export const MAX_BATCH_BYTES = 1 << 20;
 // Every Data frame costs its payload length plus this in credit (protocol 2)
 // and in the SDK's own queue bounds: an empty message is not free.
 export const FRAME_OVERHEAD = 64;
+// The most payload one held Batch (hold(), the SDK's atomic()) may carry: half
+// of what a peer accepts in one message (64 MiB), leaving room for framing.
+export const MAX_ATOMIC_BYTES = 32 << 20;
 
 export class BatchWriter {
   /**
@@ -27,6 +30,35 @@ export class BatchWriter {
     this._idle = [];
     this.pendingBytes = 0;
     this.batchesSent = 0;
+    // hold(): the open batch is not cut, so frames made until release() reach
+    // the peer in one Batch (applied whole or not at all); _swaps counts open
+    // batches taken for writing, to catch an await inside a hold.
+    this._held = 0;
+    this._swaps = 0;
+  }
+
+  /** Payload bytes in the batch being filled. */
+  get openBytes() {
+    return this._bytes;
+  }
+
+  get held() {
+    return this._held > 0;
+  }
+
+  /** Keep every frame made until release(token) in one Batch (no await in between). */
+  hold() {
+    this._held += 1;
+    return this._swaps;
+  }
+
+  release(token) {
+    this._held -= 1;
+    if (this._swaps !== token) {
+      throw new Error(
+        'frames held for one Batch were sent in several: an await between hold() and release()',
+      );
+    }
   }
 
   /** The open batch (to set its hello before the first write). */
@@ -35,7 +67,7 @@ export class BatchWriter {
   }
 
   frame() {
-    if (this._batch.frames.length >= MAX_BATCH_FRAMES) this._cut();
+    if (this._batch.frames.length >= MAX_BATCH_FRAMES && !this._held) this._cut();
     const f = {};
     this._batch.frames.push(f);
     return f;
@@ -44,7 +76,7 @@ export class BatchWriter {
   addPayload(size) {
     this.pendingBytes += size;
     this._bytes += size;
-    if (this._bytes >= MAX_BATCH_BYTES) this._cut();
+    if (this._bytes >= MAX_BATCH_BYTES && !this._held) this._cut();
   }
 
   _cut() {
@@ -76,6 +108,7 @@ export class BatchWriter {
         } else {
           batch = this._batch;
           size = this._bytes;
+          this._swaps += 1;
           this._batch = { frames: [] };
           this._bytes = 0;
         }
