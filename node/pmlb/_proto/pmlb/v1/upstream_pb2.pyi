@@ -528,8 +528,9 @@ class Data(_message.Message):
     payload: _builtins.bytes
     """The bytes. Never larger than the node's maximum frame size (the node
     closes a client that sends a larger message, with reason
-    "frame_too_large"; a larger payload from an upstream is dropped and
-    counted, and the mark is closed with reason "protocol_error").
+    "frame_too_large"; a larger payload from an upstream is not delivered:
+    the node answers with a Refused frame, payload_too_large, and the client
+    stays connected).
     """
     acked: _builtins.int
     """Upstream to node only: the highest client seq of this mark the upstream
