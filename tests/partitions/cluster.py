@@ -185,7 +185,8 @@ class PartitionCluster:
         assert r.returncode == 0, r.stderr
         return proc
 
-    def start_node(self, host: str, *extra: str) -> Proc:
+    def start_node(self, host: str, *extra: str, ack_timeout: float | None = ACK_TIMEOUT) -> Proc:
+        """``ack_timeout`` None: the node's default --ack-timeout."""
         a = self.addr(host)
         proc = self.spawn(
             f"node-{host}",
@@ -206,7 +207,7 @@ class PartitionCluster:
                 "--check-timeout", "0.3",
                 "--check-rise", "1",
                 "--check-fall", "2",
-                "--ack-timeout", str(ACK_TIMEOUT),
+                *(["--ack-timeout", str(ack_timeout)] if ack_timeout is not None else []),
                 "--drain-timeout", "1",
                 # DNS records (CoreDNS etcd plugin keys) under the node's lease.
                 "--dns-name", "lb.pmlbp.test",
