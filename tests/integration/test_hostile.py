@@ -146,7 +146,7 @@ async def test_a_slow_handler_delays_only_its_own_mark(cluster: Cluster) -> None
         latencies.sort()
         record(
             "slow handler (2 s) on a shared link",
-            connections=2,
+            connections=int(m["pmlb_connections_accepted_total"]),
             sent=len(expected),
             lost=len(set(expected) - set(replies)),
             duplicated=len(replies) - len(set(replies)),
