@@ -102,8 +102,10 @@ test-matrix: install
 	PMLB_TEST_MATRIX=full $(PY) -m pytest $(MATRIX_MODULES) $(PYTEST_ARGS)
 
 # Partitions on real network namespaces (root): a few minutes, cleans up after itself.
+# The run's figures replace README's partitions table (measured, never pasted).
 test-partitions: install
-	PMLB_TEST_PARTITIONS=1 $(PY) -m pytest tests/partitions $(PYTEST_ARGS)
+	PMLB_TEST_PARTITIONS=1 PMLB_FIGURES_OUT=.partitions-figures.md $(PY) -m pytest tests/partitions $(PYTEST_ARGS)
+	$(PY) scripts/splice_table.py partitions .partitions-figures.md
 
 test-faults: install
 	$(PY) -m pytest tests/faults tests/integration/test_failover.py \
