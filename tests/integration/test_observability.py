@@ -306,3 +306,51 @@ def test_json_logs_one_object_per_line_without_payloads(cluster: Cluster) -> Non
     assert m["pmlb_upstream_ack_latency_seconds_count"] >= 1
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in lines)
     assert "top-secret-payload" not in node.proc.log()
+
+
+def _readme_metric_names() -> set[str]:
+    """Every ``pmlb_*`` metric README's Observability section names, with
+    ``{a,b}`` alternatives expanded and ``{label}`` sets dropped."""
+    import re
+
+    from tests.support import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Observability") : text.index("## Operations")]
+    names: set[str] = set()
+    for raw in re.findall(r"`(pmlb_[a-z_{},|=\"]+)", section):
+        # "_{a,b}" are alternatives (pmlb_{in,out}_bytes_total); "name{...}"
+        # after a letter is a label set (pmlb_build_info{version,python}).
+        base = re.sub(r"(?<=[a-z])\{[^}]*\}$", "", raw)
+        m = re.search(r"_\{([a-z_,]+)\}", base)
+        if m is None:
+            names.add(base)
+        else:
+            names |= {base.replace(m.group(0), "_" + alt) for alt in m.group(1).split(",")}
+    return names
+
+
+def test_every_metric_readme_names_is_on_a_node_with_a_checker(
+    etcd: Etcd, cluster: Cluster
+) -> None:
+    """README's metric list against what /metrics serves (a node with etcd,
+    holding the checker key, with traffic): a name that drifts fails here."""
+    u1 = cluster.echo("u1")
+    etcd.put("/services/echo/upstreams/u1", u1.addr)
+    node = cluster.node([], etcd=etcd.url, prefix=etcd.prefix, wait_links=["u1"])
+    wait_until(lambda: etcd.get("/services/echo/health/u1"), 10, "the checker wrote health")
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
+        s.sendall(b"hi\n")
+        assert s.recv(100).endswith(b" u1 hi\n")
+    _, body = http_get(f"http://127.0.0.1:{node.admin}/metrics")
+    served = set()
+    for family in text_string_to_metric_families(
+        body.decode() if isinstance(body, bytes) else body
+    ):
+        served.add(family.name)
+        served |= {s.name for s in family.samples}
+    named = _readme_metric_names()
+    assert len(named) >= 25, sorted(named)
+    assert sorted(n for n in named if n not in served) == []
