@@ -10,7 +10,9 @@ out), to show the SDK calls a real server needs. Run the node with
   node accepted it for;
 * ``who``: answers ``members M1 M2 ...`` (the room's marks, sorted);
 * ``push MARK TEXT``: MARK gets TEXT; the sender gets ``accepted``, ``gone``
-  or ``refused REASON``.
+  or ``refused REASON``;
+* ``kick MARK``: MARK's client is closed (reason ``kicked``); the sender gets
+  ``kicked``.
 
     python node/examples/rooms_server.py --listen 127.0.0.1:4773 --id py1
 """
@@ -60,6 +62,9 @@ class Rooms(Handler):
                 conn.send(b"gone")
             except PushRefused as exc:
                 conn.send(f"refused {exc.reason}".encode())
+        elif cmd == "kick":
+            await self.server.close_mark(arg, "kicked")
+            conn.send(b"kicked")
         else:
             conn.send(f"unknown command {cmd}".encode())
 

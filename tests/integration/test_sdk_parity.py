@@ -122,6 +122,15 @@ async def test_both_sdks_see_the_node_and_push_across_it_alike(
             assert await _ask(clients[i], f"push {marks[j][0]} direct from {sdk}") == "accepted"
             assert await clients[j][0].readuntil(b"\n") == f"direct from {sdk}\n".encode()
             assert await _ask(clients[i], f"push {ghost} x") == "gone"
+        # kick: close_mark / closeMark on a mark bound to the other upstream.
+        for sdk in ("js1", "py1"):
+            live = [k for k in range(len(clients)) if not clients[k][0].at_eof()]
+            i = next(i for i in live if marks[i][1] == sdk)
+            j = next(j for j in live if marks[j][1] != sdk)
+            assert await _ask(clients[i], f"kick {marks[j][0]}") == "kicked"
+            assert await clients[j][0].read() == b"", f"{sdk} closed the other's client"
+        m = await asyncio.to_thread(node.metrics)
+        assert m['pmlb_connections_closed_total{reason="other"}'] == 2, "kicked is not a node word"
         for _, w in clients:
             w.close()
 

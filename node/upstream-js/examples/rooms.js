@@ -11,6 +11,8 @@
 //   who           -> "members M1 M2 ..." (the room's marks, sorted)
 //   push MARK TEXT -> MARK gets TEXT; the sender gets "accepted", "gone" or
 //                    "refused REASON"
+//   kick MARK     -> MARK's client is closed (reason "kicked"); the sender
+//                    gets "kicked"
 //
 //   node examples/rooms.js --listen 127.0.0.1:4772 --id js1
 import { parseArgs } from 'node:util';
@@ -55,6 +57,9 @@ class Rooms {
         else if (err instanceof PushRefused) conn.send(`refused ${err.reason}`);
         else throw err;
       }
+    } else if (cmd === 'kick') {
+      this.server.closeMark(arg, 'kicked');
+      conn.send('kicked');
     } else {
       conn.send(`unknown command ${cmd}`);
     }
