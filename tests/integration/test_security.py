@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pmlb.client import MarkClient
-from pmlb.errors import PmlbError
+from pmlb.errors import PmlbError, PushRefused
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.certs import make_chain
 from tests.conftest import Cluster, Etcd
@@ -98,10 +98,16 @@ class Meddler(Handler):
 
     server: UpstreamServer
 
+    def __init__(self) -> None:
+        self.refusals: list[str] = []
+
     async def on_message(self, conn: Conn, data: bytes) -> None:
         cmd, _, mark = data.decode().partition(" ")
         if cmd == "meddle":
-            await self.server.push(mark, b"hijacked")
+            try:
+                await self.server.push(mark, b"hijacked")
+            except PushRefused as exc:  # the node says no, and the SDK says so
+                self.refusals.append(exc.reason)
             session = self.server._session_for(mark)
             assert session is not None
             f = session.writer.frame()
@@ -148,6 +154,7 @@ async def test_an_upstream_acts_only_on_its_own_marks(cluster: Cluster) -> None:
                 w.close()
         m = await asyncio.to_thread(node.metrics)
         assert m["pmlb_refused_pushes_total"] == 3
+        assert meddler.refusals == ["not_permitted"], "the upstream was told its push was refused"
     finally:
         await meddler.server.stop(0)
 
