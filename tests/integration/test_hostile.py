@@ -126,7 +126,10 @@ async def test_a_slow_handler_delays_only_its_own_mark(cluster: Cluster) -> None
             assert await _ask(fast, b"hi") == b"a hi"
             slow[1].write(b"slow 2\n")
             slow_reply = asyncio.ensure_future(slow[0].readuntil(b"\n"))
-            await asyncio.sleep(0.1)  # let the slow message reach its handler
+            # The slow message's handler has started (it counts each call first).
+            await async_wait_until(
+                lambda: len(handlers["a"].calls) == 3, 5, "the slow message in its handler"
+            )
             latencies = []
             replies = []
             for i in range(20):
@@ -168,7 +171,7 @@ async def test_a_move_that_times_out_answers_once_and_keeps_the_client(
     """Draining an upstream whose handler is busy longer than --ack-timeout:
     the mark moves on, the next upstream answers the unacknowledged message,
     the old upstream's late reply and late close are dropped."""
-    _, servers = await _servers("a", "b")
+    handlers, servers = await _servers("a", "b")
     try:
         etcd.put("/services/echo/upstreams/a", f"127.0.0.1:{servers['a'].port}")
         node = await asyncio.to_thread(
@@ -187,16 +190,18 @@ async def test_a_move_that_times_out_answers_once_and_keeps_the_client(
                 lambda: node.metrics().get('pmlb_upstream_up{upstream="b"}') == 1, 10, "b up"
             )
             c[1].write(b"slow 1.5\n")
-            await asyncio.sleep(0.1)  # a is now busy with it
+            await async_wait_until(lambda: len(handlers["a"].calls) == 2, 5, "a busy with it")
             etcd.put(
                 "/services/echo/upstreams/a",
                 f'{{"addr":"127.0.0.1:{servers["a"].port}","drain":true}}',
             )
             assert await c[0].readuntil(b"\n") == b"b slow 1.5\n", "answered by b"
             assert await _ask(c, b"next") == b"b next", "the client stays connected"
-            # Give a's late reply and late close time to arrive, then check
-            # the client saw neither.
-            await asyncio.sleep(2.0)
+            # a's late reply arrives (the node drops and counts it), then the
+            # client must have seen nothing of it.
+            await async_wait_until(
+                lambda: node.metrics().get("pmlb_stale_replies_total", 0) >= 1, 5, "a's late reply"
+            )
             assert await _ask(c, b"last") == b"b last"
             c[1].close()
         m = await asyncio.to_thread(node.metrics)
