@@ -209,7 +209,10 @@ class Cluster:
         env: dict[str, str] | None = None,
         port: int | None = None,
         nofile: int | None = None,
+        rise_fall: tuple[int, int] | None = (1, 1),
     ) -> Node:
+        """A node; with ``etcd``, a quick checker (``rise_fall`` None: the
+        default --check-rise/--check-fall)."""
         port, admin = port or free_port(host), free_port()
         args = [
             "node",
@@ -241,11 +244,9 @@ class Cluster:
                 "0.3",
                 "--check-timeout",
                 "0.3",
-                "--check-rise",
-                "1",
-                "--check-fall",
-                "1",
             ]
+            if rise_fall is not None:
+                args += ["--check-rise", str(rise_fall[0]), "--check-fall", str(rise_fall[1])]
         for u in upstreams:
             args += ["--upstream", u]
         proc = Proc(
