@@ -152,3 +152,46 @@ async def test_mutual_tls_to_upstreams(tmp_path: Path, cluster: Cluster) -> None
     )
     await asyncio.sleep(1.0)  # give a plain-text link every chance to (wrongly) come up
     assert (await asyncio.to_thread(plain.metrics))['pmlb_upstream_up{upstream="u1"}'] == 0
+
+
+async def test_client_certificates_are_required_with_tls_client_ca(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """--tls-client-ca: a client with a certificate from that CA is served; one
+    with no certificate, or one from another CA, gets no byte through, and
+    the node serves on."""
+    chain = make_chain(tmp_path / "pki")
+    other = make_chain(tmp_path / "other")
+    up = cluster.echo("u1")
+    node = await asyncio.to_thread(
+        cluster.node,
+        [f"u1={up.addr}"],
+        extra=[
+            "--tls-cert", str(chain.server_cert),
+            "--tls-key", str(chain.server_key),
+            "--tls-client-ca", str(chain.ca),
+        ],
+    )  # fmt: skip
+
+    def ctx(cert: Path | None, key: Path | None) -> ssl.SSLContext:
+        c = _client_ctx(chain.ca)
+        if cert is not None and key is not None:
+            c.load_cert_chain(cert, key)
+        return c
+
+    async def ask(context: ssl.SSLContext) -> bytes:
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", node.port, ssl=context, server_hostname="127.0.0.1"
+        )
+        try:
+            w.write(b"hi\n")
+            return await r.readuntil(b"\n")
+        finally:
+            w.close()
+
+    async with asyncio.timeout(30):
+        assert (await ask(ctx(chain.client_cert, chain.client_key))).endswith(b" u1 hi\n")
+        for cert, key in ((None, None), (other.client_cert, other.client_key)):
+            with pytest.raises((ssl.SSLError, ConnectionResetError, asyncio.IncompleteReadError)):
+                await ask(ctx(cert, key))
+        assert (await ask(ctx(chain.client_cert, chain.client_key))).endswith(b" u1 hi\n")
