@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cluster, Etcd
-from tests.support import ROOT, Proc, free_port, needs, tcp_open, wait_until
+from tests.support import ROOT, Proc, free_port, http_get, needs, tcp_open, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -225,3 +225,44 @@ def test_the_cluster_dashboard_in_a_browser(
 
     # The nodes follow etcd's watch: soon every new mark goes to u2.
     wait_until(lambda: one_round() == {"u2"}, 15, "new marks avoiding the drained u1")
+
+
+def test_the_node_page_asks_for_the_token_finds_by_address_and_drains(
+    browser: object, cluster: Cluster, tmp_path: Path
+) -> None:
+    """With --admin-token (here PMLB_ADMIN_TOKEN), the page asks for the token
+    once, on the first call that needs it; a search by client address lists
+    the client's mark; the drain button asks for confirmation, then the node
+    drains (not ready, no new clients) while its client is still served."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver: object = browser
+    u1 = cluster.echo("u1")
+    node = cluster.node(
+        [f"u1={u1.addr}"], env={"PMLB_ADMIN_TOKEN": "s3cret"}, extra=["--drain-timeout", "60"]
+    )
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
+    sock, mark = _client(node.port)
+    driver.get(f"http://127.0.0.1:{node.admin}/dashboard")  # type: ignore[attr-defined]
+    wait.until(ec.text_to_be_present_in_element((By.ID, "node-id"), "n1"))
+
+    box = driver.find_element(By.ID, "q")  # type: ignore[attr-defined]
+    box.send_keys("127.0.0.1")  # a client address: every open mark from it
+    driver.find_element(By.CSS_SELECTOR, "#search button").click()  # type: ignore[attr-defined]
+    wait.until(ec.alert_is_present())  # /connections needs the token: asked once
+    alert = driver.switch_to.alert  # type: ignore[attr-defined]
+    alert.send_keys("s3cret")
+    alert.accept()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "marks"), mark))
+
+    driver.find_element(By.ID, "drain-node").click()  # type: ignore[attr-defined]
+    wait.until(ec.alert_is_present())  # the confirmation
+    driver.switch_to.alert.accept()  # type: ignore[attr-defined]
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "draining requested"))
+    wait_until(lambda: http_get(f"http://127.0.0.1:{node.admin}/readyz")[0] == 503, 10, "draining")
+    sock.sendall(b"still\n")
+    assert sock.recv(200).endswith(b" u1 still\n"), "its client is served while it drains"
+    sock.close()
