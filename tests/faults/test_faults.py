@@ -70,9 +70,10 @@ async def test_link_cut_without_fin(cluster: Cluster, direction: str) -> None:
     gaps: list[float] = []
     started = asyncio.Event()
     clients = 100
+    seen: list[list[str]] = [[] for _ in range(clients)]  # mark, then each reply's upstream
     async with asyncio.timeout(60):
         tasks = [
-            asyncio.create_task(_stream(node.port, i, 100, started, stats, gaps))
+            asyncio.create_task(_stream(node.port, i, 100, started, stats, gaps, seen[i]))
             for i in range(clients)
         ]
         await started.wait()
@@ -97,7 +98,12 @@ async def test_link_cut_without_fin(cluster: Cluster, direction: str) -> None:
     assert stats["lost"] == 0
     assert stats["duplicated"] == 0
     assert stats["received"] == clients * 100
-    assert m["pmlb_failovers_total"] >= clients // 2 - 5
+    # Exactly the marks that were on the cut link moved, each once, to u2.
+    on_u1 = [s for s in seen if s[1] == "u1"]
+    assert on_u1, "some clients were on the cut link"
+    assert all(s[-1] == "u2" for s in on_u1), "every one of them moved to u2"
+    assert all(s[1:] == ["u2"] * (len(s) - 1) for s in seen if s[1] == "u2")
+    assert m["pmlb_failovers_total"] == len(on_u1)
 
 
 async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) -> None:
