@@ -66,6 +66,73 @@ async def test_admin_token_and_host_check(cluster: Cluster) -> None:
     assert "adm1n-s3cret" not in node.proc.log(), "the token is never logged"
 
 
+@pytest.mark.parametrize("token", [None, "adm1n-s3cret"], ids=["no-token", "token"])
+async def test_cross_site_requests_change_nothing(cluster: Cluster, token: str | None) -> None:
+    """Security review, finding 2: with no admin token (the default on
+    loopback) a cross-site POST drained the node and closed clients. A request
+    that changes state is refused when its Origin or Sec-Fetch-Site names
+    another site, token or no token; the page's own requests pass."""
+    up = cluster.echo("u1")
+    env = {"PMLB_ADMIN_TOKEN": token} if token else None
+    node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"], env=env)
+    req = lambda *a: asyncio.to_thread(_request, node.admin, *a)  # noqa: E731
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    evil = [
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "https://evil.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},  # a sibling subdomain is another origin
+        {"Origin": "null"},  # a sandboxed frame or a file: page
+    ]
+    for headers in evil:
+        for path in ("/drain", "/api/mark/close?mark=x"):
+            status, body = await req("POST", path, {**auth, **headers})
+            assert status == 403, (path, headers, status, body)
+            assert "cross-site" in body
+    status, _ = await req("GET", "/readyz", {})
+    assert status == 200, "not drained"
+    # The page's own request: same origin (what a browser sends from /dashboard).
+    own = {"Origin": f"http://127.0.0.1:{node.admin}", "Sec-Fetch-Site": "same-origin"}
+    assert (await req("POST", "/api/mark/close?mark=x", {**auth, **own}))[0] == 404
+    # A script or curl sends neither header: allowed as before.
+    assert (await req("POST", "/api/mark/close?mark=x", auth))[0] == 404
+
+
+async def test_browser_routes_check_the_host_and_send_protective_headers(
+    cluster: Cluster,
+) -> None:
+    """Security review, finding 11: /api/status answered any Host (DNS
+    rebinding could read the node's addresses and upstreams), and no response
+    carried Content-Security-Policy, X-Content-Type-Options or frame
+    ancestors. Probes and scrapers (healthz, readyz, metrics) keep answering
+    any name they are given."""
+    up = cluster.echo("u1")
+    node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"])
+    rebind = {"Host": "rebind.evil.example"}
+    for path in ("/api/status", "/dashboard", "/"):
+        status, _ = await asyncio.to_thread(_request, node.admin, "GET", path, rebind)
+        assert status == 421, path
+    for path in ("/healthz", "/readyz", "/metrics"):
+        status, _ = await asyncio.to_thread(_request, node.admin, "GET", path, rebind)
+        assert status == 200, path
+
+    def headers(path: str) -> dict[str, str]:
+        c = http.client.HTTPConnection("127.0.0.1", node.admin, timeout=5)
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            r.read()
+            return {k.lower(): v for k, v in r.getheaders()}
+        finally:
+            c.close()
+
+    for path in ("/dashboard", "/api/status", "/metrics"):
+        h = await asyncio.to_thread(headers, path)
+        assert h.get("x-content-type-options") == "nosniff", path
+        assert "frame-ancestors 'none'" in h.get("content-security-policy", ""), path
+        assert h.get("x-frame-options") == "DENY", path
+
+
 class Echo(Handler):
     def on_message(self, conn: Conn, data: bytes) -> None:
         conn.send(data)

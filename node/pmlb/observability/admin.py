@@ -21,16 +21,36 @@ log = logging.getLogger("pmlb.admin")
 
 MAX_REQUEST: Final = 8192
 REQUEST_TIMEOUT: Final = 5.0
+# Asked for by machines under whatever name an operator gives them (probes,
+# Prometheus): no Host check, and nothing in them a rebinding page could use.
+MACHINE_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+# Every response: no sniffing, no framing (clickjacking), scripts and
+# requests only from this origin (the pages' inline script is their own).
+SECURITY_HEADERS: Final = (
+    "X-Content-Type-Options: nosniff\r\n"
+    "X-Frame-Options: DENY\r\n"
+    "Referrer-Policy: no-referrer\r\n"
+    "Content-Security-Policy: default-src 'self'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'\r\n"
+)
 
 Route = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
 
 class AdminServer:
-    """Routes are open (probes, scrapers) or protected. A protected route needs
-    ``Authorization: Bearer <token>`` when a token is set, and answers only on
-    a loopback address when none is; and it refuses a Host header that is not
-    an address of this node (DNS rebinding: a page on evil.example that
-    resolves to the node must not reach it)."""
+    """Routes are open (probes, scrapers, the pages) or protected. A protected
+    route needs ``Authorization: Bearer <token>`` when a token is set, and
+    answers only on a loopback address when none is.
+
+    Every route but the machine ones (MACHINE_PATHS) refuses a Host header
+    that is not an address or name of this node (DNS rebinding: a page on
+    evil.example that resolves to the node must not read or drive it). A
+    request that changes state (any method but GET and HEAD) is refused when
+    its Origin or Sec-Fetch-Site names another site, token or no token: a
+    cross-site form or fetch cannot drain the node or close a client, while
+    the node's own pages and scripts (which send neither, or same-origin)
+    can."""
 
     def __init__(
         self,
@@ -56,20 +76,18 @@ class AdminServer:
     def route(self, method: str, path: str, handler: Route, protected: bool = False) -> None:
         self.routes[(method, path)] = (handler, protected)
 
-    def _refusal(self, head: bytes, local: str) -> tuple[int, bytes] | None:
-        """Why a protected request is refused (status, body), or None."""
-        headers: dict[str, str] = {}
-        for line in head.split(b"\r\n")[1:]:
-            name, sep, value = line.decode("latin-1").partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        host = headers.get("host", "")
-        if host.startswith("["):  # [v6]:port
-            host = host[1:].partition("]")[0]
-        elif host.count(":") == 1:  # name:port, v4:port
-            host = host.partition(":")[0]
-        if host and host != local and host not in self.names:
-            return 421, b"host not served here\n"
+    def _refusal(
+        self, method: str, path: str, headers: dict[str, str], local: str, protected: bool
+    ) -> tuple[int, bytes] | None:
+        """Why a request is refused (status, body), or None."""
+        if path not in MACHINE_PATHS:
+            host = _hostname(headers.get("host", ""))
+            if host and host != local and host not in self.names:
+                return 421, b"host not served here\n"
+        if method not in ("GET", "HEAD") and self._cross_site(headers):
+            return 403, b"cross-site request refused: it would change state\n"
+        if not protected:
+            return None
         if self.token is None:
             if _is_loopback(local):
                 return None
@@ -79,6 +97,19 @@ class AdminServer:
         if not hmac.compare_digest(given.encode(), expected.encode()):
             return 401, b"a valid bearer token is required\n"
         return None
+
+    @staticmethod
+    def _cross_site(headers: dict[str, str]) -> bool:
+        """Whether a browser says the request comes from another site."""
+        site = headers.get("sec-fetch-site", "").lower()
+        if site in ("cross-site", "same-site"):
+            return True
+        origin = headers.get("origin")
+        if origin is None:
+            return False  # not a browser's cross-origin request (curl, scripts)
+        _, sep, rest = origin.partition("://")
+        # "null" (sandboxed frames, file: pages) or another host:port.
+        return not sep or rest.rstrip("/").lower() != headers.get("host", "").lower()
 
     async def start(self) -> None:
         if self.unix_path is not None:
@@ -101,9 +132,15 @@ class AdminServer:
             path, _, query = target.partition("?")
             found = self.routes.get((method, path))
             refusal = None
-            if found is not None and found[1] and self.unix_path is None:
+            if found is not None and self.unix_path is None:
                 sockname = writer.get_extra_info("sockname")
-                refusal = self._refusal(head, str(sockname[0]) if sockname else "")
+                refusal = self._refusal(
+                    method,
+                    path,
+                    _headers(head),
+                    str(sockname[0]) if sockname else "",
+                    found[1],
+                )
             if found is None:
                 known = any(p == path for _, p in self.routes)
                 status, ctype, body = (405 if known else 404), "text/plain", b"not found\n"
@@ -134,12 +171,30 @@ class AdminServer:
         }.get(status, "OK")
         writer.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            f"Content-Length: {len(body)}\r\n{SECURITY_HEADERS}Connection: close\r\n\r\n".encode()
             + body
         )
         with contextlib.suppress(TimeoutError, ConnectionError):
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         writer.close()
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.decode("latin-1").partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def _hostname(host: str) -> str:
+    """The name or address of a Host header, without its port."""
+    if host.startswith("["):  # [v6]:port
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:  # name:port, v4:port
+        return host.partition(":")[0]
+    return host
 
 
 def json_body(obj: object) -> bytes:
