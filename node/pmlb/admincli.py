@@ -127,9 +127,9 @@ async def _ls(store: EtcdStore, keys: Keys, args: argparse.Namespace) -> None:
             json.dumps({"service": args.service, "checker": checker, "upstreams": rows}, indent=1)
         )
         return
-    print(f"service {args.service}   checker: {checker or '-'}")
+    print(f"service {_printable(args.service)}   checker: {_printable(checker or '-')}")
     print(f"{'ID':<16} {'ADDRESS':<24} {'WEIGHT':>6}  {'DRAIN':<5}  HEALTH")
-    for r in rows:
+    for r in _safe(rows):
         print(
             f"{r['id']:<16} {r['addr']:<24} {r['weight']:>6}  "
             f"{'yes' if r['drain'] else 'no':<5}  {r['health']} {r['since']}"
@@ -287,7 +287,32 @@ async def _none() -> None:
     return None
 
 
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: control and format characters (ESC, CR,
+    newlines, bidi overrides) shown as escapes. Values come from etcd, which
+    anyone with write access there fills: they must not drive the terminal
+    (titles, colours, cursor moves) or forge rows."""
+    return "".join(
+        ch
+        if ch.isprintable()
+        else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
+
+
+def _safe(value: Any) -> Any:
+    """A row of etcd-sourced values, each string (and list item) printable."""
+    if isinstance(value, str):
+        return _printable(value)
+    if isinstance(value, list):
+        return [_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {_safe(k): _safe(v) for k, v in value.items()}
+    return value
+
+
 def _status_table(r: dict[str, Any]) -> str:
+    r = _safe(r)
     lines = [f"{'NODE':<16} {'LISTEN':<22} {'AGE':>8} {'WORKERS':>7} {'MARKS':>7}  SERVICES"]
     for n in r["nodes"]:
         age = f"{n['age_seconds']}s" if n.get("age_seconds") is not None else "-"
