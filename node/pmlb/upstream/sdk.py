@@ -73,6 +73,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pmlb.upstream")
 
+
+class _OneLine(logging.Filter):
+    """Every line this SDK logs stays one printable line: text a peer chose
+    (a Hello id, a mark, a reason) with a newline or an ESC in it cannot
+    forge a log line or drive a terminal (control characters are escaped)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.isprintable():
+            record.msg = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in msg)
+            record.args = None
+        return True
+
+
+log.addFilter(_OneLine())
+
 SERVICE_NAME: Final = HEALTH_SERVICE
 DEFAULT_MAX_QUEUE: Final = 4 << 20
 DEFAULT_CONCURRENCY: Final = 64

@@ -48,6 +48,24 @@ export const BRIDGE_SERVICE = {
   },
 };
 
+/** One printable line: text a peer chose (a Hello id, a mark) with a newline
+ * or an ESC in it cannot forge a log line or drive a terminal. */
+export function printable(text) {
+  return String(text).replace(
+    /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g,
+    (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`,
+  );
+}
+
+/** The logger given (or the default), with every message made one line. */
+function oneLine(logger) {
+  return {
+    info: (msg) => logger.info(printable(msg)),
+    warn: (msg) => logger.warn(printable(msg)),
+    error: (msg, err) => logger.error(printable(msg), err),
+  };
+}
+
 function defaultLogger(id) {
   const at = () => new Date().toISOString();
   return {
@@ -99,7 +117,7 @@ export class UpstreamServer {
     this.concurrency = concurrency;
     this.token = token || null;
     this.credentials = credentials ?? grpc.ServerCredentials.createInsecure();
-    this.log = logger ?? defaultLogger(upstreamId);
+    this.log = oneLine(logger ?? defaultLogger(upstreamId));
     this.port = 0;
     this.stats = {
       streams: 0,
