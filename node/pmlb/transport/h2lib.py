@@ -47,6 +47,12 @@ from pmlb.transport import (
     server_ssl_context,
 )
 
+# hpack logs every header it encodes or decodes at DEBUG, the upstream
+# token's "authorization: Bearer ..." among them: never below INFO, whatever
+# --log-level (or an application embedding the SDK) sets. Secrets are never
+# logged (README, "Security").
+logging.getLogger("hpack").setLevel(logging.INFO)
+
 log = logging.getLogger("pmlb.transport")
 
 
