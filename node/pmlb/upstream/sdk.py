@@ -92,6 +92,9 @@ log.addFilter(_OneLine())
 SERVICE_NAME: Final = HEALTH_SERVICE
 DEFAULT_MAX_QUEUE: Final = 4 << 20
 DEFAULT_CONCURRENCY: Final = 64
+# A Bridge stream that has not sent its Hello by then is ended (DEADLINE_EXCEEDED):
+# a peer opening streams and sending nothing must not hold them for ever.
+DEFAULT_HELLO_TIMEOUT: Final = 10.0
 
 
 class Handler:
@@ -706,6 +709,7 @@ class UpstreamServer:
         tls: ServerTLS | None = None,
         transport: str | None = None,
         watch_marks: bool = False,
+        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -739,12 +743,14 @@ class UpstreamServer:
             "unexpected_frames": 0,
             "refused_by_node": 0,
             "pushes_refused": 0,
+            "hello_timeouts": 0,
             "handler_errors": 0,
             "unauthenticated": 0,
         }
         self._sessions: dict[str, set[_Session]] = {}
         # Every mark of the nodes linked here, when asked (watch_marks).
         self.watch_marks = watch_marks
+        self.hello_timeout = hello_timeout
         self.marks = WatchedMarks(handler.on_mark if watch_marks else None)
         self._atomic = 0  # atomic() blocks being run
         self._marks: dict[str, Conn] = {}
@@ -956,9 +962,18 @@ class UpstreamServer:
                 )
                 raise Refused("UNAUTHENTICATED", "upstream token required")
         try:
-            first = await stream.read()
+            first = await asyncio.wait_for(stream.read(), self.hello_timeout)
         except wire.StreamEnded:
             return
+        except TimeoutError:
+            self.stats["hello_timeouts"] += 1
+            log.warning(
+                "ended a Bridge stream from %s that sent no Hello within %.1fs (%d so far)",
+                stream.peer,
+                self.hello_timeout,
+                self.stats["hello_timeouts"],
+            )
+            raise Refused("DEADLINE_EXCEEDED", "no Hello in time") from None
         if first is None or not first.HasField("hello"):
             raise Refused("INVALID_ARGUMENT", "first Batch must carry hello")
         hello = first.hello

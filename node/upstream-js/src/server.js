@@ -26,6 +26,10 @@ export const HEALTH_SERVICE = 'pmlb.v1.Upstream';
 export const GRPC_MAX_MESSAGE = 64 << 20;
 export const DEFAULT_MAX_QUEUE = 4 << 20;
 export const DEFAULT_CONCURRENCY = 64;
+// A Bridge stream that has not sent its Hello by then is ended
+// (DEADLINE_EXCEEDED): a peer opening streams and sending nothing must not
+// hold them for ever.
+export const DEFAULT_HELLO_TIMEOUT_MS = 10000;
 
 const SERVER_OPTIONS = {
   'grpc.max_receive_message_length': GRPC_MAX_MESSAGE,
@@ -92,6 +96,8 @@ export class UpstreamServer {
    *   default PMLB_UPSTREAM_TOKEN
    * @param {grpc.ServerCredentials} [options.credentials] TLS; default insecure
    * @param {object} [options.logger] {info, warn, error}
+   * @param {number} [options.helloTimeoutMs] a stream with no Hello by then is
+   *   ended (default 10000)
    * @param {boolean} [options.watchMarks] keep `marks`: every mark of the nodes
    *   linked here (bound to any upstream), with its metadata
    */
@@ -102,6 +108,7 @@ export class UpstreamServer {
       window = DEFAULT_WINDOW,
       maxQueue = DEFAULT_MAX_QUEUE,
       concurrency = DEFAULT_CONCURRENCY,
+      helloTimeoutMs = DEFAULT_HELLO_TIMEOUT_MS,
       token = process.env.PMLB_UPSTREAM_TOKEN,
       credentials,
       logger,
@@ -115,6 +122,7 @@ export class UpstreamServer {
     this.window = window;
     this.maxQueue = maxQueue;
     this.concurrency = concurrency;
+    this.helloTimeoutMs = helloTimeoutMs;
     this.token = token || null;
     this.credentials = credentials ?? grpc.ServerCredentials.createInsecure();
     this.log = oneLine(logger ?? defaultLogger(upstreamId));
@@ -129,6 +137,7 @@ export class UpstreamServer {
       pushesRefused: 0,
       handlerErrors: 0,
       unauthenticated: 0,
+      helloTimeouts: 0,
     };
     this._marks = new Map();
     this._sessions = new Map(); // node id -> Set<Session>
@@ -313,6 +322,17 @@ export class UpstreamServer {
     }
     let session = null;
     let ended = false;
+    // No Hello in time: end the stream (a peer must not hold it open idle).
+    const helloTimer = setTimeout(() => {
+      if (session !== null || ended) return;
+      ended = true;
+      this.stats.helloTimeouts += 1;
+      this.log.warn(
+        `ended a Bridge stream from ${call.getPeer()} that sent no Hello within ${this.helloTimeoutMs} ms (${this.stats.helloTimeouts} so far)`,
+      );
+      call.emit('error', { code: grpc.status.DEADLINE_EXCEEDED, details: 'no Hello in time' });
+    }, this.helloTimeoutMs);
+    helloTimer.unref?.();
     let writer = null;
     const write = (batch) =>
       new Promise((resolve, reject) => {
@@ -351,6 +371,7 @@ export class UpstreamServer {
     call.on('data', (batch) => {
       if (ended) return;
       if (session === null) {
+        clearTimeout(helloTimer);
         if (batch === GARBAGE || !batch.hello) {
           ended = true;
           call.emit('error', {
