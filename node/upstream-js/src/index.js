@@ -11,18 +11,14 @@
 // The contract it implements is proto/README.md; `pmlb conformance HOST:PORT`
 // checks it (run examples/echo.js --conformance).
 export { UpstreamServer, HEALTH_SERVICE, GRPC_MAX_MESSAGE, VERSION } from './server.js';
+export { Conn, Session, nodeOf, PROTOCOL_VERSION, DEFAULT_WINDOW } from './session.js';
 export {
-  Conn,
-  Session,
   PmlbError,
   BackpressureError,
   MarkGone,
   FrameTooLarge,
   MetadataTooLarge,
   PushRefused,
-  nodeOf,
-  PROTOCOL_VERSION,
-  DEFAULT_WINDOW,
-} from './session.js';
+} from './errors.js';
 export { BatchWriter, FRAME_OVERHEAD, MAX_ATOMIC_BYTES } from './writer.js';
 export { WatchedMarks } from './tracking.js';

@@ -6,15 +6,8 @@ import * as grpc from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 
 import { BRIDGE_PATH, GARBAGE, decodeBatch, encodeBatch } from './proto.js';
-import {
-  BackpressureError,
-  DEFAULT_WINDOW,
-  MarkGone,
-  PROTOCOL_VERSION,
-  Session,
-  handlingConn,
-  nodeOf,
-} from './session.js';
+import { BackpressureError, MarkGone } from './errors.js';
+import { DEFAULT_WINDOW, PROTOCOL_VERSION, Session, handlingConn, nodeOf } from './session.js';
 import { WatchedMarks } from './tracking.js';
 import { BatchWriter, FRAME_OVERHEAD, MAX_ATOMIC_BYTES } from './writer.js';
 

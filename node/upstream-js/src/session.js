@@ -22,15 +22,6 @@ import {
 import { Barriers } from './tracking.js';
 import { FRAME_OVERHEAD } from './writer.js';
 
-export {
-  BackpressureError,
-  FrameTooLarge,
-  MarkGone,
-  MetadataTooLarge,
-  PmlbError,
-  PushRefused,
-} from './errors.js';
-
 // The mark whose onMessage is running (its replies acknowledge its message),
 // carried through the handler's awaits.
 const handling = new AsyncLocalStorage();

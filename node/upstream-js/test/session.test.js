@@ -3,13 +3,8 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 
 import { floodMessage } from '../src/conformance.js';
-import {
-  BackpressureError,
-  FrameTooLarge,
-  MetadataTooLarge,
-  Session,
-  nodeOf,
-} from '../src/session.js';
+import { BackpressureError, FrameTooLarge, MetadataTooLarge } from '../src/errors.js';
+import { Session, nodeOf } from '../src/session.js';
 
 class FakeWriter {
   constructor() {
