@@ -81,7 +81,9 @@ class PartitionCluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
-            env={**os.environ, "PMLB_WORKERS": "1"},
+            # Nodes at the default worker count (one per CPU), as users run
+            # them (the suite's conftest pins 1 for tests that do not ask).
+            env={**os.environ, "PMLB_WORKERS": "0"},
         )
         proc = Proc(name, host, popen, log)
         self.procs.append(proc)
@@ -259,10 +261,19 @@ class PartitionCluster:
         return out
 
     def rss(self, name: str) -> int:
-        """Resident memory of process ``name`` (bytes)."""
-        status = Path(f"/proc/{self.proc(name).popen.pid}/status").read_text()
-        kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-        return int(kb) * 1024
+        """Resident memory of process ``name`` and its children (a node's
+        workers), in bytes."""
+        total = 0
+        for pid in _tree(self.proc(name).popen.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            kb = next(
+                (line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")), "0"
+            )
+            total += int(kb) * 1024
+        return total
 
     def journals(self) -> list[Path]:
         return sorted(self.log_dir.glob("journal-*.txt"))
@@ -273,3 +284,23 @@ class PartitionCluster:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants (from each process's parent in /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += parents.get(pid, [])
+    return out
