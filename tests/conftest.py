@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,22 @@ class Cluster:
             args,
             self.log_dir,
             module="tests.faults.journal_upstream",
+        )
+        self.procs.append(proc)
+        wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, f"upstream {uid}")
+        assert proc.alive(), proc.log()
+        return Upstream(proc, uid, port)
+
+    def script(self, uid: str, script: Path, *, program: str | None = None) -> Upstream:
+        """An example upstream (``script --listen HOST:PORT --id UID``), run by
+        ``program`` (default: this Python), once it listens."""
+        port = free_port()
+        args = [str(script), "--listen", f"127.0.0.1:{port}", "--id", uid]
+        proc = Proc(
+            f"{script.stem}-{uid}-{len(self.procs)}",
+            args,
+            self.log_dir,
+            program=program or sys.executable,
         )
         self.procs.append(proc)
         wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, f"upstream {uid}")

@@ -10,7 +10,6 @@ relies on: every request answered, correctly, with no reconnect.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from tests.conftest import Cluster, Upstream
 from tests.faults.report import record
-from tests.support import ROOT, Proc, async_wait_until, free_port, tcp_open, wait_until
+from tests.support import ROOT, async_wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -27,13 +26,7 @@ CLIENTS = 20
 
 
 def _server(cluster: Cluster, uid: str) -> Upstream:
-    port = free_port()
-    args = [str(SERVER), "--listen", f"127.0.0.1:{port}", "--id", uid]
-    proc = Proc(f"modbus-{uid}", args, cluster.log_dir, program=sys.executable)
-    cluster.procs.append(proc)
-    wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, f"server {uid}")
-    assert proc.alive(), proc.log()
-    return Upstream(proc, uid, port)
+    return cluster.script(uid, SERVER)
 
 
 def _expected(address: int, unit: int, count: int) -> list[int]:

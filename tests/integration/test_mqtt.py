@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ import paho.mqtt.client as mqtt
 
 from tests.conftest import FULL_MATRIX, Cluster, Node, Upstream, default_workers_too
 from tests.faults.report import record
-from tests.support import ROOT, Proc, free_port, http_get, needs, tcp_open, wait_until
+from tests.support import ROOT, free_port, http_get, needs, tcp_open, wait_until
 
 BROKER = ROOT / "node" / "examples" / "mqtt" / "broker.py"
 MESSAGES = 300
@@ -66,18 +65,8 @@ def index_of(data: bytes) -> int | None:
     return int(head)
 
 
-def _broker(cluster: Cluster, uid: str) -> Upstream:
-    port = free_port()
-    args = [str(BROKER), "--listen", f"127.0.0.1:{port}", "--id", uid]
-    proc = Proc(f"mqtt-{uid}", args, cluster.log_dir, program=sys.executable)
-    cluster.procs.append(proc)
-    wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, f"broker {uid}")
-    assert proc.alive(), proc.log()
-    return Upstream(proc, uid, port)
-
-
 def _pmlb(cluster: Cluster) -> tuple[Node, dict[str, Upstream]]:
-    brokers = {uid: _broker(cluster, uid) for uid in ("m1", "m2")}
+    brokers = {uid: cluster.script(uid, BROKER) for uid in ("m1", "m2")}
     node = cluster.node(
         [f"{uid}={b.addr}" for uid, b in brokers.items()],
         framing="mqtt",

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from pmlb.errors import FramingError
 from tests.conftest import Cluster, Upstream
 from tests.faults.report import record
-from tests.support import ROOT, Proc, async_wait_until, free_port, tcp_open, wait_until
+from tests.support import ROOT, async_wait_until
 
 EXAMPLES = ROOT / "node" / "examples"
 CLIENTS = 10
@@ -71,13 +71,7 @@ def _install_plugin(tmp: Path) -> str:
 
 
 def _server(cluster: Cluster, uid: str) -> Upstream:
-    port = free_port()
-    args = [str(EXAMPLES / "resp_server.py"), "--listen", f"127.0.0.1:{port}", "--id", uid]
-    proc = Proc(f"resp-{uid}", args, cluster.log_dir, program=sys.executable)
-    cluster.procs.append(proc)
-    wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, f"server {uid}")
-    assert proc.alive(), proc.log()
-    return Upstream(proc, uid, port)
+    return cluster.script(uid, EXAMPLES / "resp_server.py")
 
 
 @pytest.mark.asyncio(loop_scope="function")

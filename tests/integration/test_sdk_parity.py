@@ -11,35 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import pytest
 
 from tests.conftest import JS_SDK, Cluster, Node, Upstream, default_workers_too
-from tests.support import ROOT, Proc, free_port, http_get, tcp_open, wait_until
+from tests.support import ROOT, http_get
 
 pytestmark = [pytest.mark.asyncio(loop_scope="function"), default_workers_too]
 
 Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-def _rooms(cluster: Cluster, uid: str, program: str, script: str) -> Upstream:
-    port = free_port()
-    proc = Proc(
-        f"rooms-{uid}-{len(cluster.procs)}",
-        [script, "--listen", f"127.0.0.1:{port}", "--id", uid],
-        cluster.log_dir,
-        program=program,
-    )
-    cluster.procs.append(proc)
-    wait_until(lambda: tcp_open("127.0.0.1", port) or not proc.alive(), 15, f"rooms {uid}")
-    assert proc.alive(), proc.log()
-    return Upstream(proc, uid, port)
-
-
 def _twins(cluster: Cluster, node_bin: str) -> tuple[Upstream, Upstream]:
-    js = _rooms(cluster, "js1", node_bin, str(JS_SDK / "examples" / "rooms.js"))
-    py = _rooms(cluster, "py1", sys.executable, str(ROOT / "node" / "examples" / "rooms_server.py"))
+    js = cluster.script("js1", JS_SDK / "examples" / "rooms.js", program=node_bin)
+    py = cluster.script("py1", ROOT / "node" / "examples" / "rooms_server.py")
     return js, py
 
 
