@@ -62,10 +62,12 @@ class Link:
         # were skipped while congested, a new snapshot is due on drain.
         self.watch_marks = False
         self.watch_stale = False
-        # Pushes handed to sibling workers, not answered yet (see _to_sibling),
-        # and the ping answers waiting for them.
+        # Pushes handed to sibling workers, not answered yet (see _to_sibling);
+        # the one task answering the upstream's pings that wait for them, and
+        # the next such ping (with the forwards it must wait for).
         self._forwards: set[asyncio.Future[str]] = set()
-        self._answering: set[asyncio.Task[None]] = set()
+        self._late: asyncio.Task[None] | None = None
+        self._late_next: tuple[int, list[asyncio.Future[str]]] | None = None
         self.peer_window = wire.DEFAULT_WINDOW
         # Per-frame credit charge agreed with the upstream (wire.frame_overhead)
         # and whether it answers pings (protocol 2).
@@ -475,8 +477,12 @@ class Link:
         else:
             reason = reasons.clean(f.close.reason) or reasons.UPSTREAM_CLOSED
             done = siblings.push(worker, f.mark, None, reason)
-        if done is None:
-            self._refuse_foreign(f.mark, kind)
+        if done is None:  # too many handed on and not answered yet: say so
+            self.plane.stats.refused_pushes += 1
+            f2 = self.writer.frame()
+            f2.mark = f.mark
+            f2.refused.reason = "overloaded"
+            self.writer.kick()
             return
         # Until the sibling answers, a ping from the upstream waits (the push
         # is not accepted yet); a mark the sibling does not hold is answered
@@ -498,27 +504,38 @@ class Link:
         return "*" in allowed or self.id in allowed
 
     def _answer_ping(self, ping_id: int) -> None:
-        if self._forwards:
-            # Pushes handed to sibling workers are not applied yet: answer
-            # once they are (bounded: siblings.FORWARD_TIMEOUT each).
-            pending = list(self._forwards)
-            task = asyncio.get_running_loop().create_task(self._answer_later(pending, ping_id))
-            self._answering.add(task)
-            task.add_done_callback(self._answering.discard)
-            return
-        f = self.writer.frame()
-        f.ping.id = ping_id
-        f.ping.reply = True
-        self.writer.kick()
-
-    async def _answer_later(self, pending: list[asyncio.Future[str]], ping_id: int) -> None:
-        writer = self.writer
-        await asyncio.wait(pending)
-        if writer is self.writer and self.state == UP:  # the same stream: still asked
-            f = writer.frame()
+        if not self._forwards and self._late is None:
+            f = self.writer.frame()
             f.ping.id = ping_id
             f.ping.reply = True
-            writer.kick()
+            self.writer.kick()
+            return
+        # Pushes handed to sibling workers are not applied yet (or an earlier
+        # ping waits for some): answer once they are, in order. A later ping
+        # replaces a waiting one, as its answer confirms everything before it
+        # too (the SDKs take an answer for every ping up to its id), so one
+        # task and one waiting ping is all a flood of pings costs.
+        self._late_next = (ping_id, list(self._forwards))
+        if self._late is None:
+            self._late = asyncio.get_running_loop().create_task(self._answer_late())
+
+    async def _answer_late(self) -> None:
+        writer = self.writer
+        try:
+            while self._late_next is not None:
+                ping_id, pending = self._late_next
+                self._late_next = None
+                if pending:  # each bounded by siblings.FORWARD_TIMEOUT
+                    await asyncio.wait(pending)
+                if writer is not self.writer or self.state != UP:
+                    return  # another stream now: nobody asked it
+                f = writer.frame()
+                f.ping.id = ping_id
+                f.ping.reply = True
+                writer.kick()
+        finally:
+            self._late = None
+            self._late_next = None
 
     def _refuse_foreign(self, mark: str, kind: str | None) -> None:
         self.plane.stats.refused_pushes += 1

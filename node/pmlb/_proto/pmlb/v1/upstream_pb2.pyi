@@ -304,6 +304,8 @@ class Refused(_message.Message):
     over Open.max_meta, not applied.
     "not_permitted": a push, close or metadata change for a mark bound to
     another upstream, from an upstream not in the node's --push-upstreams.
+    "overloaded": a push or close for a mark another worker of the node
+    holds, while too many are already on their way to it; try again later.
     """
     size: _builtins.int
     """The size of what was refused and the limit it exceeded, in bytes."""
