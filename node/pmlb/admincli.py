@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import urllib.request
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -177,24 +176,30 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _scrape(admin: str) -> dict[str, float] | None:
-    """A node's /metrics as {'name{labels}': value}; None when unreachable."""
+async def _scrape(admin: str) -> tuple[dict[str, float] | None, str]:
+    """A node's /metrics as {'name{labels}': value} and "", or None and why
+    not. Bounded in total time and size, no redirect followed (pmlb.observability
+    .scrape): the address is whatever etcd says."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    def fetch() -> str:
-        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=2) as resp:
-            return str(resp.read().decode())
+    from pmlb.observability import scrape
 
     try:
-        text = await asyncio.to_thread(fetch)
-    except OSError:
-        return None
+        status, body = await scrape.get(admin, "/metrics")
+    except scrape.ScrapeError as exc:
+        return None, str(exc)
+    if status != 200:
+        return None, f"/metrics answered {status}"
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
+    try:
+        for fam in text_string_to_metric_families(body.decode("utf-8")):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        # The parser raises these on text that is not the Prometheus format.
+        return None, f"/metrics is not Prometheus text ({exc.__class__.__name__})"
+    return out, ""
 
 
 async def _status(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,13 +221,20 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
         if kv.key.startswith(keys.nodes()):
             try:
                 node_id = Keys.leaf(keys.nodes(), kv.key)
-                info = parse_node(node_id, kv.value)
             except InvalidValue:
+                continue
+            try:
+                info = parse_node(node_id, kv.value)
+            except InvalidValue as exc:
+                # One bad value costs its own row, shown as such, not the report.
+                nodes.append({"id": node_id, "malformed": str(exc), "listen": [], "services": []})
                 continue
             workers = info.get("workers")
             # A node of several processes is one node: one row, its worker count.
-            info["workers"] = len(workers) if isinstance(workers, list) and workers else 1
-            nodes.append({"id": node_id, **info})
+            info["workers"] = len(workers) if workers else 1
+            # A node registers under its session's lease; a key without one was
+            # written by hand (or by someone else) and is not a live node.
+            nodes.append({"id": node_id, **info, "leased": kv.lease != 0})
     for kv in kvs:
         parts = kv.key[len(keys.prefix) + 1 :].split("/")
         if len(parts) < 3 or parts[0] != "services":
@@ -246,30 +258,32 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
     scrapes = await asyncio.gather(
         *(_scrape(n["admin"]) if n.get("admin") else _none() for n in nodes)
     )
-    for node, m in zip(nodes, scrapes, strict=True):
+    for node, (m, why) in zip(nodes, scrapes, strict=True):
         node["reachable"] = m is not None
-        node["marks"] = int(m.get("pmlb_marks_open", 0)) if m else None
+        if why:
+            node["scrape_error"] = why
+        node["marks"] = _count(m, "pmlb_marks_open")
         # Counters, for rates computed by whoever polls (the dashboard).
-        node["accepted_total"] = int(m.get("pmlb_connections_accepted_total", 0)) if m else None
-        node["frames_in_total"] = int(m.get("pmlb_frames_in_total", 0)) if m else None
-        node["frames_out_total"] = int(m.get("pmlb_frames_out_total", 0)) if m else None
+        node["accepted_total"] = _count(m, "pmlb_connections_accepted_total")
+        node["frames_in_total"] = _count(m, "pmlb_frames_in_total")
+        node["frames_out_total"] = _count(m, "pmlb_frames_out_total")
         try:
             started = datetime.fromisoformat(str(node.get("started_at", "")).replace("Z", "+00:00"))
             node["age_seconds"] = round((now - started).total_seconds())
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: a naive time, no zone to subtract
             node["age_seconds"] = None
         for svc_name in node.get("services", []):
             svc = services.setdefault(svc_name, {"checker": "", "upstreams": {}})
             for uid, u in svc["upstreams"].items():
                 if m:
-                    u["marks"] += int(m.get(f'pmlb_upstream_marks{{upstream="{uid}"}}', 0))
+                    u["marks"] += _count(m, f'pmlb_upstream_marks{{upstream="{uid}"}}') or 0
                     # The link as each node sees it (the checker's view is "health").
                     up = m.get(f'pmlb_upstream_up{{upstream="{uid}"}}')
                     u.setdefault("links", {})[node["id"]] = (
                         "up" if up == 1 else "down" if up is not None else "-"
                     )
-                    u["failovers"] = u.get("failovers", 0) + int(
-                        m.get(f'pmlb_upstream_failovers_total{{upstream="{uid}"}}', 0)
+                    u["failovers"] = u.get("failovers", 0) + (
+                        _count(m, f'pmlb_upstream_failovers_total{{upstream="{uid}"}}') or 0
                     )
     return {
         "nodes": sorted(nodes, key=lambda n: n["id"]),
@@ -283,8 +297,17 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
     }
 
 
-async def _none() -> None:
-    return None
+async def _none() -> tuple[None, str]:
+    return None, ""
+
+
+def _count(metrics: dict[str, float] | None, name: str) -> int | None:
+    """``name`` from a node's scrape as a count; None when it is missing or
+    not a finite count (a node that reports NaN or +Inf loses that figure, not
+    the page)."""
+    from pmlb.observability.scrape import finite_count
+
+    return finite_count(metrics.get(name)) if metrics else None
 
 
 def _printable(text: str) -> str:
@@ -314,13 +337,25 @@ def _safe(value: Any) -> Any:
 def _status_table(r: dict[str, Any]) -> str:
     r = _safe(r)
     lines = [f"{'NODE':<16} {'LISTEN':<22} {'AGE':>8} {'WORKERS':>7} {'MARKS':>7}  SERVICES"]
+    notes = []
     for n in r["nodes"]:
         age = f"{n['age_seconds']}s" if n.get("age_seconds") is not None else "-"
-        marks = str(n["marks"]) if n.get("marks") is not None else "unreachable"
+        if n.get("malformed"):
+            marks = "malformed"
+            notes.append(n["malformed"])  # "node <id>: what is wrong"
+        elif not n.get("reachable"):
+            marks = "unreachable"
+        else:
+            marks = str(n["marks"]) if n.get("marks") is not None else "?"
+        if n.get("scrape_error"):
+            notes.append(f"node {n['id']}: {n['scrape_error']}")
+        if n.get("leased") is False:
+            notes.append(f"node {n['id']}: its key has no lease (written by hand, not a live node)")
         lines.append(
-            f"{n['id']:<16} {','.join(n.get('listen', [])):<22} {age:>8} {n['workers']:>7} "
-            f"{marks:>7}  {','.join(n.get('services', []))}"
+            f"{n['id']:<16} {','.join(n.get('listen', [])):<22} {age:>8} "
+            f"{n.get('workers', '-'):>7} {marks:>7}  {','.join(n.get('services', []))}"
         )
+    lines += [f"  ! {note}" for note in notes]
     for name, s in r["services"].items():
         lines += [
             "",

@@ -102,6 +102,11 @@ class MarkClient:
             raise PmlbError(f"cannot look up node {node_id}: {exc}") from None
         if kv is None:
             raise MarkGone(f"mark {mark}: node {node_id} is not registered (gone or draining)")
+        if kv.lease == 0:
+            # Nodes register under their session's lease; a key without one is
+            # not a live node, and the control token must not go to whatever
+            # address it names.
+            raise PmlbError(f"node {node_id}: its key has no lease, so it is not a live node")
         try:
             control = str(parse_node(node_id, kv.value).get("control", ""))
         except InvalidValue:

@@ -9,7 +9,8 @@ admin HTTP server the nodes use:
   service the checker and the upstreams (address, weight, drain, health, marks
   summed over nodes): what ``pmlb status`` prints;
 * ``GET /api/mark?mark=M`` (token): asks the node that owns the mark (its id
-  is in the mark) for it, with the same admin token the nodes use;
+  is in the mark) for it, with the same admin token the nodes use, and only
+  if that node's key is a live registration (see ``ask_owner``);
 * ``POST /api/upstream?service=S&id=U&drain=1|0`` (token): sets or clears the
   upstream's drain flag in etcd, as ``pmlb upstream drain|undrain`` does.
 
@@ -22,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import TYPE_CHECKING
 
 from pmlb.admincli import cluster_status, set_drain
 from pmlb.config import ETCD_OPTIONS, Option, add_options, resolve
 from pmlb.errors import InvalidMark, PmlbError
 from pmlb.ids import node_of
+from pmlb.observability import scrape
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.dashboard import add_page_routes
+from pmlb.store.keys import InvalidValue, Keys, load_json, parse_node
 
 if TYPE_CHECKING:  # the etcd client is imported when the command runs (node extra)
     from pmlb.store.etcd import EtcdStore
@@ -66,7 +66,6 @@ def run_dashboard(args: argparse.Namespace) -> int:
     from pmlb.domain import parse_hostport
     from pmlb.observability.logs import setup_logging
     from pmlb.store.etcd import EtcdStore, settings_from
-    from pmlb.store.keys import Keys
 
     values = resolve(DASHBOARD_OPTIONS, args)
     setup_logging(values["log_level"], "text", "dashboard")
@@ -94,13 +93,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
                 owner = node_of(m)
             except InvalidMark as exc:
                 return 400, "application/json", json_body({"error": str(exc)})
-            report = await cluster_status(store, keys)
-            node = next((n for n in report["nodes"] if n["id"] == owner), None)
-            if node is None or not node.get("admin"):
-                return 404, "application/json", json_body({"error": f"node {owner} is not live"})
-            status, body = await asyncio.to_thread(
-                _get, f"http://{node['admin']}/api/mark?mark={urllib.parse.quote(m)}", token
-            )
+            status, body = await ask_owner(store, keys, owner, m, token)
             return status, "application/json", body
 
         async def upstream(query: str) -> tuple[int, str, bytes]:
@@ -148,22 +141,52 @@ async def dns_records(store: EtcdStore, prefix: str) -> list[dict[str, str]]:
     for kv in kvs:
         labels = kv.key[len(prefix) + 1 :].split("/")
         try:
-            host = str(json.loads(kv.value).get("host", ""))
-        except (ValueError, AttributeError):
+            value = load_json(kv.key, kv.value)
+            host = str(value.get("host", "")) if isinstance(value, dict) else "?"
+        except InvalidValue:
             host = "?"
         # /skydns/com/example/lb/<node id> -> lb.example.com, published by <node id>
         out.append({"name": ".".join(reversed(labels[:-1])), "node": labels[-1], "host": host})
     return out
 
 
-def _get(url: str, token: str | None) -> tuple[int, bytes]:
+async def ask_owner(
+    store: EtcdStore, keys: Keys, owner: str, mark: str, token: str | None
+) -> tuple[int, bytes]:
+    """GET /api/mark from the node that owns ``mark``, with the admin token.
+
+    The token goes only to the admin address of a live registration: the
+    node's key, held by its session's lease (a key written without a lease,
+    by hand or by someone else, is not a node). The request follows no
+    redirect and is bounded in time and size (pmlb.observability.scrape), so
+    neither the token nor the caller's wait can be carried elsewhere."""
+
+    def error(status: int, text: str) -> tuple[int, bytes]:
+        return status, json_body({"error": text})
+
+    try:
+        kv = await store.get(keys.node(owner))
+    except PmlbError as exc:
+        return error(503, f"cannot read node {owner} from etcd: {exc}")
+    if kv is None:
+        return error(404, f"node {owner} is not live")
+    if kv.lease == 0:
+        log.warning("not asking node %r: its key has no lease (not a live registration)", owner)
+        return error(404, f"node {owner} is not a live registration (its key has no lease)")
+    try:
+        admin = str(parse_node(owner, kv.value).get("admin", ""))
+    except InvalidValue as exc:
+        return error(502, str(exc))
+    if not admin:
+        return error(404, f"node {owner} serves no admin endpoint")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=NODE_TIMEOUT
-        ) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read() or json.dumps({"error": str(exc)}).encode()
-    except OSError as exc:
-        return 502, json.dumps({"error": f"node unreachable: {exc}"}).encode()
+        status, body = await scrape.get(
+            admin, f"/api/mark?mark={urllib.parse.quote(mark)}", headers, timeout=NODE_TIMEOUT
+        )
+    except scrape.ScrapeError as exc:
+        return error(502, f"node {owner} unreachable: {exc}")
+    if 300 <= status < 400:
+        log.warning("node %r answered %d for a mark; redirects are not followed", owner, status)
+        return error(502, f"node {owner} answered {status}; redirects are not followed")
+    return status, body

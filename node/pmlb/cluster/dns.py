@@ -150,13 +150,13 @@ class HostsFileSync:
                 revision, kvs = await self.store.get_prefix(prefix)
                 self.infos = {}
                 for kv in kvs:
-                    self._put(kv.key, kv.value)
+                    self._put(kv.key, kv.value, kv.lease)
                 self._write()
                 backoff = 0.2
                 async for events in self.store.watch_prefix(prefix, revision + 1):
                     for ev in events:
                         if ev.kind == "put":
-                            self._put(ev.key, ev.value)
+                            self._put(ev.key, ev.value, ev.lease)
                         else:
                             self.infos.pop(ev.key, None)
                     self._write()
@@ -169,7 +169,14 @@ class HostsFileSync:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _put(self, key: str, value: bytes) -> None:
+    def _put(self, key: str, value: bytes, lease: int) -> None:
+        self.infos.pop(key, None)
+        if not lease:
+            # Nodes register under their session's lease, so the key goes when
+            # the node does. A key without one was written by hand (or by
+            # someone else) and would stay in DNS for ever: not a live node.
+            log.warning("ignoring %s: no lease, so not a live node's registration", key)
+            return
         try:
             node_id = Keys.leaf(self.keys.nodes(), key)
             self.infos[key] = parse_node(node_id, value)

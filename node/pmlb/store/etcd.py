@@ -72,6 +72,7 @@ class Event:
     kind: str  # "put" or "delete"
     key: str
     value: bytes
+    lease: int = 0  # a put's lease (0: none); nodes register under one
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +395,7 @@ class EtcdStore:
                             "put" if ev.type == kv_pb2.Event.PUT else "delete",
                             _decode_key(ev.kv.key),
                             ev.kv.value,
+                            ev.kv.lease,
                         )
                         for ev in resp.events
                     ]

@@ -191,8 +191,28 @@ def format_node(info: dict[str, Any]) -> str:
     return json.dumps(info, sort_keys=True)
 
 
+# The node value's fields and their JSON types. Readers (pmlb status, the
+# cluster page, dns-sync, MarkClient) index and iterate them, so a value with
+# ``"services": 5`` is refused here, once, not met as a TypeError there.
+_NODE_STRINGS: Final = ("control", "admin", "version", "started_at")
+_NODE_LISTS: Final = ("listen", "services")
+
+
 def parse_node(node_id: str, raw: bytes) -> dict[str, Any]:
-    obj = load_json(f"node {node_id}", raw)
+    """A node's registration: an object whose known fields have their
+    documented types (unknown fields are kept, for newer nodes)."""
+    what = f"node {node_id}"
+    obj = load_json(what, raw)
     if not isinstance(obj, dict):
-        raise InvalidValue(f"node {node_id}: JSON must be an object")
+        raise InvalidValue(f"{what}: JSON must be an object")
+    for name in _NODE_STRINGS:
+        if name in obj and not isinstance(obj[name], str):
+            raise InvalidValue(f"{what}: {name} must be a string")
+    for name in _NODE_LISTS:
+        value = obj.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidValue(f"{what}: {name} must be a list of strings")
+    workers = obj.get("workers", [])
+    if not isinstance(workers, list) or not all(isinstance(w, dict) for w in workers):
+        raise InvalidValue(f"{what}: workers must be a list of objects")
     return obj
