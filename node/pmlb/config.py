@@ -23,6 +23,7 @@ from pmlb.domain import (
     BALANCERS,
     UpstreamSpec,
     check_framing,
+    is_loopback,
     parse_hostport,
 )
 from pmlb.errors import ConfigError
@@ -718,6 +719,19 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         raise ConfigError("--control-cert and --control-key go together")
     if values["control_client_ca"] and not values["control_cert"]:
         raise ConfigError("--control-client-ca needs --control-cert (TLS)")
+    if values["control"]:
+        control_host, _ = parse_hostport(values["control"], "--control")
+        # The admin rule: without credentials, loopback only. Whoever reaches an
+        # open control API can send to and close every client of the node.
+        if not (values["control_token"] or values["control_client_ca"]) and not is_loopback(
+            control_host
+        ):
+            raise ConfigError(
+                f"--control {values['control']} is not a loopback address: set "
+                "--control-token (PMLB_CONTROL_TOKEN) or --control-client-ca (mutual TLS), "
+                "or serve it on 127.0.0.1; whoever reaches an open control API can send to "
+                "and close every client of the node"
+            )
     if bool(values["upstream_cert"]) != bool(values["upstream_key"]):
         raise ConfigError("--upstream-cert and --upstream-key go together")
     if values["dns_name"] and not etcd:

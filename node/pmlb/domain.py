@@ -7,6 +7,7 @@ cluster and dataplane can all use these without importing one another.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,6 +33,19 @@ def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
 
 def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is a loopback address (127.0.0.0/8, ::1, v4-mapped) or
+    ``localhost``. Any other name may resolve anywhere: not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 @dataclass(frozen=True, slots=True)

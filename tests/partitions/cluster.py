@@ -200,7 +200,8 @@ class PartitionCluster:
                 "--framing", "line",
                 "--listen", f"{a}:{NODE_PORT}",
                 "--admin", f"127.0.0.1:{ADMIN_PORT}",
-                "--control", f"{a}:{CONTROL_PORT}",
+                # Beyond loopback, a control API needs credentials (finding 4).
+                "--control", f"{a}:{CONTROL_PORT}", "--control-token", "partition-ctl",
                 "--advertise", a,
                 "--etcd", self.endpoints,
                 "--etcd-prefix", self.prefix,

@@ -134,11 +134,18 @@ def test_systemd_unit_and_config() -> None:
     assert exec_start
     argv = shlex.split(exec_start.group(1))
     assert argv[0].endswith("/pmlb")
-    values = check_command(argv[1:], {}, {"/etc/pmlb/node.toml": DEPLOY / "systemd" / "node.toml"})
+    toml = DEPLOY / "systemd" / "node.toml"
+    # The secrets its header tells the operator to put in /etc/pmlb/node.env
+    # (EnvironmentFile): the control API on a private address needs its token.
+    assert re.search(r"^EnvironmentFile=-?/etc/pmlb/node.env$", unit, re.M)
+    secrets = dict.fromkeys(re.findall(r"(PMLB_[A-Z_]+)=\.\.\.", toml.read_text()), "s3cret")
+    assert "PMLB_CONTROL_TOKEN" in secrets, secrets
+    values = check_command(argv[1:], secrets, {"/etc/pmlb/node.toml": toml})
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))  # type: ignore[union-attr]
     assert stop > values["drain_timeout"] + values["drain_window"]
     assert re.search(r"^KillSignal=SIGTERM$", unit, re.M)
-    assert values["etcd_password"] is None, "no secret in the config file"
+    keys = tomllib.loads(toml.read_text())
+    assert not [k for k in keys if "password" in k or "token" in k], "no secret in the config file"
 
 
 def test_a_bad_flag_would_be_caught() -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
+
+from pmlb.domain import is_loopback
 
 log = logging.getLogger("pmlb.admin")
 
@@ -89,7 +90,7 @@ class AdminServer:
         if not protected:
             return None
         if self.token is None:
-            if _is_loopback(local):
+            if is_loopback(local):
                 return None
             return 403, b"set --admin-token to use this endpoint beyond loopback\n"
         given = headers.get("authorization", "")
@@ -199,12 +200,3 @@ def _hostname(host: str) -> str:
 
 def json_body(obj: object) -> bytes:
     return json.dumps(obj, indent=1).encode() + b"\n"
-
-
-def _is_loopback(addr: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
