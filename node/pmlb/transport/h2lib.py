@@ -17,6 +17,9 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, cast
 
+import grpclib.client
+import grpclib.server
+import grpclib.stream
 import hyperframe.frame
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
@@ -250,7 +253,8 @@ class _GServer(GServer):
 class _Codec(CodecBase):
     """Protobuf, except that a message which is not a Batch never raises
     (grpclib would end the stream, taking every mark on it): it decodes to
-    _GARBAGE and the reader counts and drops it. Oversized messages likewise."""
+    _GARBAGE and the reader counts and drops it. Oversized messages never get
+    here: _recv_message drops them by their length prefix."""
 
     __content_subtype__ = "proto"
 
@@ -260,12 +264,55 @@ class _Codec(CodecBase):
     def decode(self, data: bytes, message_type: Any) -> Any:
         if message_type is not pb.Batch:
             return message_type.FromString(data)
-        if len(data) > wire.GRPC_MAX_MESSAGE:
-            return _GARBAGE
         try:
             return pb.Batch.FromString(data)
         except DecodeError:
             return _GARBAGE
+
+
+# An oversized message is read and dropped in pieces of this size.
+SKIP_PIECE: Final = 1 << 16
+LIBRARY_RECV_MESSAGE: Final = grpclib.stream.recv_message
+
+
+async def _recv_message(stream: Any, codec: CodecBase, message_type: Any) -> Any:
+    """grpclib's recv_message for our streams, bounded by the length prefix.
+
+    grpclib reads the whole length a message's 5-byte prefix declares (up to
+    4 GiB) before the codec sees a byte: one hostile peer could grow the node
+    or an SDK upstream by gigabytes with one message. Here a message declared
+    over GRPC_MAX_MESSAGE is read and dropped in SKIP_PIECE pieces as it
+    arrives, never held; the reader gets _GARBAGE for it (counted and dropped
+    like any other garbage Batch), and the stream and its marks carry on.
+    Streams of other codecs (other grpclib users in the process) keep
+    grpclib's own function. grpclib 0.4 internals, pinned in constraints.txt;
+    tests/integration/test_bridge_length_prefix.py fails if this stops working.
+    """
+    if not isinstance(codec, _Codec):
+        return await LIBRARY_RECV_MESSAGE(stream, codec, message_type)
+    try:
+        meta = await stream.recv_data(5)
+        if not meta:
+            return None
+        if meta[0]:
+            raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not accepted")
+        size = int.from_bytes(meta[1:5], "big")
+        if size <= wire.GRPC_MAX_MESSAGE:
+            return codec.decode(await stream.recv_data(size), message_type)
+        left = size
+        while left:
+            left -= len(await stream.recv_data(min(left, SKIP_PIECE)))
+    except AssertionError:  # grpclib's Buffer: the stream ended inside a message
+        raise StreamTerminatedError("the stream ended inside a message") from None
+    # The reader logs and counts the garbage with its peer; this says why.
+    log.warning("dropped a message of %d bytes (over %d) unread", size, wire.GRPC_MAX_MESSAGE)
+    if message_type is not pb.Batch:
+        raise GRPCError(Status.RESOURCE_EXHAUSTED, f"message of {size} bytes is over the limit")
+    return _GARBAGE
+
+
+grpclib.client.recv_message = _recv_message  # type: ignore[attr-defined]
+grpclib.server.recv_message = _recv_message  # type: ignore[attr-defined]
 
 
 def _describe(exc: BaseException) -> str:
