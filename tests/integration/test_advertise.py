@@ -21,6 +21,7 @@ from tests.conftest import Cluster, Etcd
 from tests.support import Proc, async_wait_until, free_port, scrape, tcp_open, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
+CONTROL_TOKEN = "advertise-ctl"
 
 
 def _wildcard_node(cluster: Cluster, etcd: Etcd, node_id: str, service: str) -> dict[str, int]:
@@ -30,7 +31,9 @@ def _wildcard_node(cluster: Cluster, etcd: Etcd, node_id: str, service: str) -> 
     args += ["--check-interval", "0.3", "--check-rise", "1", "--drain-timeout", "1"]
     for what, port in ports.items():
         args += [f"--{what}", f"0.0.0.0:{port}"]
-    proc = Proc(f"node-{node_id}", args, cluster.log_dir)
+    # A control API beyond loopback needs a token (the test's MarkClient and
+    # SDK read the same PMLB_CONTROL_TOKEN).
+    proc = Proc(f"node-{node_id}", args, cluster.log_dir, env={"PMLB_CONTROL_TOKEN": CONTROL_TOKEN})
     cluster.procs.append(proc)
     wait_until(lambda: tcp_open("127.0.0.1", ports["listen"]) or not proc.alive(), 15, "listener")
     assert proc.alive(), proc.log()
@@ -49,7 +52,10 @@ class Pusher(Handler):
             conn.send(b"done")
 
 
-async def test_wildcard_binds_register_reachable_addresses(cluster: Cluster, etcd: Etcd) -> None:
+async def test_wildcard_binds_register_reachable_addresses(
+    cluster: Cluster, etcd: Etcd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PMLB_CONTROL_TOKEN", CONTROL_TOKEN)
     echo = cluster.echo("e1")
     pusher = Pusher()
     pusher.server = UpstreamServer(
