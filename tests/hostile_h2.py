@@ -221,3 +221,54 @@ class PeakRss:
         self.stop.set()
         self.thread.join(5)
         return self.peak - self.base
+
+
+def silent_streams(
+    addr: str, n: int, per_conn: int = 64, wait: float = 3.0
+) -> tuple[dict[str, int], list[socket.socket]]:
+    """Open ``n`` Bridge streams that send nothing (HEADERS only), ``per_conn``
+    on each connection; for ``wait`` seconds collect how streams were ended
+    (grpc-status -> count). The connections stay open, holding the streams
+    that were not ended: the caller closes them."""
+    host, port = addr.rsplit(":", 1)
+    conns: list[tuple[socket.socket, h2.connection.H2Connection]] = []
+    for start in range(0, n, per_conn):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for _ in range(min(per_conn, n - start)):
+            conn.send_headers(
+                conn.get_next_available_stream_id(),
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", BRIDGE_METHOD),
+                    (":authority", addr),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                ],
+            )
+        sock.sendall(conn.data_to_send())
+        sock.settimeout(0.05)
+        conns.append((sock, conn))
+    ended: dict[str, int] = {}
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        for sock, conn in conns:
+            try:
+                data = sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                continue
+            if not data:
+                continue
+            for ev in conn.receive_data(data):
+                headers = getattr(ev, "headers", None)
+                if headers:
+                    status = dict(headers).get(b"grpc-status")
+                    if status is not None:
+                        key = status.decode()
+                        ended[key] = ended.get(key, 0) + 1
+            sock.sendall(conn.data_to_send())
+    return ended, [sock for sock, _ in conns]

@@ -210,6 +210,7 @@ def _echo(args: argparse.Namespace) -> int:
             token=values["upstream_token"],
             transport=values["link_transport"],
             conformance=values["conformance"],
+            allow_anonymous=values["allow_anonymous"],
         )
     )
 

@@ -423,6 +423,13 @@ ECHO_OPTIONS: tuple[Option, ...] = (
         DEFAULT_TRANSPORT,
         choices=TRANSPORTS,
     ),
+    Option(
+        "allow-anonymous",
+        "serve beyond loopback without --upstream-token or --tls-client-ca (any peer "
+        "that reaches it can act as a node)",
+        False,
+        metavar="BOOL",
+    ),
     Option("plain", "echo payloads unchanged (benchmarks)", False, metavar="BOOL"),
     Option(
         "conformance",

@@ -27,6 +27,7 @@ from tests.support import ROOT
 HOSTS = ("e1", "e2", "e3", "n1", "n2", "n3", "u1", "u2", "u3", "c1")
 ETCD_MEMBERS = ("e1", "e2", "e3")
 NODE_PORT, ADMIN_PORT, CONTROL_PORT, UPSTREAM_PORT = 9000, 9100, 9200, 7001
+TOKENS = {"PMLB_CONTROL_TOKEN": "partition-ctl", "PMLB_UPSTREAM_TOKEN": "partition-up"}
 # Short enough for a suite of minutes; the figures scale with them (README).
 LEASE_TTL = 3
 ACK_TIMEOUT = 2.0
@@ -83,7 +84,9 @@ class PartitionCluster:
             cwd=ROOT,
             # Nodes at the default worker count (one per CPU), as users run
             # them (the suite's conftest pins 1 for tests that do not ask).
-            env={**os.environ, "PMLB_WORKERS": "0"},
+            # Beyond loopback the control API and the Bridge need credentials:
+            # nodes send the upstream token, the SDK upstreams require it.
+            env={**os.environ, "PMLB_WORKERS": "0", **TOKENS},
         )
         proc = Proc(name, host, popen, log)
         self.procs.append(proc)
@@ -200,8 +203,7 @@ class PartitionCluster:
                 "--framing", "line",
                 "--listen", f"{a}:{NODE_PORT}",
                 "--admin", f"127.0.0.1:{ADMIN_PORT}",
-                # Beyond loopback, a control API needs credentials (finding 4).
-                "--control", f"{a}:{CONTROL_PORT}", "--control-token", "partition-ctl",
+                "--control", f"{a}:{CONTROL_PORT}",
                 "--advertise", a,
                 "--etcd", self.endpoints,
                 "--etcd-prefix", self.prefix,

@@ -46,6 +46,7 @@ async def run_echo(
     token: str | None = None,
     transport: str | None = None,
     conformance: bool = False,
+    allow_anonymous: bool = False,
 ) -> int:
     """``pmlb echo-upstream``: serve until ``stop`` is set."""
     provider: Any = None
@@ -66,6 +67,7 @@ async def run_echo(
         tracer_provider=provider,
         tls=tls,
         token=token,
+        allow_anonymous=allow_anonymous,
         transport=transport,
     )
     if isinstance(handler, ConformanceHandler):

@@ -42,6 +42,7 @@ import hmac
 import inspect
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -50,9 +51,12 @@ import grpc
 
 from pmlb import __version__, reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.domain import is_loopback, parse_hostport
 from pmlb.errors import (
     BackpressureError,
+    ConfigError,
     FrameTooLarge,
+    InvalidMark,
     MarkGone,
     MetadataTooLarge,
     PushRefused,
@@ -95,6 +99,17 @@ DEFAULT_CONCURRENCY: Final = 64
 # A Bridge stream that has not sent its Hello by then is ended (DEADLINE_EXCEEDED):
 # a peer opening streams and sending nothing must not hold them for ever.
 DEFAULT_HELLO_TIMEOUT: Final = 10.0
+# Bridge streams held at once (each node worker holds one): far above a real
+# cluster's (nodes x workers), low enough that a peer opening streams until
+# memory runs out is refused first.
+DEFAULT_MAX_STREAMS: Final = 1024
+
+
+def _owned_by(mark: str, node_id: str) -> bool:
+    try:
+        return node_of(mark) == node_id
+    except InvalidMark:
+        return False
 
 
 class Handler:
@@ -461,6 +476,18 @@ class _Session:
                     conn._recv_seq = seq
                 self._submit(conn, (_DATA, seq, payload, cost))
             elif kind == "open":
+                if not _owned_by(mark, self.node_id):
+                    # A node opens only its own marks: a peer naming another
+                    # node's mark would take its pushes and closes here.
+                    stats["foreign_opens"] += 1
+                    if stats["foreign_opens"] == 1 or not stats["foreign_opens"] % 1000:
+                        log.warning(
+                            "node %s opened %r, a mark of another node; ignored (%d so far)",
+                            self.node_id,
+                            mark,
+                            stats["foreign_opens"],
+                        )
+                    continue
                 old = conns.get(mark)
                 if old is not None:
                     self.forget(old)
@@ -710,6 +737,8 @@ class UpstreamServer:
         transport: str | None = None,
         watch_marks: bool = False,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        allow_anonymous: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -732,6 +761,13 @@ class UpstreamServer:
         self.concurrency = concurrency
         self.upstream_id = upstream_id
         self.listen = listen
+        # Streams beyond this many at once are refused (RESOURCE_EXHAUSTED).
+        self.max_streams = max_streams
+        self._streams_open = 0
+        self._last_refusal_log = 0.0
+        # Without a token or client certificates, any peer can claim to be any
+        # node: only on loopback, unless the operator says so (start()).
+        self.allow_anonymous = allow_anonymous
         self.window = window
         self.max_queue = max_queue
         self.port = 0
@@ -746,8 +782,13 @@ class UpstreamServer:
             "hello_timeouts": 0,
             "handler_errors": 0,
             "unauthenticated": 0,
+            "refused_streams": 0,
+            "foreign_opens": 0,
         }
-        self._sessions: dict[str, set[_Session]] = {}
+        # Node id -> its live streams, oldest first (a dict keeps the order):
+        # what is sent to a node by id goes on its oldest live stream, so a
+        # later stream claiming the same id does not take it over.
+        self._sessions: dict[str, dict[_Session, None]] = {}
         # Every mark of the nodes linked here, when asked (watch_marks).
         self.watch_marks = watch_marks
         self.hello_timeout = hello_timeout
@@ -783,7 +824,27 @@ class UpstreamServer:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _check_anonymous(self) -> None:
+        """The rule of the node's admin and control APIs: without credentials,
+        loopback only. A Bridge peer is trusted to be the node its Hello names
+        (it receives that node's pushes and closes, and opens marks in its
+        name); with no token or client certificates, anyone who reaches the
+        port is. ``allow_anonymous=True`` accepts that (a private network)."""
+        host, _ = parse_hostport(self.listen, "listen")
+        verified = bool(self.token) or self._credentials is not None
+        verified = verified or bool(self._tls is not None and self._tls.client_ca)
+        if verified or self.allow_anonymous or is_loopback(host):
+            return
+        raise ConfigError(
+            f"listen {self.listen} is not a loopback address and nodes need no credentials: "
+            "set the nodes' --upstream-token here too (token=, PMLB_UPSTREAM_TOKEN, "
+            "--upstream-token) or demand node certificates (tls=ServerTLS(..., client_ca=), "
+            "--tls-client-ca), listen on 127.0.0.1, or allow_anonymous=True "
+            "(--allow-anonymous) if every peer that can reach it is a node of yours"
+        )
+
     async def start(self) -> int:
+        self._check_anonymous()
         if self.transport == "grpclib":
             from pmlb.transport import h2lib
 
@@ -953,6 +1014,26 @@ class UpstreamServer:
     # -- the Bridge stream ---------------------------------------------------
 
     async def _bridge(self, stream: ServerStream) -> None:
+        if self._streams_open >= self.max_streams:
+            self.stats["refused_streams"] += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log >= 1.0:  # a flood makes one line a second
+                self._last_refusal_log = now
+                log.warning(
+                    "refused a Bridge stream from %s: %d open, the most (max_streams); "
+                    "%d refused so far",
+                    stream.peer,
+                    self._streams_open,
+                    self.stats["refused_streams"],
+                )
+            raise Refused("RESOURCE_EXHAUSTED", "too many Bridge streams")
+        self._streams_open += 1
+        try:
+            await self._bridge_stream(stream)
+        finally:
+            self._streams_open -= 1
+
+    async def _bridge_stream(self, stream: ServerStream) -> None:
         if self.token:
             given = stream.metadata.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
@@ -993,7 +1074,7 @@ class UpstreamServer:
             hello.answers_pings,
         )
         self.stats["streams"] += 1
-        self._sessions.setdefault(hello.id, set()).add(session)
+        self._sessions.setdefault(hello.id, {})[session] = None
         writer.start()
         writer.kick()
         log.info("node %s connected (protocol %d, %s)", hello.id, hello.protocol, hello.software)
@@ -1012,7 +1093,10 @@ class UpstreamServer:
                     continue
                 session.process(batch)
         finally:
-            self._sessions.get(hello.id, set()).discard(session)
+            peers = self._sessions.get(hello.id, {})
+            peers.pop(session, None)
+            if not peers:  # ids of nodes gone are not kept
+                self._sessions.pop(hello.id, None)
             log.info(
                 "node %s stream ended (%s); %d marks released", hello.id, reason, len(session.conns)
             )

@@ -44,6 +44,7 @@ function main() {
         listen: { type: 'string', default: '127.0.0.1:4771' },
         id: { type: 'string', default: 'js1' },
         conformance: { type: 'boolean', default: false },
+        'allow-anonymous': { type: 'boolean', default: false },
         window: { type: 'string', default: '262144' },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -61,10 +62,12 @@ function main() {
   }
   if (values.help) {
     console.log(
-      'usage: node examples/echo.js [--listen HOST:PORT] [--id ID] [--conformance] [--window BYTES]\n\n' +
+      'usage: node examples/echo.js [--listen HOST:PORT] [--id ID] [--conformance] [--window BYTES]\n' +
+        '                             [--allow-anonymous]\n\n' +
         'The example pmlb upstream in Node.js: replies `<mark> <id> <message>`; "chat TEXT"\n' +
         'goes to every mark here. --conformance: the handler `pmlb conformance` drives.\n' +
-        'PMLB_UPSTREAM_TOKEN: refuse nodes without this token.',
+        'PMLB_UPSTREAM_TOKEN: refuse nodes without this token. Without it, a --listen beyond\n' +
+        'loopback is refused unless --allow-anonymous (any peer could act as a node).',
     );
     return;
   }
@@ -73,6 +76,7 @@ function main() {
     upstreamId: values.id,
     listen: values.listen,
     window,
+    allowAnonymous: values['allow-anonymous'],
   });
   if (handler instanceof ConformanceHandler) handler.server = server;
   server.start().catch((err) => {

@@ -23,6 +23,18 @@ export const DEFAULT_CONCURRENCY = 64;
 // (DEADLINE_EXCEEDED): a peer opening streams and sending nothing must not
 // hold them for ever.
 export const DEFAULT_HELLO_TIMEOUT_MS = 10000;
+// Bridge streams held at once (each node worker holds one): far above a real
+// cluster's (nodes x workers), low enough that a peer opening streams until
+// memory runs out is refused first.
+export const DEFAULT_MAX_STREAMS = 1024;
+
+/** A loopback address (127.0.0.0/8, ::1, v4-mapped) or localhost. */
+export function isLoopback(host) {
+  const h = host.replace(/^\[|\]$/g, '').toLowerCase();
+  if (h === 'localhost' || h === '::1' || h === '0:0:0:0:0:0:0:1') return true;
+  const v4 = h.replace(/^::ffff:/, '');
+  return /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(v4);
+}
 
 const SERVER_OPTIONS = {
   'grpc.max_receive_message_length': GRPC_MAX_MESSAGE,
@@ -93,6 +105,11 @@ export class UpstreamServer {
    *   ended (default 10000)
    * @param {boolean} [options.watchMarks] keep `marks`: every mark of the nodes
    *   linked here (bound to any upstream), with its metadata
+   * @param {number} [options.maxStreams] Bridge streams held at once; more are
+   *   refused with RESOURCE_EXHAUSTED (default 1024)
+   * @param {boolean} [options.allowAnonymous] serve beyond loopback with no
+   *   token and no credentials (any peer that reaches it can act as a node);
+   *   without it, start() refuses to
    */
   constructor(handler, options) {
     const {
@@ -106,6 +123,8 @@ export class UpstreamServer {
       credentials,
       logger,
       watchMarks = false,
+      maxStreams = DEFAULT_MAX_STREAMS,
+      allowAnonymous = false,
     } = options ?? {};
     if (!upstreamId) throw new TypeError('upstreamId is required');
     if (!(concurrency >= 1)) throw new RangeError('concurrency must be at least 1');
@@ -118,6 +137,11 @@ export class UpstreamServer {
     this.helloTimeoutMs = helloTimeoutMs;
     this.token = token || null;
     this.credentials = credentials ?? grpc.ServerCredentials.createInsecure();
+    this._verified = Boolean(this.token) || credentials !== undefined;
+    this.allowAnonymous = Boolean(allowAnonymous);
+    this.maxStreams = maxStreams;
+    this._streamsOpen = 0;
+    this._lastRefusalLog = 0;
     this.log = oneLine(logger ?? defaultLogger(upstreamId));
     this.port = 0;
     this.stats = {
@@ -131,6 +155,8 @@ export class UpstreamServer {
       handlerErrors: 0,
       unauthenticated: 0,
       helloTimeouts: 0,
+      refusedStreams: 0,
+      foreignOpens: 0,
     };
     this._marks = new Map();
     this._sessions = new Map(); // node id -> Set<Session>
@@ -145,8 +171,26 @@ export class UpstreamServer {
     this._server = null;
   }
 
+  /**
+   * The rule of the node's admin and control APIs: without credentials,
+   * loopback only. A Bridge peer is trusted to be the node its Hello names
+   * (it receives that node's pushes and closes); with no token or TLS
+   * credentials, anyone who reaches the port is.
+   */
+  _checkAnonymous() {
+    const host = this.listen.slice(0, this.listen.lastIndexOf(':'));
+    if (this._verified || this.allowAnonymous || isLoopback(host)) return;
+    throw new Error(
+      `listen ${this.listen} is not a loopback address and nodes need no credentials: ` +
+        "set the nodes' --upstream-token here too (token, PMLB_UPSTREAM_TOKEN) or TLS " +
+        'credentials that demand node certificates, listen on 127.0.0.1, or allowAnonymous: ' +
+        'true if every peer that can reach it is a node of yours',
+    );
+  }
+
   /** Start serving; resolves to the port. */
   async start() {
+    this._checkAnonymous();
     const server = new grpc.Server(SERVER_OPTIONS);
     server.addService(BRIDGE_SERVICE, { Bridge: (call) => this._bridge(call) });
     this._health.addToServer(server);
@@ -307,6 +351,30 @@ export class UpstreamServer {
   }
 
   _bridge(call) {
+    if (this._streamsOpen >= this.maxStreams) {
+      this.stats.refusedStreams += 1;
+      const now = Date.now();
+      if (now - this._lastRefusalLog >= 1000) {
+        // A flood makes one line a second.
+        this._lastRefusalLog = now;
+        this.log.warn(
+          `refused a Bridge stream from ${call.getPeer()}: ${this._streamsOpen} open, the most (maxStreams); ${this.stats.refusedStreams} refused so far`,
+        );
+      }
+      call.emit('error', {
+        code: grpc.status.RESOURCE_EXHAUSTED,
+        details: 'too many Bridge streams',
+      });
+      return;
+    }
+    this._streamsOpen += 1;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      this._streamsOpen -= 1;
+    };
+    for (const event of ['close', 'error', 'cancelled', 'finish']) call.on(event, release);
     if (!this._authorized(call)) {
       this.stats.unauthenticated += 1;
       this.log.warn(`refused a Bridge stream without the upstream token from ${call.getPeer()}`);
@@ -341,7 +409,9 @@ export class UpstreamServer {
       ended = true;
       if (!session) return;
       writer.close();
-      this._sessions.get(session.nodeId)?.delete(session);
+      const peers = this._sessions.get(session.nodeId);
+      peers?.delete(session);
+      if (peers?.size === 0) this._sessions.delete(session.nodeId); // ids of nodes gone
       this.log.info(
         `node ${session.nodeId} stream ended (${reason}); ${session.conns.size} marks released`,
       );

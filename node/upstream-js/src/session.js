@@ -53,6 +53,14 @@ export function nodeOf(mark) {
   return parts.slice(0, -2).join('.');
 }
 
+function ownedBy(mark, nodeId) {
+  try {
+    return nodeOf(mark) === nodeId;
+  } catch {
+    return false;
+  }
+}
+
 function isThenable(x) {
   return x !== null && typeof x === 'object' && typeof x.then === 'function';
 }
@@ -372,6 +380,17 @@ export class Session {
           break;
         }
         case 'open': {
+          if (!ownedBy(mark, this.nodeId)) {
+            // A node opens only its own marks: a peer naming another node's
+            // mark would take its pushes and closes here.
+            this.stats.foreignOpens += 1;
+            if (this.stats.foreignOpens === 1 || this.stats.foreignOpens % 1000 === 0) {
+              this.log(
+                `node ${this.nodeId} opened ${JSON.stringify(mark)}, a mark of another node; ignored (${this.stats.foreignOpens} so far)`,
+              );
+            }
+            break;
+          }
           const old = this.conns.get(mark);
           if (old) this.forget(old);
           const conn = new Conn(this, mark, f.open);

@@ -5,7 +5,7 @@ import { after, before, describe, it } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
 
-import { BRIDGE_SERVICE, HEALTH_SERVICE, UpstreamServer } from '../src/server.js';
+import { BRIDGE_SERVICE, HEALTH_SERVICE, UpstreamServer, isLoopback } from '../src/server.js';
 import { Session } from '../src/session.js';
 
 const Bridge = grpc.makeGenericClientConstructor(BRIDGE_SERVICE);
@@ -146,5 +146,28 @@ describe('UpstreamServer', () => {
     server.setServing(true);
     assert.equal(await check(HEALTH_SERVICE), 'SERVING');
     client.close();
+  });
+});
+
+describe('anonymous Bridge beyond loopback', () => {
+  it('knows loopback addresses', () => {
+    for (const h of ['127.0.0.1', '127.9.8.7', '::1', '[::1]', 'localhost', '::ffff:127.0.0.1']) {
+      assert.equal(isLoopback(h), true, h);
+    }
+    for (const h of ['0.0.0.0', '::', '[::]', '10.0.0.1', 'lb.example', '128.0.0.1']) {
+      assert.equal(isLoopback(h), false, h);
+    }
+  });
+
+  it('refuses to start beyond loopback with no token, unless allowed', async () => {
+    const anon = new UpstreamServer({}, { upstreamId: 'u', listen: '0.0.0.0:0', token: '' });
+    await assert.rejects(anon.start(), /not a loopback address/);
+    const tokened = new UpstreamServer({}, { upstreamId: 'u', listen: '0.0.0.0:0', token: 't' });
+    assert.doesNotThrow(() => tokened._checkAnonymous());
+    const allowed = new UpstreamServer(
+      {},
+      { upstreamId: 'u', listen: '0.0.0.0:0', token: '', allowAnonymous: true },
+    );
+    assert.doesNotThrow(() => allowed._checkAnonymous());
   });
 });

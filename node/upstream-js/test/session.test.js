@@ -68,20 +68,20 @@ const tick = () => new Promise((resolve) => setImmediate(resolve));
 describe('session', () => {
   it('echoes with the acknowledgement riding on the reply', () => {
     const { s, writer } = session(echo);
-    s.process({ frames: [open('m'), data('m', 1, 'a'), data('m', 2, 'b')] });
+    s.process({ frames: [open('n1.x.m'), data('n1.x.m', 1, 'a'), data('n1.x.m', 2, 'b')] });
     const replies = writer.take('data');
     assert.deepEqual(
       replies.map((f) => [f.mark, f.data.payload.toString(), f.data.acked]),
       [
-        ['m', 'a', 1],
-        ['m', 'b', 2],
+        ['n1.x.m', 'a', 1],
+        ['n1.x.m', 'b', 2],
       ],
     );
   });
 
   it('acknowledges a message without a reply with a flow frame', () => {
     const { s, writer } = session({ onMessage() {} });
-    s.process({ frames: [open('m'), data('m', 1, 'quiet')] });
+    s.process({ frames: [open('n1.x.m'), data('n1.x.m', 1, 'quiet')] });
     assert.deepEqual(
       writer.take('flow').map((f) => f.flow.acked),
       [1],
@@ -96,9 +96,9 @@ describe('session', () => {
       { onMessage: (conn) => ['1', '2', '3'].forEach((n) => conn.send(n.repeat(100))) },
       { peerWindow: 200 },
     );
-    s.process({ frames: [open('m'), data('m', 1, 'go')] });
+    s.process({ frames: [open('n1.x.m'), data('n1.x.m', 1, 'go')] });
     assert.equal(writer.take('data').length, 2);
-    s.process({ frames: [flow('m', 1000)] });
+    s.process({ frames: [flow('n1.x.m', 1000)] });
     const rest = writer.take('data');
     assert.equal(rest.length, 1);
     assert.equal(rest[0].data.payload.toString()[0], '3');
@@ -122,11 +122,11 @@ describe('session', () => {
         conn.send(d);
       },
     });
-    s.process({ frames: [open('m', { maxFrame: 10, maxMeta: 8 }), data('m', 1, 'ok')] });
+    s.process({ frames: [open('n1.x.m', { maxFrame: 10, maxMeta: 8 }), data('n1.x.m', 1, 'ok')] });
     assert.ok(thrown[0] instanceof FrameTooLarge, String(thrown[0]));
     assert.match(thrown[0].message, /11 bytes exceeds the limit of 10/);
     assert.ok(thrown[1] instanceof MetadataTooLarge, String(thrown[1]));
-    const conn = s.conns.get('m');
+    const conn = s.conns.get('n1.x.m');
     assert.deepEqual([conn.maxFrame, conn.maxMeta], [10, 8]);
     assert.deepEqual(conn.metadata, { k: 'v' }, 'a refused change changes nothing');
     assert.deepEqual(
@@ -147,7 +147,7 @@ describe('session', () => {
         conn.send('held');
       },
     });
-    s.process({ frames: [open('m'), data('m', 1, 'hold')] });
+    s.process({ frames: [open('n1.x.m'), data('n1.x.m', 1, 'hold')] });
     const [reply] = writer.take('data');
     assert.equal(reply.data.payload.toString(), 'held');
     assert.ok(!reply.data.acked, 'the reply does not acknowledge a deferred message');
@@ -173,24 +173,31 @@ describe('session', () => {
           await gate;
           conn.send('slow done');
         } else {
-          s.conns.get('b').send('pushed');
+          s.conns.get('n1.x.b').send('pushed');
           conn.send('pushed it');
         }
       },
     });
-    s.process({ frames: [open('b'), data('b', 1, 'slow'), open('a'), data('a', 1, 'push')] });
+    s.process({
+      frames: [
+        open('n1.x.b'),
+        data('n1.x.b', 1, 'slow'),
+        open('n1.x.a'),
+        data('n1.x.a', 1, 'push'),
+      ],
+    });
     await tick();
     const sent = writer.take('data').map((f) => [f.mark, f.data.payload.toString(), f.data.acked]);
     assert.deepEqual(sent, [
-      ['b', 'pushed', undefined],
-      ['a', 'pushed it', 1],
+      ['n1.x.b', 'pushed', undefined],
+      ['n1.x.a', 'pushed it', 1],
     ]);
     release();
     await tick();
     await tick();
     assert.deepEqual(
       writer.take('data').map((f) => [f.mark, f.data.payload.toString(), f.data.acked]),
-      [['b', 'slow done', 1]],
+      [['n1.x.b', 'slow done', 1]],
     );
   });
 
@@ -208,17 +215,17 @@ describe('session', () => {
       },
       { peerWindow: 1, maxQueue: 10_000 },
     );
-    s.process({ frames: [open('m'), data('m', 1, 'x')] });
+    s.process({ frames: [open('n1.x.m'), data('n1.x.m', 1, 'x')] });
     assert.ok(thrown instanceof BackpressureError);
-    assert.equal(s.conns.has('m'), true);
+    assert.equal(s.conns.has('n1.x.m'), true);
     assert.equal(writer.take('close').length, 0);
   });
 
   it('skips a replayed seq it has handled, and returns its credit', () => {
     const seen = [];
     const { s, stats } = session({ onMessage: (conn, d) => seen.push([conn.seq, d.toString()]) });
-    s.process({ frames: [open('m', { nextSeq: 6, resumed: true }), data('m', 6, 'a')] });
-    s.process({ frames: [data('m', 6, 'a'), data('m', 7, 'b')] });
+    s.process({ frames: [open('n1.x.m', { nextSeq: 6, resumed: true }), data('n1.x.m', 6, 'a')] });
+    s.process({ frames: [data('n1.x.m', 6, 'a'), data('n1.x.m', 7, 'b')] });
     assert.deepEqual(seen, [
       [6, 'a'],
       [7, 'b'],
@@ -232,7 +239,7 @@ describe('session', () => {
       release = resolve;
     });
     const { s, writer } = session({ onMessage: () => busy });
-    s.process({ frames: [open('m'), data('m', 1, 'slow')] });
+    s.process({ frames: [open('n1.x.m'), data('n1.x.m', 1, 'slow')] });
     s.process({ frames: [{ mark: '', kind: 'ping', ping: { id: 17, reply: false } }] });
     assert.deepEqual(
       writer.take('ping').map((f) => f.ping),
@@ -253,15 +260,15 @@ describe('session', () => {
     });
     s.process({
       frames: [
-        open('a'),
-        open('b'),
-        data('a', 1, 'slow'),
-        data('a', 2, 'next'),
-        data('b', 1, 'fast'),
+        open('n1.x.a'),
+        open('n1.x.b'),
+        data('n1.x.a', 1, 'slow'),
+        data('n1.x.a', 2, 'next'),
+        data('n1.x.b', 1, 'fast'),
       ],
     });
     for (let i = 0; i < 100 && order.length < 3; i += 1) await new Promise((r) => setTimeout(r, 5));
-    assert.deepEqual(order, ['b:fast', 'a:slow', 'a:next']);
+    assert.deepEqual(order, ['n1.x.b:fast', 'n1.x.a:slow', 'n1.x.a:next']);
     assert.equal(writer.take('data').length, 3);
   });
 
@@ -275,14 +282,20 @@ describe('session', () => {
       },
     });
     s.process({
-      frames: [open('a'), open('b'), open('c'), data('a', 1, 'boom'), data('c', 1, 'later')],
+      frames: [
+        open('n1.x.a'),
+        open('n1.x.b'),
+        open('n1.x.c'),
+        data('n1.x.a', 1, 'boom'),
+        data('n1.x.c', 1, 'later'),
+      ],
     });
     await tick();
-    s.process({ frames: [data('b', 1, 'fine')] });
+    s.process({ frames: [data('n1.x.b', 1, 'fine')] });
     const closes = writer.take('close').map((f) => [f.mark, f.close.reason]);
     assert.deepEqual(closes.sort(), [
-      ['a', 'upstream_error'],
-      ['c', 'upstream_error'],
+      ['n1.x.a', 'upstream_error'],
+      ['n1.x.c', 'upstream_error'],
     ]);
     assert.deepEqual(
       writer.take('data').map((f) => f.data.payload.toString()),
@@ -299,7 +312,12 @@ describe('session', () => {
       },
     });
     s.process({
-      frames: [open('m'), data('m', 1, 'one'), data('m', 2, 'two'), close('m', 'moved')],
+      frames: [
+        open('n1.x.m'),
+        data('n1.x.m', 1, 'one'),
+        data('n1.x.m', 2, 'two'),
+        close('n1.x.m', 'moved'),
+      ],
     });
     for (let i = 0; i < 100 && !writer.frames.some((f) => f.close); i += 1) await tick();
     const kinds = writer.frames
@@ -328,5 +346,16 @@ describe('helpers', () => {
     assert.equal(floodMessage(7, 10).toString(), '000007....');
     assert.equal(floodMessage(7, 3).toString(), '000');
     assert.equal(floodMessage(7, 0).length, 0);
+  });
+});
+
+describe('marks of other nodes', () => {
+  it('ignores and counts an Open for a mark of another node', () => {
+    const { s, stats, errors } = session(echo);
+    stats.foreignOpens = 0;
+    s.process({ frames: [open('n2.x.1'), open('n1.x.2'), open('not-a-mark')] });
+    assert.equal(stats.foreignOpens, 2);
+    assert.deepEqual([...s.conns.keys()], ['n1.x.2']);
+    assert.match(errors[0], /a mark of another node; ignored/);
   });
 });
