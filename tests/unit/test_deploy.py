@@ -61,7 +61,7 @@ def test_compose_services_run_valid_commands() -> None:
         assert (
             DEPLOY / "compose" / services[s]["build"]["context"] / "deploy" / "Dockerfile"
         ).exists()
-    assert sum(1 for n in services if n.startswith("etcd")) == 3
+    assert sum(1 for n in services if re.fullmatch(r"etcd\d", n)) == 3
     assert "jaeger" in services
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
     nodes = [n for n in built if services[n]["command"][0] == "node"]
@@ -83,8 +83,29 @@ def test_compose_services_run_valid_commands() -> None:
     for line in services["register"]["command"][0].split("&&"):
         parts = shlex.split(line)
         assert parts[0] == "pmlb"
-        check_command(parts[1:], {}, {})
+        check_command(parts[1:], services["register"]["environment"], {})
         assert parts[4].split(":")[0] in services, "the upstream address is a service"
+    # etcd with authentication: set up first by etcd_auth.py (tested against a
+    # real etcd in tests/integration/test_compose_etcd_auth.py); whatever writes
+    # etcd uses the pmlb user and waits for the set-up; CoreDNS reads as coredns.
+    auth = services["etcd-auth"]
+    script = auth["volumes"][0].split(":")[0]
+    assert (DEPLOY / "compose" / script).exists()
+    assert auth["entrypoint"][-1] == auth["volumes"][0].split(":")[1]
+    for name in [*nodes, "register"]:
+        env = services[name]["environment"]
+        assert env["PMLB_ETCD_USER"] == "pmlb", name
+        assert env["PMLB_ETCD_PASSWORD"].startswith("${PMLB_ETCD_PASSWORD:?"), name
+    for name in ("register", "coredns"):
+        done = services[name]["depends_on"]["etcd-auth"]["condition"]
+        assert done == "service_completed_successfully", name
+    assert all("etcd-auth" in services[n]["depends_on"] or "register" in services[n]["depends_on"]
+               for n in nodes)  # fmt: skip
+    assert (
+        "credentials coredns {$COREDNS_ETCD_PASSWORD}"
+        in (DEPLOY / "compose" / "Corefile").read_text()
+    )
+    assert "COREDNS_ETCD_PASSWORD" in services["coredns"]["environment"]
     corefile = (DEPLOY / "compose" / "Corefile").read_text()
     assert "path /skydns" in corefile
     dns_name = services["n1"]["environment"]["PMLB_DNS_NAME"]
