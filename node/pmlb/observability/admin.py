@@ -151,7 +151,13 @@ class AdminServer:
                 ctype = "text/plain"
                 log.warning("admin %s %s refused (%d)", method, path, status)
             else:
-                status, ctype, body = await found[0](query)
+                try:
+                    status, ctype, body = await found[0](query)
+                except (ValueError, ConnectionError):
+                    raise  # a bad query or a peer gone: closed, below
+                except Exception:  # a bug in a route: answer, and keep serving
+                    log.exception("admin %s %s failed", method, path)
+                    status, ctype, body = 500, "text/plain", b"internal error\n"
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
@@ -168,6 +174,7 @@ class AdminServer:
             421: "Misdirected Request",
             404: "Not Found",
             405: "Method Not Allowed",
+            500: "Internal Server Error",
             503: "Service Unavailable",
         }.get(status, "OK")
         writer.write(
