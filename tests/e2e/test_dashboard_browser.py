@@ -50,6 +50,43 @@ def browser(tmp_path: Path) -> Iterator[object]:
         driver.quit()
 
 
+class _Receiver:
+    """A real OTLP/gRPC trace receiver (what Jaeger's collector port does):
+    the trace id of each span named ``pmlb.connection``, by its mark."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tsp
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tsg
+
+        self.traces: dict[str, str] = {}
+        receiver = self
+
+        class Servicer(tsg.TraceServiceServicer):  # type: ignore[misc]
+            def Export(self, request: object, context: object) -> object:
+                for rs in request.resource_spans:  # type: ignore[attr-defined]
+                    for ss in rs.scope_spans:
+                        for sp in ss.spans:
+                            attrs = {a.key: a.value.string_value for a in sp.attributes}
+                            if "pmlb.mark" in attrs:
+                                receiver.traces.setdefault(attrs["pmlb.mark"], sp.trace_id.hex())
+                return tsp.ExportTraceServiceResponse()
+
+        self.server = grpc.server(ThreadPoolExecutor(2))
+        tsg.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        self.endpoint = f"http://127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+
+@pytest.fixture
+def otlp() -> Iterator[_Receiver]:
+    r = _Receiver()
+    yield r
+    r.server.stop(0)
+
+
 def _client(port: int) -> tuple[socket.socket, str]:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.sendall(b"hi\n")
@@ -62,7 +99,7 @@ def _client(port: int) -> tuple[socket.socket, str]:
 
 
 def test_the_dashboard_in_a_browser(
-    browser: object, cluster: Cluster, etcd: Etcd, tmp_path: Path
+    browser: object, cluster: Cluster, etcd: Etcd, tmp_path: Path, otlp: _Receiver
 ) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -79,6 +116,7 @@ def test_the_dashboard_in_a_browser(
         prefix=etcd.prefix,
         wait_links=["u1", "u2"],
         extra=["--trace-url", "http://jaeger.example:16686/trace/{trace_id}"],
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"},
     )
     # The page re-renders its tables every 2 s: an element found just before may be gone.
     wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
@@ -113,6 +151,10 @@ def test_the_dashboard_in_a_browser(
     detail = driver.find_element(By.ID, "mark").text  # type: ignore[attr-defined]
     assert "node n1" in detail
     assert "upstream u" in detail
+    # --trace-url: the mark links to its trace, the one the receiver got.
+    link = driver.find_element(By.CSS_SELECTOR, "#mark h3 a")  # type: ignore[attr-defined]
+    wait_until(lambda: mark in otlp.traces, 20, "the mark's span exported")
+    assert link.get_attribute("href") == (f"http://jaeger.example:16686/trace/{otlp.traces[mark]}")
     driver.save_screenshot(str(tmp_path / "dashboard.png"))  # type: ignore[attr-defined]
 
     # Close it from the page: a confirmation, then the reason, and the client is gone.
@@ -225,6 +267,20 @@ def test_the_cluster_dashboard_in_a_browser(
 
     # The nodes follow etcd's watch: soon every new mark goes to u2.
     wait_until(lambda: one_round() == {"u2"}, 15, "new marks avoiding the drained u1")
+
+    # Undrain from the page: the same button, now "undrain"; u1 takes marks again.
+    wait.until(
+        lambda d: d.find_element(By.CSS_SELECTOR, 'button[data-id="u1"]').text == "undrain"  # type: ignore[attr-defined]
+    )
+    wait.until(click_drain)
+    wait.until(ec.alert_is_present())
+    driver.switch_to.alert.accept()  # type: ignore[attr-defined]
+    wait.until(lambda d: "draining" not in u1_row(d) and "u1" in u1_row(d))
+    from pmlb.store.keys import parse_upstream
+
+    value = etcd.get("/services/echo/upstreams/u1") or ""
+    assert not parse_upstream("u1", value.encode()).drain, value
+    wait_until(lambda: "u1" in one_round(), 15, "new marks reaching the undrained u1")
 
 
 def test_the_node_page_asks_for_the_token_finds_by_address_and_drains(

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.conftest import Cluster
+from tests.faults.report import record
 from tests.hostile_h2 import FloodServer, PeakRss, flood_as_client
 from tests.integration.test_nodejs_sdk import js_upstream
 from tests.support import children
@@ -63,6 +64,11 @@ def test_an_sdk_upstream_holds_no_oversized_message(
         f"1 GiB message arrived ({flood.ended})"
     )
     assert up.proc.alive(), up.proc.log()
+    record(
+        f"oversized Bridge message to the {sdk} SDK",
+        note=f"declared 1024 MiB, {flood.sent >> 20} MiB arrived ({flood.ended}); "
+        f"peak RSS growth {growth / 2**20:.1f} MiB",
+    )
     # It still serves a real node.
     node = cluster.node([f"u1={up.addr}"], wait_links=["u1"])
     assert _echo_through(node.port, tries=1)
@@ -96,6 +102,11 @@ def test_a_node_holds_no_oversized_message_from_an_upstream(
             f"a declared {declared >> 20} MiB message arrived ({result.ended})"
         )
         assert node.proc.alive(), node.proc.log()
+        record(
+            f"oversized Bridge message to a node [{transport}]",
+            note=f"declared {declared >> 20} MiB, {result.sent >> 20} MiB arrived "
+            f"({result.ended}); peak RSS growth {growth / 2**20:.1f} MiB",
+        )
         assert _echo_through(node.port), "the node still serves its clients"
         if result.ended == "sent" and sent == declared:
             # The whole message arrived and was dropped unread: counted as

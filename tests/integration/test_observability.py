@@ -178,12 +178,19 @@ def test_metrics_move_with_traffic_and_closes(cluster: Cluster) -> None:
     assert after["pmlb_frames_out_total"] - before["pmlb_frames_out_total"] == 10
     assert after["pmlb_in_bytes_total"] - before["pmlb_in_bytes_total"] == 20
     assert after['pmlb_connections_closed_total{reason="frame_too_large"}'] == 1
-    assert after['pmlb_connections_closed_total{reason="client_closed"}'] >= 1
+    closed = 'pmlb_connections_closed_total{reason="client_closed"}'
+    assert after[closed] - before.get(closed, 0) == 1, "the first client, which hung up"
     assert after['pmlb_upstream_up{upstream="u1"}'] == 1
     assert after['pmlb_upstream_health{status="UNKNOWN",upstream="u1"}'] == 1
-    assert after['pmlb_link_batches_sent_total{upstream="u1"}'] >= 1
+    # How frames are cut into batches depends on timing: only the bounds are
+    # known. For the first client alone the node sent u1 its open, ten
+    # messages and its close (12 frames), in at least one batch, and never
+    # an empty batch.
+    batches = after['pmlb_link_batches_sent_total{upstream="u1"}']
     sent = after['pmlb_link_frames_sent_total{upstream="u1"}']
-    assert sent >= after['pmlb_link_batches_sent_total{upstream="u1"}']
+    assert batches >= 1
+    assert sent >= 12
+    assert sent >= batches
 
 
 def test_readyz_connections_and_drain(cluster: Cluster) -> None:
