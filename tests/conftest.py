@@ -83,6 +83,11 @@ LINK_MODULES = frozenset(
 )
 
 
+# For a test outside LINK_MODULES whose guarantee crosses the links (etcd
+# operations that move marks, metadata, traces, link metrics, load): once per
+# Bridge transport.
+both_transports = pytest.mark.parametrize("link_transport", TRANSPORTS, indirect=True)
+
 # For a test of a module outside WORKER_MODULES that must hold at the default
 # worker count too: the default in `make test`, both in the matrix.
 default_workers_too = pytest.mark.parametrize(

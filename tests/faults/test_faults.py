@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, Etcd, default_workers_too
+from tests.conftest import Cluster, Etcd, both_transports, default_workers_too
 from tests.faults.clients import stream as _stream
 from tests.faults.report import record
 from tests.support import wait_until
@@ -109,6 +109,7 @@ async def test_link_cut_without_fin(cluster: Cluster, direction: str, link_trans
     assert m["pmlb_failovers_total"] == len(on_u1)
 
 
+@both_transports
 async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) -> None:
     up = cluster.echo("u1", plain=True)
     node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"], framing="raw")

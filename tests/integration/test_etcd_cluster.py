@@ -14,7 +14,7 @@ import pytest
 from pmlb.ids import worker_of
 from pmlb.localetcd import LocalEtcd
 from tests.certs import make_chain
-from tests.conftest import Cluster, Etcd, Node
+from tests.conftest import Cluster, Etcd, Node, both_transports
 from tests.faults.report import record
 from tests.support import wait_until
 
@@ -35,6 +35,7 @@ def routes(node: Node, n: int = 8) -> set[str]:
     return {who(node)[1] for _ in range(n)}
 
 
+@both_transports
 def test_put_routes_on_every_node_and_ops_follow(etcd: Etcd, cluster: Cluster) -> None:
     u1, u2 = cluster.echo("u1"), cluster.echo("u2")
     nodes = [
@@ -91,6 +92,7 @@ def test_put_routes_on_every_node_and_ops_follow(etcd: Etcd, cluster: Cluster) -
 
 
 @pytest.mark.asyncio
+@both_transports
 async def test_not_serving_is_routed_around_and_back(etcd: Etcd, cluster: Cluster) -> None:
     from pmlb.upstream import Conn, Handler, UpstreamServer
 

@@ -13,7 +13,7 @@ import pytest
 
 from pmlb.ids import worker_of
 from pmlb.workers import default_workers
-from tests.conftest import Cluster
+from tests.conftest import Cluster, both_transports
 from tests.support import http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -136,6 +136,7 @@ async def test_accept_rate_limit_paces_a_burst(cluster: Cluster) -> None:
     assert closed <= {'pmlb_connections_closed_total{reason="client_closed"}'}, "none refused"
 
 
+@both_transports
 async def test_metadata_is_bounded(cluster: Cluster) -> None:
     from pmlb.errors import MetadataTooLarge
     from pmlb.upstream import Conn, Handler, UpstreamServer

@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tsg
 from prometheus_client.parser import text_string_to_metric_families
 
 from pmlb.upstream import Conn, Handler, UpstreamServer
-from tests.conftest import Cluster, Etcd
+from tests.conftest import Cluster, Etcd, both_transports
 from tests.support import async_wait_until, http_get, wait_until
 
 
@@ -61,6 +61,7 @@ class Echo(Handler):
 
 
 @pytest.mark.asyncio
+@both_transports
 async def test_a_trace_per_mark_reaches_the_receiver(cluster: Cluster) -> None:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -159,6 +160,7 @@ def metric_samples(admin: int) -> dict[str, float]:
     return out
 
 
+@both_transports
 def test_metrics_move_with_traffic_and_closes(cluster: Cluster) -> None:
     import socket
 
