@@ -41,9 +41,19 @@ VOCABULARY: Final[tuple[tuple[str, str, str], ...]] = (
     ("no_upstream", "node", "no routable upstream within the connect timeout"),
     ("protocol_error", "node", "an upstream broke this contract for the mark"),
     ("unknown_mark", "node", "(node to upstream) the mark is not open on this node"),
-    ("node_shutdown", "node", "the node is stopping"),
+    (
+        "node_shutdown",
+        "node",
+        "the node is stopping (a safety net: the drain closes every mark first, "
+        "as node_draining, so none is left to close this way)",
+    ),
     ("node_draining", "node", "the node is draining and its drain timeout passed"),
-    ("node_full", "node", "the node is at --max-connections"),
+    (
+        "node_full",
+        "node",
+        "the node is at --max-connections (a safety net: at the limit the node stops "
+        "accepting, and new clients wait in the listen backlog instead)",
+    ),
     ("client_limit", "node", "the client address is at --max-per-client"),
     ("idle_timeout", "node", "nothing moved either way for --idle-timeout"),
     ("max_lifetime", "node", "the connection reached --max-lifetime"),

@@ -15,15 +15,25 @@ def _proto_words() -> set[str]:
     return set(re.findall(r"^  //   ([a-z_]+) ", block, re.M))
 
 
-def _readme_words() -> set[str]:
+def _readme_rows() -> list[tuple[str, str, str]]:
     text = (ROOT / "README.md").read_text()
     block = text[text.index("<!-- close-reasons -->") : text.index("<!-- /close-reasons -->")]
-    return set(re.findall(r"^\| `([a-z_]+)` \|", block, re.M))
+    return re.findall(r"^\| `([a-z_]+)` \| ([a-z]+) \| (.*) \|$", block, re.M)
+
+
+def _readme_words() -> set[str]:
+    return {w for w, _, _ in _readme_rows()}
 
 
 def test_proto_and_readme_list_exactly_the_vocabulary() -> None:
     assert _proto_words() == reasons.WORDS, "regenerate the Close.reason comment"
     assert _readme_words() == reasons.WORDS, "update the README's close-reason table"
+
+
+def test_readme_says_what_the_code_says_of_each_reason() -> None:
+    """Who sends it and what it means, word for word (a reason whose meaning
+    changed in the code cannot keep its old story in README)."""
+    assert _readme_rows() == list(reasons.VOCABULARY)
 
 
 def test_outside_reasons_are_cleaned_and_labelled() -> None:
