@@ -590,9 +590,12 @@ class Close(_message.Message):
       no_upstream      no routable upstream within the connect timeout
       protocol_error   an upstream broke this contract for the mark
       unknown_mark     (node to upstream) the mark is not open on this node
-      node_shutdown    the node is stopping
+      node_shutdown    the node is stopping (a safety net: the drain
+                       closes every mark first, as node_draining)
       node_draining    the node is draining and its drain timeout passed
-      node_full        the node is at --max-connections
+      node_full        the node is at --max-connections (a safety net: at
+                       the limit the node stops accepting; new clients wait
+                       in the listen backlog)
       client_limit     the client address is at --max-per-client
       idle_timeout     nothing moved either way for --idle-timeout
       max_lifetime     the connection reached --max-lifetime
