@@ -56,6 +56,10 @@ WORKER_MODULES = frozenset(
     }
 )
 WORKERS = ("w1", "wdefault")
+# The etcd timings of the suite's cluster nodes (Cluster.node): tests derive
+# their time bounds from these, not from literals.
+LEASE_TTL = 3
+CHECK_INTERVAL = 0.3
 # Modules in both sets would run 2 x 2 times; `make test` runs the pairs that
 # cover each value of each axis, with the defaults together (grpclib links at
 # the default worker count, grpc.aio links at one worker), and the modules
@@ -261,9 +265,9 @@ class Cluster:
                 "--etcd-prefix",
                 prefix,
                 "--lease-ttl",
-                "3",
+                str(LEASE_TTL),
                 "--check-interval",
-                "0.3",
+                str(CHECK_INTERVAL),
                 "--check-timeout",
                 "0.3",
             ]

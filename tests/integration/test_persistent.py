@@ -14,7 +14,7 @@ import pytest
 
 from pmlb.ids import worker_of
 from pmlb.upstream import Conn, Handler, UpstreamServer
-from tests.conftest import Cluster, Etcd, Node
+from tests.conftest import LEASE_TTL, Cluster, Etcd, Node
 from tests.faults.report import record
 from tests.support import ROOT, async_wait_until, http_get, tcp_open
 
@@ -215,8 +215,12 @@ async def test_sigterm_drains_the_node(etcd: Etcd, cluster: Cluster) -> None:
         await asyncio.sleep(0.1)
         t0 = time.monotonic()
         node.proc.signal(signal.SIGTERM)
-        await async_wait_until(lambda: etcd.get("/nodes/n1") is None, 2, "left etcd at once")
-        assert time.monotonic() - t0 < 1.5
+        # "At once": the node revokes its lease. Expiry would take LEASE_TTL,
+        # so leaving within half of it can only be the revoke.
+        await async_wait_until(
+            lambda: etcd.get("/nodes/n1") is None, LEASE_TTL / 2, "left etcd at once"
+        )
+        assert time.monotonic() - t0 < LEASE_TTL / 2
         status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.admin}/readyz")
         assert status == 503, "not ready while draining"
         assert not await asyncio.to_thread(tcp_open, "127.0.0.1", node.port), "no new clients"
