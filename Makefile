@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install js-install test-js test-partitions test-matrix demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults soak clean
+.PHONY: install js-install test-js test-partitions test-matrix demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults test-packages soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -41,15 +41,15 @@ test: install js-install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install js-install
-	cd $(JS_SDK) && npm run --silent lint
-	$(VENV)/bin/ruff check node scripts tests
-	$(VENV)/bin/ruff format --check node scripts tests
+	cd $(JS_SDK) && npm run --silent lint && npm run --silent types
+	$(VENV)/bin/ruff check node scripts tests deploy
+	$(VENV)/bin/ruff format --check node scripts tests deploy
 	$(VENV)/bin/mypy
 
 format: install js-install
 	cd $(JS_SDK) && npm run --silent format
-	$(VENV)/bin/ruff check --fix node scripts tests
-	$(VENV)/bin/ruff format node scripts tests
+	$(VENV)/bin/ruff check --fix node scripts tests deploy
+	$(VENV)/bin/ruff format node scripts tests deploy
 
 proto: install
 	$(PY) scripts/gen_proto.py
@@ -109,6 +109,11 @@ test-matrix: install
 test-partitions: install
 	PMLB_TEST_PARTITIONS=1 PMLB_FIGURES_OUT=.partitions-figures.md $(PY) -m pytest tests/partitions $(PYTEST_ARGS)
 	$(PY) scripts/splice_table.py partitions .partitions-figures.md
+
+# The packages as users install them: the built wheel (and sdist) and the npm
+# tarball, each installed into an empty project from the registries.
+test-packages: install js-install
+	PMLB_TEST_PACKAGES=1 $(PY) -m pytest tests/packages $(PYTEST_ARGS)
 
 test-faults: install
 	$(PY) -m pytest tests/faults tests/integration/test_failover.py \

@@ -23,6 +23,10 @@ collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
 # tests/partitions needs root and network namespaces: `make test-partitions`.
 if not os.environ.get("PMLB_TEST_PARTITIONS"):
     collect_ignore.append("partitions")
+# tests/packages builds the wheel and the npm tarball and installs them from
+# the registries into empty projects: `make test-packages`.
+if not os.environ.get("PMLB_TEST_PACKAGES"):
+    collect_ignore.append("packages")
 # Ten crashing-message runs at the default worker count: `make test-matrix`
 # (make test runs the single-run poison test at the default).
 if os.environ.get("PMLB_TEST_MATRIX") != "full":

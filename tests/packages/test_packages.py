@@ -1,0 +1,211 @@
+"""The packages as a user installs them (``make test-packages``): nothing of
+this repository on the path, only what the package carries.
+
+* Python: ``python -m build`` makes a wheel and an sdist. The wheel goes into
+  two empty venvs: the base install must give a working SDK (an upstream
+  written in an empty project) and say plainly that ``pmlb node`` needs the
+  ``[node]`` extra; ``[node]`` must give a working node. The node from one
+  venv serves a client through the upstream from the other. The sdist builds
+  a wheel of the same files.
+* Node.js: ``npm pack`` makes the tarball an npm user installs; an empty
+  project installs it from the registry's dependencies, runs an upstream
+  written against it behind a node, and type-checks a TypeScript file against
+  its declarations with the SDK's locked TypeScript.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import JS_SDK, Cluster
+from tests.support import ROOT, Proc, free_port, tcp_open, wait_until
+
+# pip and npm fetch the dependencies from their registries: minutes at most.
+INSTALL_TIMEOUT = 600
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment of a user's shell: no PYTHONPATH into this checkout,
+    no virtualenv of ours, no pmlb settings."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("PMLB_")
+    }
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = INSTALL_TIMEOUT) -> str:
+    r = subprocess.run(
+        cmd, cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    _run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], ROOT)
+    return out
+
+
+def _venv(where: Path, requirement: str) -> Path:
+    _run([sys.executable, "-m", "venv", str(where)], where.parent)
+    _run([str(where / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+          requirement], where.parent)  # fmt: skip
+    return where / "bin"
+
+
+def _ask(port: int, line: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(line)
+        out = b""
+        while not out.endswith(b"\n"):
+            chunk = s.recv(4096)
+            assert chunk, f"closed after {out!r}"
+            out += chunk
+        return out
+
+
+PY_UPSTREAM = """
+import asyncio, sys
+from pmlb.upstream import Conn, Handler, UpstreamServer
+
+class Echo(Handler):
+    def on_message(self, conn: Conn, data: bytes) -> None:
+        conn.send(b"from the wheel " + data)
+
+async def main() -> None:
+    server = UpstreamServer(Echo(), upstream_id="wheel", listen=sys.argv[1])
+    await server.start()
+    print("serving", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_the_wheel_installs_an_sdk_and_with_node_a_node(
+    dist: Path, tmp_path: Path, cluster: Cluster
+) -> None:
+    (wheel,) = dist.glob("pmlb_lb-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"pmlb", f"{wheel.name.split('-py3')[0]}.dist-info"}
+    for data in (
+        "pmlb/py.typed",
+        "pmlb/observability/dashboard.html",
+        "pmlb/observability/pmlb.js",
+    ):
+        assert data in names, data
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "upstream.py").write_text(PY_UPSTREAM)
+    base = _venv(tmp_path / "base", str(wheel))
+    port = free_port()
+    up = Proc("wheel-upstream", [str(project / "upstream.py"), f"127.0.0.1:{port}"],
+              cluster.log_dir, program=str(base / "python"))  # fmt: skip
+    cluster.procs.append(up)
+    wait_until(lambda: tcp_open("127.0.0.1", port) or not up.alive(), 30, "the wheel's upstream")
+    assert up.alive(), up.log()
+    # The base install is the SDK: the node says what it needs.
+    r = subprocess.run(
+        [str(base / "pmlb"), "node", "--listen", "127.0.0.1:0", "--upstream", "u=127.0.0.1:1"],
+        env=_clean_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "pip install 'pmlb-lb[node]'" in r.stderr, r.stderr
+
+    full = _venv(tmp_path / "full", f"{wheel}[node]")
+    listen, admin = free_port(), free_port()
+    node = Proc(
+        "wheel-node",
+        ["node", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
+         "--upstream", f"wheel=127.0.0.1:{port}", "--framing", "line"],
+        cluster.log_dir,
+        program=str(full / "pmlb"),
+    )  # fmt: skip
+    cluster.procs.append(node)
+    wait_until(lambda: tcp_open("127.0.0.1", listen) or not node.alive(), 30, "the wheel's node")
+    assert node.alive(), node.log()
+    wait_until(lambda: b"from the wheel" in _ask(listen, b"hi\n"), 20, "a reply through the link")
+    assert _ask(listen, b"hello\n") == b"from the wheel hello\n"
+
+
+def test_the_sdist_builds_the_same_wheel(dist: Path, tmp_path: Path) -> None:
+    (sdist,) = dist.glob("pmlb_lb-*.tar.gz")
+    (wheel,) = dist.glob("pmlb_lb-*.whl")
+    out = tmp_path / "from-sdist"
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(sdist)],
+         tmp_path)  # fmt: skip
+    (rebuilt,) = out.glob("pmlb_lb-*.whl")
+    assert sorted(zipfile.ZipFile(rebuilt).namelist()) == sorted(zipfile.ZipFile(wheel).namelist())
+
+
+JS_UPSTREAM = """
+import { UpstreamServer } from '@pmlb/upstream';
+
+const server = new UpstreamServer(
+  { onMessage(conn, data) { conn.send(Buffer.concat([Buffer.from('from npm '), data])); } },
+  { upstreamId: 'npm', listen: process.argv[2] },
+);
+await server.start();
+console.log('serving');
+"""
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory: pytest.TempPathFactory, node_bin: str) -> Iterator[Path]:
+    # node_bin: the SDK's own packages (npm ci from its lock), for prepack and tsc.
+    out = tmp_path_factory.mktemp("npm")
+    _run(["npm", "pack", "--pack-destination", str(out)], JS_SDK)
+    (tgz,) = out.glob("pmlb-upstream-*.tgz")
+    yield tgz
+    shutil.rmtree(JS_SDK / "proto", ignore_errors=True)  # prepack's copy
+
+
+def test_the_npm_tarball_installs_into_an_empty_project(
+    tarball: Path, tmp_path: Path, cluster: Cluster, node_bin: str
+) -> None:
+    project = tmp_path / "app"
+    project.mkdir()
+    (project / "package.json").write_text(
+        json.dumps({"name": "app", "version": "1.0.0", "private": True, "type": "module"})
+    )
+    _run(["npm", "install", "--no-audit", "--no-fund", str(tarball)], project)
+    installed = project / "node_modules" / "@pmlb" / "upstream"
+    assert (installed / "proto" / "pmlb" / "v1" / "upstream.proto").exists()
+    assert (installed / "types" / "index.d.ts").exists()
+    (project / "upstream.mjs").write_text(JS_UPSTREAM)
+    port = free_port()
+    up = Proc("npm-upstream", [str(project / "upstream.mjs"), f"127.0.0.1:{port}"],
+              cluster.log_dir, program=node_bin)  # fmt: skip
+    cluster.procs.append(up)
+    wait_until(lambda: tcp_open("127.0.0.1", port) or not up.alive(), 30, "the npm upstream")
+    assert up.alive(), up.log()
+    node = cluster.node([f"npm=127.0.0.1:{port}"], wait_links=["npm"])
+    assert _ask(node.port, b"hello\n") == b"from npm hello\n"
+
+    # TypeScript users: the declarations resolve from the installed package.
+    (project / "check.ts").write_text(
+        "import { UpstreamServer, type Conn } from '@pmlb/upstream';\n"
+        "const s = new UpstreamServer({ onMessage(c: Conn, d: Buffer) { c.send(d); } },"
+        " { upstreamId: 'ts' });\n"
+        "const p: Promise<number> = s.start();\n"
+        "void p;\n"
+    )
+    tsc = JS_SDK / "node_modules" / ".bin" / "tsc"
+    types = JS_SDK / "node_modules" / "@types"
+    _run([str(tsc), "--noEmit", "--strict", "--module", "NodeNext", "--moduleResolution",
+          "NodeNext", "--target", "ES2022", "--typeRoots", str(types), "--types", "node",
+          "check.ts"], project)  # fmt: skip
