@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds to wait for the node to close after the input ends (default 5)",
     )
-    demo = sub.add_parser("demo", help="run a local cluster: two echo upstreams and a node")
+    demo = sub.add_parser(
+        "demo", help="run a local cluster: etcd, two echo upstreams and two nodes"
+    )
     demo.add_argument("--port", type=int, default=9000, help="client port of the node")
     demo.add_argument(
         "--upstream-port", type=int, default=7001, help="port of the first echo upstream"

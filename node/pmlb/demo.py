@@ -31,7 +31,10 @@ class Child:
 
 def _spawn(name: str, *args: str) -> Child:
     cmd = [sys.executable, "-m", "pmlb", *args]
-    return Child(name, subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+    # Each child in a process group of its own: Ctrl-C reaches the demo alone,
+    # which sends each child one SIGTERM (a node drains; a second signal would
+    # make it exit at once), nodes first and etcd last.
+    return Child(name, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0))
 
 
 def _check(children: list[Child]) -> None:
@@ -84,6 +87,9 @@ def stop_children(children: list[Child], timeout: float = 15.0) -> None:
 
 def _can_bind(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # As the node binds (asyncio sets SO_REUSEADDR): a port in TIME_WAIT from
+        # the last run is free, so a quick re-run keeps the addresses README names.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -187,6 +193,9 @@ def run_demo(port: int, upstream_port: int = 7001) -> int:
             f"  cluster:  .venv/bin/pmlb status --etcd {etcd.url}\n"
             f"  upstreams: .venv/bin/pmlb upstream drain echo u1 --etcd {etcd.url}"
             f"   (its marks move to u2, nothing lost)\n"
+            f"  dashboard: http://127.0.0.1:{admins[0]}/ (n1), http://127.0.0.1:{admins[1]}/ (n2)\n"
+            f"            the whole cluster: .venv/bin/pmlb dashboard --etcd {etcd.url}"
+            f"   then http://127.0.0.1:9300/\n"
             f"  metrics:  curl http://127.0.0.1:{admins[0]}/metrics\n"
             f"  marks:    curl http://127.0.0.1:{admins[0]}/connections\n"
             f"  traces:   run Jaeger, then OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 "

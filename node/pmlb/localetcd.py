@@ -108,8 +108,10 @@ class LocalEtcd:
                 "--client-cert-auth",
             ]
         out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        # A process group of its own: a terminal's Ctrl-C goes to whoever
+        # started it (pmlb demo), which stops etcd last, after what uses it.
         self.proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
