@@ -23,6 +23,7 @@ from pmlb.store.keys import (
     parse_health,
     parse_node,
     parse_upstream,
+    valid_id,
 )
 
 if TYPE_CHECKING:  # the etcd client is imported when a command runs (node extra)
@@ -35,7 +36,17 @@ def add_upstream_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     up.add_argument("service")
     up.add_argument("id", nargs="?")
     up.add_argument("addr", nargs="?", metavar="HOST:PORT")
-    up.add_argument("--weight", type=int, default=1)
+    up.add_argument(
+        "--weight",
+        type=int,
+        default=1,
+        help="add: share of new marks relative to the other upstreams (1-10000, default 1)",
+    )
+    up.add_argument(
+        "--replace",
+        action="store_true",
+        help="add: overwrite an upstream of that id (its address, weight and drain flag)",
+    )
     up.add_argument("--json", action="store_true", help="ls: print JSON")
     add_options(up, ETCD_OPTIONS)
 
@@ -43,12 +54,17 @@ def add_upstream_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
 def run_upstream(args: argparse.Namespace) -> int:
     if args.action in ("add", "rm", "drain", "undrain") and not args.id:
         raise ConfigError(f"upstream {args.action} needs an ID")
+    if args.action in ("add", "rm", "drain", "undrain") and not valid_id(args.id):
+        raise ConfigError(
+            f"upstream id {args.id!r}: use 1-128 letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or a digit"
+        )
     if args.action == "add":
         if not args.addr:
             raise ConfigError("upstream add needs HOST:PORT")
-        parse_hostport(args.addr, "HOST:PORT")
+        parse_hostport(args.addr, "upstream address")
         if not 1 <= args.weight <= 10_000:
-            raise ConfigError("--weight must be 1..10000")
+            raise ConfigError(f"--weight {args.weight}: use 1-10000")
     return asyncio.run(_run(args))
 
 
@@ -61,8 +77,19 @@ async def _run(args: argparse.Namespace) -> int:
             from pmlb.domain import UpstreamSpec
 
             spec = UpstreamSpec(id=args.id, addr=args.addr, weight=args.weight)
-            await store.put(key, format_upstream(spec))
-            print(f"{key} = {format_upstream(spec)}")
+            value = format_upstream(spec)
+            if args.replace:
+                await store.put(key, value)
+            elif not await store.put_if_absent(key, value, 0):
+                # Atomic (an etcd transaction): two operators adding the same
+                # id cannot both think they did.
+                old = await store.get(key)
+                was = old.value.decode(errors="replace") if old else "?"
+                raise PmlbError(
+                    f"upstream {args.id} of service {args.service} exists ({_printable(was)}): "
+                    "add --replace to overwrite it"
+                )
+            print(f"{key} = {value}")
         elif args.action == "rm":
             if not await store.delete(key):
                 raise PmlbError(f"no upstream {args.id} in service {args.service}")

@@ -24,8 +24,10 @@ BALANCERS: Final = ("round-robin", "least-marks", "p2c", "hash")
 def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` to a tuple; ConfigError when malformed."""
     host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{what}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:7001)")
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: port {port} in {value!r} is out of range (0-65535)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)

@@ -34,6 +34,11 @@ MAX_JSON_DEPTH: Final = 8
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
+def valid_id(text: str) -> bool:
+    """An upstream (or service) id as the keys allow it: what ``Keys.leaf`` reads back."""
+    return bool(_ID_RE.match(text))
+
+
 class InvalidValue(PmlbError):
     """An etcd key or value does not follow the documented format."""
 
