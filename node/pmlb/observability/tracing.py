@@ -1,8 +1,12 @@
-"""One OpenTelemetry trace per mark, exported by OTLP/gRPC (to Jaeger, say).
+"""One OpenTelemetry trace per mark, exported by OTLP (to Jaeger, say).
 
 Off unless configured: ``--otlp-endpoint`` or the standard
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
-variables (``OTEL_SDK_DISABLED=true`` turns it off again). Spans go through a
+variables (``OTEL_SDK_DISABLED=true`` turns it off again). The standard
+variables are honoured as the OpenTelemetry spec has them: the protocol
+(``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``grpc``, the default, or
+``http/protobuf``), ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``
+(over the default service name, ``pmlb-node`` for a node). Spans go through a
 BatchSpanProcessor, whose queue is bounded and whose export runs in its own
 thread, so tracing never blocks the data path; when the queue is full spans
 are dropped, never waited for.
@@ -27,6 +31,8 @@ import logging
 import os
 from typing import Any
 
+from pmlb.errors import ConfigError
+
 log = logging.getLogger("pmlb.tracing")
 
 
@@ -49,15 +55,42 @@ def make_provider(service_name: str, instance_id: str, endpoint: str | None) -> 
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({"service.name": service_name, "service.instance.id": instance_id})
-    provider = TracerProvider(resource=resource)
+    attributes = {"service.instance.id": instance_id}
+    # Explicit attributes win over the environment's in Resource.create: the
+    # default name goes in only when the operator named none.
+    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    if not named:
+        attributes["service.name"] = service_name
+    provider = TracerProvider(resource=Resource.create(attributes))
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
     kwargs: dict[str, Any] = {}
-    if endpoint:
-        kwargs["endpoint"] = endpoint
-        kwargs["insecure"] = not endpoint.startswith("https://")
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs)))
+    if protocol == "grpc":
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+            kwargs["insecure"] = not endpoint.startswith("https://")
+        exporter: Any = OTLPSpanExporter(**kwargs)
+    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPSpanExporter,
+        )
+
+        if endpoint:  # a base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is
+            kwargs["endpoint"] = endpoint.rstrip("/") + "/v1/traces"
+        exporter = HTTPSpanExporter(**kwargs)
+    else:
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: pmlb exports 'grpc' or 'http/protobuf'"
+        )
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     log.info(
-        "tracing on: OTLP/gRPC to %s",
+        "tracing on: OTLP (%s) to %s",
+        protocol,
         endpoint
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
