@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import grpc
 
-from pmlb import __version__, reasons
+from pmlb import __version__, reasons, sdnotify
 from pmlb.aio import wait_event
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
@@ -176,6 +176,9 @@ class NodeApp:
             await self.channel.wait_go()
         await self.plane.start()
         if self.session is not None and self.checker is not None:
+            if self.channel is None:
+                # READY=1 for systemd once registered (after the registration callback).
+                self.session.on_new_lease(sdnotify.ReadyOnce())
             self.session.start()  # registers once the listeners are bound
             self.checker.start()
         log.info(
@@ -188,9 +191,13 @@ class NodeApp:
         )
         if self.channel is not None:
             self.channel.say("ready")
+        elif self.session is None:  # systemd's readiness (a supervisor speaks for workers)
+            await sdnotify.ReadyOnce()()
 
     async def stop(self) -> None:
         log.info("node %s stopping", self.config.node_id)
+        if self.channel is None:
+            sdnotify.notify("STOPPING=1")
         # Leave the cluster first: give up the checker role and revoke the lease,
         # so other nodes take over and stop seeing us before we stop serving.
         if self.checker is not None:

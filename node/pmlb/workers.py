@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pmlb import sdnotify
 from pmlb.aio import wait_event
 from pmlb.config import NodeConfig
 from pmlb.dataplane.siblings import create_counters
@@ -226,6 +227,7 @@ class Worker:
         ours, theirs = socket.socketpair()
         role = {"index": self.index, "count": self.count, "rundir": self.rundir}
         env = {**os.environ, ROLE_ENV: json.dumps({**role, "fd": theirs.fileno()})}
+        env.pop(sdnotify.ENV, None)  # the supervisor alone speaks to systemd
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -399,7 +401,10 @@ class Supervisor:
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._keep(w, stopping)) for w in self.workers]
+        if store is None:  # every worker listens by now (with etcd: once registered)
+            await sdnotify.ReadyOnce()()
         await stop.wait()
+        sdnotify.notify("STOPPING=1")
         stopping.set()
         # Leave etcd and DNS first, so nobody routes to the node while it drains.
         if self.session is not None:
@@ -476,5 +481,6 @@ class Supervisor:
         )
         self.session = Session(store, cfg.lease_ttl)
         self.session.on_new_lease(registration)
+        self.session.on_new_lease(sdnotify.ReadyOnce())  # after the registration
         self.session.start()
         return store
