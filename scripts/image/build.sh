@@ -20,7 +20,11 @@ if [ -z "$base" ]; then
 fi
 rm -f deploy/wheels/*.whl
 .venv/bin/pip wheel -q --disable-pip-version-check -w deploy/wheels -c constraints.txt '.[node]'
-docker build -q --force-rm --network host --build-arg "BASE=$base" -f deploy/Dockerfile -t "$tag" . >/dev/null
+version="${tag##*:}"
+docker build -q --force-rm --network host --build-arg "BASE=$base" --build-arg "VERSION=$version" \
+    -f deploy/Dockerfile -t "$tag" . >/dev/null
+# The build stage (the classic builder keeps it as an untagged image): gone.
+docker image prune -f --filter label=pmlb.stage=build >/dev/null
 rm -f deploy/wheels/*.whl
 echo "built $tag (from $base)"
 

@@ -50,6 +50,13 @@ def images() -> None:
         check=False,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    # OCI labels on the image; no build stage left behind.
+    labels = json.loads(docker("image", "inspect", "--format", "{{json .Config.Labels}}", IMAGE))
+    assert labels["org.opencontainers.image.version"] == IMAGE.split(":")[1]
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert "pmlb.stage" not in labels
+    left = docker("images", "-q", "--filter", "label=pmlb.stage=build")
+    assert left == "", f"build stage images left behind: {left}"
 
 
 @pytest.fixture

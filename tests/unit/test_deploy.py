@@ -45,6 +45,10 @@ def test_dockerfile_builds_a_non_root_pmlb_image() -> None:
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M), "SIGTERM is the drain signal"
     assert re.search(r"^ARG BASE=", text, re.M), "the base image is a build argument"
     assert re.search(r"^USER 10001$", text, re.M)
+    final = text.rsplit("\nFROM ", 1)[1]  # the image's own stage carries the labels
+    for label in ("title", "version", "licenses", "description"):
+        assert f"org.opencontainers.image.{label}=" in final, label
+    assert "LABEL pmlb.stage=build" in text.rsplit("\nFROM ", 1)[0], "make image prunes by it"
     for port in ("9000", "9100", "9200", "7001"):
         assert port in text.split("EXPOSE", 1)[1].splitlines()[0]
     for src in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
@@ -62,6 +66,11 @@ def test_compose_services_run_valid_commands() -> None:
             DEPLOY / "compose" / services[s]["build"]["context"] / "deploy" / "Dockerfile"
         ).exists()
     assert sum(1 for n in services if re.fullmatch(r"etcd\d", n)) == 3
+    # etcd's maintainers advise against 3.5.0-3.5.2 (a data-inconsistency bug).
+    tag = services["etcd1"]["image"].rsplit(":v", 1)[1]
+    major, minor, patch = map(int, tag.split("."))
+    assert (major, minor) == (3, 5)
+    assert patch >= 3, tag
     assert "jaeger" in services
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
     nodes = [n for n in built if services[n]["command"][0] == "node"]
