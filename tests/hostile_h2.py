@@ -89,6 +89,18 @@ def _pump(
     return out
 
 
+def _bridge_request(addr: str) -> list[tuple[str, str]]:
+    """The HEADERS of a Bridge call, as any gRPC client sends them."""
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", BRIDGE_METHOD),
+        (":authority", addr),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+
+
 def flood_as_client(addr: str, declared: int, total: int) -> Flood:
     """Open a Bridge stream to ``addr`` with no credentials and flood it."""
     host, port = addr.rsplit(":", 1)
@@ -96,17 +108,7 @@ def flood_as_client(addr: str, declared: int, total: int) -> Flood:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         sid = conn.get_next_available_stream_id()
-        conn.send_headers(
-            sid,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", BRIDGE_METHOD),
-                (":authority", addr),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
-        )
+        conn.send_headers(sid, _bridge_request(addr))
         sock.sendall(conn.data_to_send())
         return _pump(sock, conn, sid, declared, total)
 
@@ -237,17 +239,7 @@ def silent_streams(
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         for _ in range(min(per_conn, n - start)):
-            conn.send_headers(
-                conn.get_next_available_stream_id(),
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":path", BRIDGE_METHOD),
-                    (":authority", addr),
-                    ("content-type", "application/grpc"),
-                    ("te", "trailers"),
-                ],
-            )
+            conn.send_headers(conn.get_next_available_stream_id(), _bridge_request(addr))
         sock.sendall(conn.data_to_send())
         sock.settimeout(0.05)
         conns.append((sock, conn))

@@ -16,15 +16,7 @@ from tests.support import ROOT, bindable, children, free_port, run_pmlb, tcp_ope
 
 
 def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port, up = free_port(), free_port()
-    # The demo derives more ports from these: listeners port and port + 1, admin
-    # port + 100.., control port + 200.., upstreams up and up + 1. None may overlap.
-    derived = {port, port + 1, port + 100, port + 101, port + 200, port + 201}
-    while not all(map(bindable, derived)):
-        port = free_port()
-        derived = {port, port + 1, port + 100, port + 101, port + 200, port + 201}
-    while {up, up + 1} & derived or not bindable(up + 1):
-        up = free_port()
+    port, up = _demo_ports()
     log = (tmp_path / "demo.log").open("wb")
     tmp_before = set(Path(tempfile.gettempdir()).glob("pmlb-etcd-*"))
     demo = subprocess.Popen(
@@ -99,6 +91,9 @@ def test_demo_answers_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
 
 
 def _demo_ports() -> tuple[int, int]:
+    """A client port and an upstream port for `pmlb demo --port --upstream-port`.
+    The demo derives more ports from these: listeners port and port + 1, admin
+    port + 100.., control port + 200.., upstreams up and up + 1. None may overlap."""
     port, up = free_port(), free_port()
     derived = {port, port + 1, port + 100, port + 101, port + 200, port + 201}
     while not all(map(bindable, derived)):

@@ -84,62 +84,47 @@ def grpc_receiver() -> Iterator[tuple[str, Spans]]:
     server.stop(0)
 
 
-def _mark(port: int) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+def _service_names(cluster: Cluster, spans: Spans, env: dict[str, str]) -> set[str]:
+    """The service.name of every span of one client's mark, from a node
+    started with ``env`` (spans batched every 100 ms)."""
+    up = cluster.echo("u1")
+    node = cluster.node([f"u1={up.addr}"], env={**env, "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
         s.sendall(b"hi\n")
-        return s.recv(200).split()[0].decode()
+        mark = s.recv(200).split()[0].decode()
+    wait_until(lambda: any(m == mark for _, _, m in spans.got), 20, "the mark's spans")
+    return {svc for svc, _, m in spans.got if m == mark}
 
 
 def test_http_protobuf_and_otel_service_name(
     cluster: Cluster, http_receiver: tuple[str, Spans]
 ) -> None:
     endpoint, spans = http_receiver
-    up = cluster.echo("u1")
-    node = cluster.node(
-        [f"u1={up.addr}"],
-        env={
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-            "OTEL_SERVICE_NAME": "edge-lb",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
-    )
-    mark = _mark(node.port)
-    wait_until(lambda: any(m == mark for _, _, m in spans.got), 20, "the mark's spans over HTTP")
-    names = {svc for svc, _, m in spans.got if m == mark}
-    assert names == {"edge-lb"}, names
+    env = {
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_SERVICE_NAME": "edge-lb",
+    }
+    assert _service_names(cluster, spans, env) == {"edge-lb"}
 
 
 def test_grpc_by_default_with_the_service_name_from_resource_attributes(
     cluster: Cluster, grpc_receiver: tuple[str, Spans]
 ) -> None:
     endpoint, spans = grpc_receiver
-    up = cluster.echo("u1")
-    node = cluster.node(
-        [f"u1={up.addr}"],
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-            "OTEL_RESOURCE_ATTRIBUTES": "service.name=edge-grpc,deployment.environment=test",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
-    )
-    mark = _mark(node.port)
-    wait_until(lambda: any(m == mark for _, _, m in spans.got), 20, "the mark's spans over gRPC")
-    assert {svc for svc, _, m in spans.got if m == mark} == {"edge-grpc"}
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=edge-grpc,deployment.environment=test",
+    }
+    assert _service_names(cluster, spans, env) == {"edge-grpc"}
 
 
 def test_without_a_name_the_node_is_pmlb_node(
     cluster: Cluster, grpc_receiver: tuple[str, Spans]
 ) -> None:
     endpoint, spans = grpc_receiver
-    up = cluster.echo("u1")
-    node = cluster.node(
-        [f"u1={up.addr}"],
-        env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"},
-    )
-    mark = _mark(node.port)
-    wait_until(lambda: any(m == mark for _, _, m in spans.got), 20, "the mark's spans")
-    assert {svc for svc, _, m in spans.got if m == mark} == {"pmlb-node"}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    assert _service_names(cluster, spans, env) == {"pmlb-node"}
 
 
 def test_an_unknown_protocol_is_refused_at_start(cluster: Cluster) -> None:
