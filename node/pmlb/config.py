@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pmlb.domain import (
     BALANCERS,
@@ -478,9 +478,50 @@ def options_markdown(options: Sequence[Option]) -> str:
     return "\n".join(rows) + "\n"
 
 
+# `--help` in sections an operator scans (as HAProxy's and Envoy's manuals
+# group theirs): each option's section, in the order the sections print.
+HELP_GROUPS: Final[dict[str, tuple[str, ...]]] = {
+    "listener": (
+        "listen", "service", "node-id", "workers", "reuse-port", "framing", "max-frame",
+        "backlog", "proxy-trusted", "proxy-timeout",
+    ),
+    "upstreams and links": (
+        "upstream", "balancer", "window", "client-buffer", "link-buffer", "connect-timeout",
+        "close-linger", "replay-buffer", "ack-timeout", "link-transport", "push-upstreams",
+        "upstream-token", "drain-rate",
+    ),
+    "cluster (etcd, health checks, DNS)": (
+        "etcd", "etcd-prefix", "etcd-user", "etcd-password", "etcd-ca", "etcd-cert", "etcd-key",
+        "lease-ttl", "check-interval", "check-timeout", "check-rise", "check-fall", "dns-name",
+        "dns-prefix", "dns-address", "advertise",
+    ),
+    "limits": (
+        "max-connections", "max-per-client", "accept-rate", "max-meta", "idle-timeout",
+        "client-keepalive", "max-lifetime",
+    ),
+    "TLS": ("tls-cert", "tls-key", "tls-client-ca", "upstream-ca", "upstream-cert", "upstream-key"),
+    "admin and control APIs": (
+        "admin", "admin-token", "trace-url", "control", "control-token", "control-cert",
+        "control-key", "control-client-ca",
+    ),
+    "observability": ("otlp-endpoint", "log-level", "log-format"),
+    "shutdown": ("drain-timeout", "drain-window", "shutdown-timeout"),
+}  # fmt: skip
+_GROUP_OF: Final = {name: group for group, names in HELP_GROUPS.items() for name in names}
+
+
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
-    """Declare ``options`` on ``parser`` with every default None (so we see what was given)."""
+    """Declare ``options`` on ``parser`` with every default None (so we see what was given).
+    A command with many options (pmlb node) lists them in HELP_GROUPS' sections."""
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    if len(options) > 20:
+        used = {_GROUP_OF.get(opt.name) for opt in options}
+        sections = {g: parser.add_argument_group(g) for g in HELP_GROUPS if g in used}
     for opt in options:
+        target: argparse.ArgumentParser | argparse._ArgumentGroup = parser
+        group = _GROUP_OF.get(opt.name)
+        if group in sections:
+            target = sections[group]
         flag = "--" + opt.name
         default = opt.default
         shown = (
@@ -491,11 +532,11 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         # argparse %-formats help text: a literal % (e.g. "-10% jitter") must be doubled.
         help_ = f"{opt.help} ({shown}env {opt.env})".replace("%", "%%")
         if opt.default is False:
-            parser.add_argument(flag, dest=opt.dest, action="store_const", const=True, help=help_)
+            target.add_argument(flag, dest=opt.dest, action="store_const", const=True, help=help_)
         elif opt.repeated:
-            parser.add_argument(flag, dest=opt.dest, action="append", help=help_)
+            target.add_argument(flag, dest=opt.dest, action="append", help=help_)
         else:
-            parser.add_argument(flag, dest=opt.dest, help=help_, metavar=opt.metavar)
+            target.add_argument(flag, dest=opt.dest, help=help_, metavar=opt.metavar)
     parser.add_argument("--config", help="TOML config file (keys are the flag names)")
 
 

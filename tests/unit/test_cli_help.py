@@ -28,3 +28,23 @@ def test_help_exits_zero(command: str) -> None:
     r = subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout
+
+
+def test_node_help_is_in_sections_and_every_option_has_one() -> None:
+    """`pmlb node --help` was one ungrouped list of 65 options (issue [17]):
+    it prints HELP_GROUPS' sections, in order, and no node option is left
+    outside them (a new option must be given a section)."""
+    from pmlb.config import HELP_GROUPS, NODE_OPTIONS
+
+    sectioned = {name for names in HELP_GROUPS.values() for name in names}
+    assert {o.name for o in NODE_OPTIONS} <= sectioned, "give the new option a HELP_GROUPS section"
+    r = subprocess.run(
+        [sys.executable, "-m", "pmlb", "node", "--help"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+    headings = [line[:-1] for line in r.stdout.splitlines() if line and line[0] != " "]
+    headings = [h for h in headings if h in HELP_GROUPS]
+    assert headings == list(HELP_GROUPS), headings
+    listener = r.stdout.split("\nlistener:\n", 1)[1].split("\n\n", 1)[0]
+    assert "--listen LISTEN" in listener
+    assert "--etcd ETCD" not in listener
