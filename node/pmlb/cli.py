@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(args.port, args.upstream_port)
     except ConfigError as exc:
-        print(f"pmlb {args.command}: error: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines() or [""]:  # node_config lists them all
+            print(f"pmlb {args.command}: error: {problem}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         # The SDK installs without the node's server-side dependencies.
@@ -166,11 +167,13 @@ def _check_node(args: argparse.Namespace) -> int:
     """``pmlb node --check``: every problem, one per line; 0 when there is none."""
     errors: list[str] = []
     values = resolve(NODE_OPTIONS, args, errors=errors)
-    if not errors:
-        try:
-            config = node_config(values)
-        except ConfigError as exc:
-            errors.append(str(exc))
+    # Invalid values were replaced by their defaults: the rest is still checked.
+    try:
+        config = node_config(values)
+    except ConfigError as exc:
+        # An option already reported as invalid is not reported again as missing.
+        flags = {e.split(":", 1)[0].split()[0] for e in errors}
+        errors += [p for p in str(exc).splitlines() if p.split(":", 1)[0].split()[0] not in flags]
     if errors:
         for problem in errors:
             print(f"pmlb node: error: {problem}", file=sys.stderr)

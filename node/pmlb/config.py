@@ -750,56 +750,71 @@ def parse_static_upstream(value: str) -> UpstreamSpec:
 
 
 def node_config(values: Mapping[str, Any]) -> NodeConfig:
-    listen = tuple(parse_hostport(v, "--listen") for v in values["listen"])
-    if not listen:
-        raise ConfigError("--listen HOST:PORT is required")
-    ups = tuple(parse_static_upstream(v) for v in values["upstream"])
-    etcd = etcd_endpoints(values["etcd"])
-    if etcd and ups:
-        raise ConfigError(
-            "use either --etcd (upstreams from etcd) or --upstream (static), not both"
-        )
-    if not ups and not etcd:
-        raise ConfigError("give --etcd URL (cluster mode) or at least one --upstream HOST:PORT")
+    """The node's configuration from resolved ``values``. ConfigError lists
+    every problem found, one per line (``--check`` prints them all; a fix
+    should not reveal the next one)."""
+    problems: list[str] = []
+
+    def attempt(check: Callable[[], Any], fallback: Any) -> Any:
+        try:
+            return check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+            return fallback
+
+    listen = attempt(lambda: tuple(parse_hostport(v, "--listen") for v in values["listen"]), None)
+    if listen == ():
+        problems.append("--listen HOST:PORT is required")
+    ups = attempt(lambda: tuple(parse_static_upstream(v) for v in values["upstream"]), None)
+    etcd = attempt(lambda: etcd_endpoints(values["etcd"]), ())
+    if etcd and (ups or (ups is None and values["upstream"])):
+        problems.append("use either --etcd (upstreams from etcd) or --upstream (static), not both")
+    if not values["upstream"] and not values["etcd"]:
+        problems.append("give --etcd URL (cluster mode) or at least one --upstream HOST:PORT")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
-        raise ConfigError("--tls-cert and --tls-key go together")
+        problems.append("--tls-cert and --tls-key go together")
     if bool(values["control_cert"]) != bool(values["control_key"]):
-        raise ConfigError("--control-cert and --control-key go together")
+        problems.append("--control-cert and --control-key go together")
     if values["control_client_ca"] and not values["control_cert"]:
-        raise ConfigError("--control-client-ca needs --control-cert (TLS)")
-    if values["control"]:
-        control_host, _ = parse_hostport(values["control"], "--control")
-        # The admin rule: without credentials, loopback only. Whoever reaches an
-        # open control API can send to and close every client of the node.
-        if not (values["control_token"] or values["control_client_ca"]) and not is_loopback(
-            control_host
-        ):
-            raise ConfigError(
-                f"--control {values['control']} is not a loopback address: set "
-                "--control-token (PMLB_CONTROL_TOKEN) or --control-client-ca (mutual TLS), "
-                "or serve it on 127.0.0.1; whoever reaches an open control API can send to "
-                "and close every client of the node"
-            )
+        problems.append("--control-client-ca needs --control-cert (TLS)")
+    control = (
+        attempt(lambda: parse_hostport(values["control"], "--control"), None)
+        if values["control"]
+        else None
+    )
+    # The admin rule: without credentials, loopback only. Whoever reaches an
+    # open control API can send to and close every client of the node.
+    anonymous = not (values["control_token"] or values["control_client_ca"])
+    if control is not None and anonymous and not is_loopback(control[0]):
+        problems.append(
+            f"--control {values['control']} is not a loopback address: set "
+            "--control-token (PMLB_CONTROL_TOKEN) or --control-client-ca (mutual TLS), "
+            "or serve it on 127.0.0.1; whoever reaches an open control API can send to "
+            "and close every client of the node"
+        )
     if bool(values["upstream_cert"]) != bool(values["upstream_key"]):
-        raise ConfigError("--upstream-cert and --upstream-key go together")
-    if values["dns_name"] and not etcd:
-        raise ConfigError("--dns-name needs --etcd (the DNS records live in etcd)")
+        problems.append("--upstream-cert and --upstream-key go together")
+    if values["dns_name"] and not values["etcd"]:
+        problems.append("--dns-name needs --etcd (the DNS records live in etcd)")
     if values["etcd_user"] and not values["etcd_password"]:
-        raise ConfigError("--etcd-user needs --etcd-password (or PMLB_ETCD_PASSWORD)")
+        problems.append("--etcd-user needs --etcd-password (or PMLB_ETCD_PASSWORD)")
     if not values["service"] or "/" in values["service"]:
-        raise ConfigError(f"--service {values['service']!r}: a non-empty name without '/'")
-    if len({u.id for u in ups}) != len(ups):
-        raise ConfigError("--upstream ids must be unique")
-    node_id = values["node_id"] or _default_node_id(listen[0][1])
-    if not valid_node_id(node_id):
-        raise ConfigError(
+        problems.append(f"--service {values['service']!r}: a non-empty name without '/'")
+    if ups and len({u.id for u in ups}) != len(ups):
+        problems.append("--upstream ids must be unique")
+    node_id = values["node_id"] or (_default_node_id(listen[0][1]) if listen else "")
+    if node_id and not valid_node_id(node_id):
+        problems.append(
             f"--node-id {node_id!r}: use 1-63 letters, digits, '.', '_' or '-', starting alnum"
         )
-    check_framing(values["framing"], values["max_frame"])
+    attempt(lambda: check_framing(values["framing"], values["max_frame"]), None)
     if values["max_frame"] > 16 << 20:
-        raise ConfigError("--max-frame is at most 16777216 bytes")
+        problems.append("--max-frame is at most 16777216 bytes")
     if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"--log-level {values['log_level']!r}: use debug, info, warning or error")
+        problems.append(f"--log-level {values['log_level']!r}: use debug, info, warning or error")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    ups = ups or ()
     return NodeConfig(
         listen=listen,
         service=values["service"],

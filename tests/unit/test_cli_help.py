@@ -48,3 +48,21 @@ def test_node_help_is_in_sections_and_every_option_has_one() -> None:
     listener = r.stdout.split("\nlistener:\n", 1)[1].split("\n\n", 1)[0]
     assert "--listen LISTEN" in listener
     assert "--etcd ETCD" not in listener
+
+
+def test_check_reports_every_problem_at_once() -> None:
+    """`--check` stopped at the first kind of problem: a bad --listen hid the
+    --etcd + --upstream conflict and a bad --upstream (issue [17])."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pmlb", "node", "--check", "--listen", "127.0.0.1:99999",
+         "--upstream", "nope", "--etcd", "http://127.0.0.1:2379", "--log-level", "loud"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert any("port 99999" in line and "out of range" in line for line in lines), lines
+    assert any("'nope' is not HOST:PORT" in line for line in lines), lines
+    assert any("not both" in line for line in lines), lines
+    assert any("--log-level 'loud'" in line for line in lines), lines
+    assert not any("--listen HOST:PORT is required" in line for line in lines), "said once"
+    assert all(line.startswith("pmlb node: error: ") for line in lines), lines
