@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import yaml
 
 from pmlb.cli import build_parser
 from pmlb.config import DNS_SYNC_OPTIONS, ECHO_OPTIONS, NODE_OPTIONS, node_config, resolve
-from tests.support import ROOT
+from tests.support import ROOT, needs
 
 DEPLOY = ROOT / "deploy"
 OPTIONS = {"node": NODE_OPTIONS, "echo-upstream": ECHO_OPTIONS, "dns-sync": DNS_SYNC_OPTIONS}
@@ -124,7 +126,7 @@ def test_compose_services_run_valid_commands() -> None:
 
 
 def test_kubernetes_manifests(tmp_path: Path) -> None:
-    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "pmlb.yaml").read_text()))
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "base" / "pmlb.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
     cm = kinds["ConfigMap"]["data"]
@@ -183,3 +185,55 @@ def test_a_bad_flag_would_be_caught() -> None:
         check_command(["node", "--no-such-flag", "1"], {}, {})
     with pytest.raises(AssertionError, match="unknown variables"):
         check_command(["node", "--listen", "h:1", "--upstream", "h:2"], {"PMLB_LISTN": "x"}, {})
+
+
+def _kustomize(path: Path) -> list[dict[str, Any]]:
+    r = subprocess.run(
+        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+@needs(
+    None
+    if shutil.which("kubectl")
+    else "kubectl is not installed: apt-get install kubernetes-client (kubectl kustomize)"
+)
+def test_kustomize_base_and_the_external_lb_overlay(tmp_path: Path) -> None:
+    """The Kubernetes example as kustomize renders it (issue [17]): the base
+    is the plain manifest, pods hardened (non-root, read-only root filesystem
+    with /tmp as an emptyDir, every capability dropped); the overlay adds a
+    LoadBalancer Service whose load balancer sends PROXY headers, and trusts
+    its range on the nodes, whose configuration stays valid."""
+    base = {(d["kind"], d["metadata"]["name"]): d for d in _kustomize(DEPLOY / "k8s" / "base")}
+    pod = base[("Deployment", "pmlb")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    tmp = next(v for v in c["volumeMounts"] if v["mountPath"] == "/tmp")
+    assert any(v["name"] == tmp["name"] and "emptyDir" in v for v in pod["volumes"])
+
+    overlay = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in _kustomize(DEPLOY / "k8s" / "overlays" / "external-lb")
+    }
+    assert set(overlay) == set(base) | {("Service", "pmlb-external")}
+    lb = overlay[("Service", "pmlb-external")]
+    assert lb["spec"]["type"] == "LoadBalancer"
+    assert (
+        lb["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"]
+        == "*"
+    )
+    (node,) = overlay[("Deployment", "pmlb")]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", "x") for e in node["env"]}
+    assert "PMLB_ADMIN_TOKEN" in env, "the base's env is kept, the patch adds to it"
+    cm = overlay[("ConfigMap", "pmlb")]["data"]
+    toml_path = tmp_path / "node.toml"
+    toml_path.write_text(cm["node.toml"])
+    env["PMLB_ETCD"] = cm["PMLB_ETCD"]
+    values = check_command(node["args"], env, {"/etc/pmlb/node.toml": toml_path})
+    assert values["proxy_trusted"] == [env["PMLB_PROXY_TRUSTED"]]
