@@ -58,9 +58,18 @@ def generate(out_dir: Path) -> None:
         (pkg / "__init__.py").write_text(HEADER)
 
 
+# The Node.js SDK reads the contract itself (protobufjs); a copy lives in the
+# package, committed, so that every way of installing it (npm pack, a folder
+# install) carries it. tests/unit/test_proto_fresh.py fails when it is stale.
+JS_PROTO = ROOT / "node" / "upstream-js" / "proto" / "pmlb" / "v1" / "upstream.proto"
+
+
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "node" / "pmlb" / "_proto"
     generate(out)
+    if len(sys.argv) == 1:
+        JS_PROTO.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / "proto" / "pmlb" / "v1" / "upstream.proto", JS_PROTO)
 
 
 if __name__ == "__main__":

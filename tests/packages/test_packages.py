@@ -7,8 +7,9 @@ this repository on the path, only what the package carries.
   ``[node]`` extra; ``[node]`` must give a working node. The node from one
   venv serves a client through the upstream from the other. The sdist builds
   a wheel of the same files.
-* Node.js: ``npm pack`` makes the tarball an npm user installs; an empty
-  project installs it from the registry's dependencies, runs an upstream
+* Node.js: ``npm pack`` makes the tarball an npm user installs (and a clone's
+  folder installs with ``--install-links``); an empty project installs it
+  with its dependencies from the registry, runs an upstream
   written against it behind a node, and type-checks a TypeScript file against
   its declarations with the SDK's locked TypeScript.
 """
@@ -17,12 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -165,24 +164,32 @@ console.log('serving');
 
 
 @pytest.fixture(scope="module")
-def tarball(tmp_path_factory: pytest.TempPathFactory, node_bin: str) -> Iterator[Path]:
-    # node_bin: the SDK's own packages (npm ci from its lock), for prepack and tsc.
+def tarball(tmp_path_factory: pytest.TempPathFactory, node_bin: str) -> Path:
+    # node_bin: the SDK's own packages (npm ci from its lock), for tsc.
     out = tmp_path_factory.mktemp("npm")
     _run(["npm", "pack", "--pack-destination", str(out)], JS_SDK)
     (tgz,) = out.glob("pmlb-upstream-*.tgz")
-    yield tgz
-    shutil.rmtree(JS_SDK / "proto", ignore_errors=True)  # prepack's copy
+    return tgz
 
 
-def test_the_npm_tarball_installs_into_an_empty_project(
-    tarball: Path, tmp_path: Path, cluster: Cluster, node_bin: str
+@pytest.mark.parametrize("source", ["tarball", "folder"])
+def test_the_npm_package_installs_into_an_empty_project(
+    source: str, request: pytest.FixtureRequest, tmp_path: Path, cluster: Cluster, node_bin: str
 ) -> None:
+    """From the packed tarball, and from a clone's folder as README shows it
+    (--install-links: npm copies the folder and installs its dependencies,
+    instead of a symlink into a folder that has none)."""
     project = tmp_path / "app"
     project.mkdir()
     (project / "package.json").write_text(
         json.dumps({"name": "app", "version": "1.0.0", "private": True, "type": "module"})
     )
-    _run(["npm", "install", "--no-audit", "--no-fund", str(tarball)], project)
+    spec = (
+        [str(request.getfixturevalue("tarball"))]
+        if source == "tarball"
+        else ["--install-links", str(JS_SDK)]
+    )
+    _run(["npm", "install", "--no-audit", "--no-fund", *spec], project)
     installed = project / "node_modules" / "@pmlb" / "upstream"
     assert (installed / "proto" / "pmlb" / "v1" / "upstream.proto").exists()
     assert (installed / "types" / "index.d.ts").exists()

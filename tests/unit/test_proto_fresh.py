@@ -28,3 +28,10 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     assert fresh == have, "generated file set differs: run `make proto`"
     stale = [str(p) for p in fresh if not filecmp.cmp(out / p, committed / p, shallow=False)]
     assert not stale, f"stale generated code {stale}: run `make proto`"
+
+
+def test_the_nodejs_sdk_carries_the_current_contract() -> None:
+    """The Node.js SDK's committed copy of upstream.proto (what an installed
+    package reads) is proto/'s, byte for byte: `make proto` copies it."""
+    sdk = ROOT / "node" / "upstream-js" / "proto" / "pmlb" / "v1" / "upstream.proto"
+    assert sdk.read_bytes() == (ROOT / "proto" / "pmlb" / "v1" / "upstream.proto").read_bytes()
