@@ -18,9 +18,11 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
-from tests.support import ROOT, children, tcp_open, wait_until
+from tests.conftest import Cluster
+from tests.support import ROOT, Proc, children, http_get, tcp_open, wait_until
 
 
 def _block(name: str) -> list[str]:
@@ -159,3 +161,45 @@ def _links_up(admin: int) -> int:
     except OSError:
         return 0
     return sum(1 for k, v in m.items() if k.startswith("pmlb_upstream_up{") and v == 1)
+
+
+def _python_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Writing an upstream\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_python_upstream_example_runs_as_written(cluster: Cluster) -> None:
+    """ "Writing an upstream"'s Python example, read from README and run as a
+    file: behind a node, a client is welcomed with its mark, gets its line
+    back upper-cased, the metadata it set shows in /connections, and the
+    close reaches on_close."""
+    assert _listenable(7001), "README's upstream port 7001 is taken here"
+    example = cluster.log_dir / "chat.py"
+    example.write_text(_python_example())
+    # PYTHONUNBUFFERED: print() reaches the log line by line, as on a terminal.
+    up = Proc(
+        "readme-chat",
+        [str(example)],
+        cluster.log_dir,
+        env={"PYTHONUNBUFFERED": "1"},
+        program=sys.executable,
+    )
+    cluster.procs.append(up)
+    wait_until(lambda: tcp_open("127.0.0.1", 7001) or not up.alive(), 20, "the example serving")
+    assert up.alive(), up.log()
+    node = cluster.node(["chat-1=127.0.0.1:7001"], wait_links=["chat-1"])
+    with (
+        socket.create_connection(("127.0.0.1", node.port), timeout=10) as s,
+        s.makefile("rb") as f,  # closed with the socket: the client hangs up
+    ):
+        welcome = f.readline()
+        assert welcome.startswith(b"welcome n1."), welcome
+        mark = welcome.split()[1].decode()
+        s.sendall(b"hello\n")
+        assert f.readline() == b"HELLO\n"
+        status, body = http_get(f"http://127.0.0.1:{node.admin}/connections")
+        assert status == 200
+        (entry,) = [m for m in json.loads(body)["marks"] if m["mark"] == mark]
+        assert entry["metadata"] == {"last": "hello"}, entry
+    wait_until(lambda: f"{mark} closed: client_closed" in up.log(), 10, "on_close")
