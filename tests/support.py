@@ -171,6 +171,17 @@ class Proc:
             self.proc.kill()
             self.proc.wait()
 
+    def tree_rss_bytes(self) -> int:
+        """Resident bytes of the process and its children (a node of several
+        workers is its supervisor and the workers)."""
+        total = 0
+        for pid in (self.pid, *children(self.pid)):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

@@ -110,10 +110,11 @@ async def test_link_cut_without_fin(cluster: Cluster, direction: str, link_trans
 
 
 @both_transports
+@default_workers_too
 async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) -> None:
     up = cluster.echo("u1", plain=True)
     node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"], framing="raw")
-    rss0 = node.proc.rss_bytes()
+    rss0 = node.proc.tree_rss_bytes()  # every worker's too
     canary = socket.create_connection(("127.0.0.1", node.port), timeout=10)
     canary.sendall(b"x")
     echoes = [canary.recv(10)]
@@ -131,7 +132,7 @@ async def test_ten_thousand_connections_open_and_drop_at_once(cluster: Cluster) 
         wait_until, lambda: node.metrics()["pmlb_marks_open"] >= n + 1, 60, "all accepted"
     )
     opened = time.monotonic() - t0
-    peak = node.proc.rss_bytes()
+    peak = node.proc.tree_rss_bytes()
     for s in socks:  # drop them all at once, with a RST
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
@@ -277,6 +278,7 @@ async def test_etcd_stopped_then_replaced_under_load(etcd: Etcd, cluster: Cluste
     assert new_ok == 30
 
 
+@default_workers_too
 async def test_at_the_file_descriptor_limit(cluster: Cluster) -> None:
     """Out of fds, the node pauses accepting (no spin, no crash), keeps serving the
     connections it has, and takes new ones again once fds free up."""

@@ -95,7 +95,7 @@ async def test_an_empty_message_flood_stalls_only_its_own_client(cluster: Cluste
     any other; node memory stays bounded and other clients lose nothing."""
     up = cluster.echo("u1")
     node = await asyncio.to_thread(cluster.node, [f"u1={up.addr}"])
-    rss0 = node.proc.rss_bytes()
+    rss0 = node.proc.tree_rss_bytes()
     stats = new_stats()
     gaps: list[float] = []
     started = asyncio.Event()
@@ -109,11 +109,11 @@ async def test_an_empty_message_flood_stalls_only_its_own_client(cluster: Cluste
         await started.wait()
         flood = asyncio.ensure_future(asyncio.to_thread(_flood, node.port, 2_500_000, 3.0))
         while not flood.done():
-            peak = max(peak, node.proc.rss_bytes())
+            peak = max(peak, node.proc.tree_rss_bytes())
             await asyncio.sleep(0.05)
         sock, flooded = await flood
         await asyncio.gather(*tasks)
-        peak = max(peak, node.proc.rss_bytes())
+        peak = max(peak, node.proc.tree_rss_bytes())
     m = await asyncio.to_thread(node.metrics)
     grown = (peak - rss0) / (1 << 20)
     record(

@@ -96,7 +96,7 @@ async def test_client_that_never_reads_stalls_only_itself(cluster: Cluster) -> N
     node = cluster.node(
         [f"u1={up.addr}"], framing="raw", extra=["--window", "65536", "--client-buffer", "65536"]
     )
-    rss_before = node.proc.rss_bytes()
+    rss_before = node.proc.tree_rss_bytes()
 
     # The hog writes as fast as it can and never reads its echoes.
     hog = socket.create_connection(("127.0.0.1", node.port))
@@ -132,7 +132,7 @@ async def test_client_that_never_reads_stalls_only_itself(cluster: Cluster) -> N
         writer.close()
         assert answered == pinged
 
-    grown = node.proc.rss_bytes() - rss_before
+    grown = node.proc.tree_rss_bytes() - rss_before
     # client_buffer + 2 x window is the configured bound for the hog's mark
     # (192 KiB); allow the interpreter's own growth on top.
     assert grown < 8 << 20, f"node RSS grew by {grown} bytes for one non-reading client"
