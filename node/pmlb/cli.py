@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -125,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`pmlb conformance --list | head -1`): not
+        # an error. Point stdout at /dev/null so the interpreter's final flush
+        # does not raise again, and exit as a process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (PmlbError, OSError) as exc:
         print(f"pmlb {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import etcdctl
 from tests.containers import engine_error
-from tests.support import ROOT, free_port, needs, run_pmlb, tcp_open, wait_until
+from tests.support import ROOT, free_port, http_get, needs, run_pmlb, tcp_open, wait_until
 
 IMAGE = "pmlb:0.1.0"
 ETCD_IMAGE = "pmlb-etcd:3.5.1"
@@ -168,3 +168,60 @@ def test_the_image_runs_a_cluster(images: None, containers: list[str]) -> None:
         ["docker", "logs", f"{tag}-n1"], capture_output=True, text=True, timeout=30, check=False
     )
     assert "node n1 stopped" in logs.stdout + logs.stderr
+
+
+def _containers_block() -> list[str]:
+    """README's Containers block, one command a line (continuations joined,
+    comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- readme-containers -->", 1)[1].split("<!-- /readme-containers -->")[0]
+    body = block.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [line.split("  #", 1)[0].strip() for line in body.splitlines() if line.strip()]
+
+
+def test_readmes_containers_block_runs_as_written(images: None, containers: list[str]) -> None:
+    """README's Containers section as a reader types it (issue [17]): from
+    `make image` to `docker stop` and `docker rm`, line by line, waiting for
+    each container to listen and the node's link before connecting, as a
+    person would. `pmlb connect` gets the line typed into it answered by u1
+    through n1, and the stopped node exits 0."""
+    busy = [p for p in (("127.0.0.1", 2379), ("127.0.0.21", 7001), ("127.0.0.31", 9000))
+            if tcp_open(*p)]  # fmt: skip
+    assert not busy, f"README's addresses are taken here: {busy}"
+    containers.extend(["etcd", "u1", "n1"])  # removed whatever happens
+    listens = {"etcd": ("127.0.0.1", 2379), "u1": ("127.0.0.21", 7001), "n1": ("127.0.0.31", 9000)}
+    for line in _containers_block():
+
+        def sh(line: str = line, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["bash", "-c", line], cwd=ROOT, input=stdin, text=True,
+                                  capture_output=True, timeout=900, check=False)  # fmt: skip
+
+        if " connect " in line:
+            # The node takes u1 from etcd's watch: typed once the link is up.
+            wait_until(lambda: _link_up("127.0.0.31", 9100), 30, "n1's link to u1")
+            r = sh(stdin="hello\n")
+            assert r.returncode == 0, (line, r.stdout, r.stderr)
+            mark, upstream, text = r.stdout.split()
+            assert (mark.startswith("n1."), upstream, text) == (True, "u1", "hello"), r.stdout
+            continue
+        r = sh()
+        assert r.returncode == 0, (line, r.stdout, r.stderr)
+        if line.startswith("docker run"):
+            name = line.split("--name ", 1)[1].split()[0]
+            wait_until(lambda n=name: tcp_open(*listens[n]), 30, f"{name} listening")
+        if line.startswith("docker stop"):
+            state = json.loads(docker("inspect", "n1"))[0]["State"]
+            assert state["ExitCode"] == 0, docker("logs", "n1")
+    left = docker("ps", "-a", "--filter", "name=^(etcd|u1|n1)$", "--format", "{{.Names}}")
+    assert left == "", f"README's last line left containers: {left}"
+
+
+def _link_up(host: str, admin: int) -> bool:
+    try:
+        status, body = http_get(f"http://{host}:{admin}/metrics")
+    except OSError:
+        return False
+    return status == 200 and any(
+        line.startswith("pmlb_upstream_up{") and 'upstream="u1"' in line and line.endswith(" 1.0")
+        for line in body.splitlines()
+    )

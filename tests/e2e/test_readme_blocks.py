@@ -1,13 +1,16 @@
 """README's command blocks, run as written (issue [17]): "A cluster with
 etcd" (it never started etcd, used commands that are only in .venv/bin, and
 gave its nodes no --admin, so `pmlb status` called serving nodes unreachable)
-and "A five-minute tour" (its commands were not runnable as shown).
+"A five-minute tour" (its commands were not runnable as shown) and the
+conformance kit's block under "Writing an upstream" (it used a bare `pmlb`,
+which a clone after `make install` has only in .venv/bin).
 
 Each block is read from README (between its markers), not copied here: each
 line runs in bash from the repository's root, a line ending in `&` in the
 background (as a terminal of its own), and the test waits for what that line
 listens on before the next, as a person would. Their fixed ports (2379,
-7001-7002, 9000-9001, 9100-9101) must be free."""
+7001-7002, 9000-9001, 9100-9101; 4770-4771) must be free. README's wheel and
+npm blocks run in tests/packages, its Containers block in tests/deploy."""
 
 from __future__ import annotations
 
@@ -50,13 +53,19 @@ def _listens(line: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else ("127.0.0.1", 2379)
 
 
+CLUSTER_PORTS = (2379, 7001, 7002, 9000, 9001, 9100, 9101)
+
+
 def _run_block(
-    name: str, tmp_path: Path, background: list[subprocess.Popen[bytes]]
+    name: str,
+    tmp_path: Path,
+    background: list[subprocess.Popen[bytes]],
+    ports: tuple[int, ...] = CLUSTER_PORTS,
 ) -> dict[str, str]:
     """Run README's block ``name``; the output of each foreground line, by
     its pmlb subcommand ("upstream ls", "status", "connect 127.0.0.1:9000")
     or, for other commands, its first word."""
-    busy = [p for p in (2379, 7001, 7002, 9000, 9001, 9100, 9101) if not _listenable(p)]
+    busy = [p for p in ports if not _listenable(p)]
     assert not busy, f"README's ports are taken here: {busy}"
     outputs: dict[str, str] = {}
     for i, line in enumerate(_block(name)):
@@ -144,6 +153,22 @@ def test_the_cluster_section_runs_as_written(tmp_path: Path) -> None:
         assert served == {"u2"}, served
     finally:
         _stop(background)
+
+
+def test_the_conformance_kit_runs_as_written(tmp_path: Path) -> None:
+    """The kit against both example upstreams, as README shows it: every
+    case passes (the kit exits 0 only then) and each run names its cases."""
+    background: list[subprocess.Popen[bytes]] = []
+    try:
+        outputs = _run_block("conformance", tmp_path, background, ports=(4770, 4771))
+    finally:
+        _stop(background)
+    cases = _run(".venv/bin/pmlb conformance --list").stdout.splitlines()
+    for key in ("conformance 127.0.0.1:4770", "conformance 127.0.0.1:4771"):
+        out = outputs[key]
+        passed = [line.split()[1] for line in out.splitlines() if line.startswith("PASS ")]
+        assert passed == [case.split()[0] for case in cases], out
+        assert f"{len(cases)} passed, 0 failed" in out, out
 
 
 def _run(command: str) -> subprocess.CompletedProcess[str]:

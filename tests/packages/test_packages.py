@@ -12,12 +12,18 @@ this repository on the path, only what the package carries.
   with its dependencies from the registry, runs an upstream
   written against it behind a node, and type-checks a TypeScript file against
   its declarations with the SDK's locked TypeScript.
+
+README's blocks run as written (issue [17]): the wheel block (in a copy of the
+checkout, HOME a temporary directory) gives the venv whose node serves here,
+and the folder install is README's `npm install` line, running README's
+Node.js example.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,11 +57,53 @@ def _run(cmd: list[str], cwd: Path, timeout: float = INSTALL_TIMEOUT) -> str:
     return r.stdout
 
 
+def readme_block(name: str) -> list[str]:
+    """README's command block ``name`` (between its markers), one command a
+    line, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split(f"<!-- readme-{name} -->", 1)[1].split(f"<!-- /readme-{name} -->", 1)[0]
+    body = block.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #", 1)[0].rstrip() for line in body.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], ROOT)
-    return out
+def readme_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """README's wheel block, run as written in a copy of this checkout (its
+    tracked files: a fresh clone) with HOME in a temporary directory, so its
+    `~/pmlb-env` and `dist/` are the test's own. Returns the dist folder and
+    the venv's bin, which holds the SDK and the node."""
+    clone = tmp_path_factory.mktemp("clone")
+    home = tmp_path_factory.mktemp("home")
+    tracked = (
+        subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    env = {**_clean_env(), "HOME": str(home)}
+    for line in readme_block("wheel"):
+        r = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True,
+                           text=True, timeout=INSTALL_TIMEOUT, check=False)  # fmt: skip
+        assert r.returncode == 0, f"{line}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.stdout.strip() == f"pmlb {_version()}", r.stdout
+    return clone / "dist", home / "pmlb-env" / "bin"
+
+
+def _version() -> str:
+    import tomllib
+
+    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
+@pytest.fixture(scope="module")
+def dist(readme_wheel: tuple[Path, Path]) -> Path:
+    return readme_wheel[0]
 
 
 def _venv(where: Path, requirement: str) -> Path:
@@ -95,7 +143,7 @@ asyncio.run(main())
 
 
 def test_the_wheel_installs_an_sdk_and_with_node_a_node(
-    dist: Path, tmp_path: Path, cluster: Cluster
+    dist: Path, readme_wheel: tuple[Path, Path], tmp_path: Path, cluster: Cluster
 ) -> None:
     (wheel,) = dist.glob("pmlb_lb-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -125,7 +173,7 @@ def test_the_wheel_installs_an_sdk_and_with_node_a_node(
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "pip install 'pmlb-lb[node]'" in r.stderr, r.stderr
 
-    full = _venv(tmp_path / "full", f"{wheel}[node]")
+    full = readme_wheel[1]  # README's venv: the wheel with [node]
     listen, admin = free_port(), free_port()
     node = Proc(
         "wheel-node",
@@ -184,24 +232,45 @@ def test_the_npm_package_installs_into_an_empty_project(
     (project / "package.json").write_text(
         json.dumps({"name": "app", "version": "1.0.0", "private": True, "type": "module"})
     )
-    spec = (
-        [str(request.getfixturevalue("tarball"))]
-        if source == "tarball"
-        else ["--install-links", str(JS_SDK)]
-    )
-    _run(["npm", "install", "--no-audit", "--no-fund", *spec], project)
+    if source == "tarball":
+        _run(["npm", "install", "--no-audit", "--no-fund", str(request.getfixturevalue("tarball"))],
+             project)  # fmt: skip
+    else:
+        # README's line as written, the clone being this checkout.
+        (line,) = readme_block("npm")
+        assert line.startswith("npm install "), line
+        assert "/path/to/pmlb/" in line, line
+        _run(["bash", "-c", line.replace("/path/to/pmlb/", f"{ROOT}/")], project)
     installed = project / "node_modules" / "@pmlb" / "upstream"
     assert (installed / "proto" / "pmlb" / "v1" / "upstream.proto").exists()
     assert (installed / "types" / "index.d.ts").exists()
-    (project / "upstream.mjs").write_text(JS_UPSTREAM)
-    port = free_port()
-    up = Proc("npm-upstream", [str(project / "upstream.mjs"), f"127.0.0.1:{port}"],
-              cluster.log_dir, program=node_bin)  # fmt: skip
+    if source == "tarball":
+        (project / "upstream.mjs").write_text(JS_UPSTREAM)
+        port = free_port()
+        up = Proc("npm-upstream", [str(project / "upstream.mjs"), f"127.0.0.1:{port}"],
+                  cluster.log_dir, program=node_bin)  # fmt: skip
+    else:
+        # README's Node.js example, as a module of the project (it listens on 7003).
+        example = ROOT.joinpath("README.md").read_text().split("```js\n", 1)[1].split("```", 1)[0]
+        (project / "upstream.mjs").write_text(example)
+        port = 7003
+        up = Proc("npm-upstream", [str(project / "upstream.mjs")], cluster.log_dir,
+                  program=node_bin)  # fmt: skip
     cluster.procs.append(up)
     wait_until(lambda: tcp_open("127.0.0.1", port) or not up.alive(), 30, "the npm upstream")
     assert up.alive(), up.log()
     node = cluster.node([f"npm=127.0.0.1:{port}"], wait_links=["npm"])
-    assert _ask(node.port, b"hello\n") == b"from npm hello\n"
+    if source == "tarball":
+        assert _ask(node.port, b"hello\n") == b"from npm hello\n"
+    else:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s, \
+                s.makefile("rb") as f:  # fmt: skip
+            welcome = f.readline()
+            assert welcome.startswith(b"welcome n1."), welcome
+            s.sendall(b"hello\n")
+            assert f.readline() == b"HELLO\n"
+        mark = welcome.split()[1].decode()
+        wait_until(lambda: f"{mark} closed: client_closed" in up.log(), 10, "onClose")
 
     # TypeScript users: the declarations resolve from the installed package.
     (project / "check.ts").write_text(

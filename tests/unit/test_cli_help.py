@@ -19,6 +19,7 @@ COMMANDS = [
     "echo-upstream",
     "dns-sync",
     "connect",
+    "conformance",
 ]
 
 
@@ -28,6 +29,17 @@ def test_help_exits_zero(command: str) -> None:
     r = subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout
+
+
+def test_output_into_a_closed_pipe_is_not_an_error() -> None:
+    """`pmlb conformance --list | head -1` printed "pmlb conformance: [Errno
+    32] Broken pipe": a reader that stops early is not a failure of ours."""
+    r = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m pmlb conformance --list | head -1"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert r.stdout.startswith("hello "), r.stdout
+    assert r.stderr == "", r.stderr
 
 
 def test_node_help_is_in_sections_and_every_option_has_one() -> None:
