@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pmlb.config import ETCD_OPTIONS, add_options, resolve
 from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError, PmlbError
+from pmlb.observability import metrics
 from pmlb.store.keys import (
     UNKNOWN,
     InvalidValue,
@@ -289,11 +290,11 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
         node["reachable"] = m is not None
         if why:
             node["scrape_error"] = why
-        node["marks"] = _count(m, "pmlb_marks_open")
+        node["marks"] = _count(m, metrics.MARKS_OPEN)
         # Counters, for rates computed by whoever polls (the dashboard).
-        node["accepted_total"] = _count(m, "pmlb_connections_accepted_total")
-        node["frames_in_total"] = _count(m, "pmlb_frames_in_total")
-        node["frames_out_total"] = _count(m, "pmlb_frames_out_total")
+        node["accepted_total"] = _count(m, metrics.ACCEPTED_TOTAL)
+        node["frames_in_total"] = _count(m, metrics.FRAMES_IN_TOTAL)
+        node["frames_out_total"] = _count(m, metrics.FRAMES_OUT_TOTAL)
         try:
             started = datetime.fromisoformat(str(node.get("started_at", "")).replace("Z", "+00:00"))
             node["age_seconds"] = round((now - started).total_seconds())
@@ -328,13 +329,13 @@ async def _none() -> tuple[None, str]:
     return None, ""
 
 
-def _count(metrics: dict[str, float] | None, name: str) -> int | None:
+def _count(m: dict[str, float] | None, name: str) -> int | None:
     """``name`` from a node's scrape as a count; None when it is missing or
     not a finite count (a node that reports NaN or +Inf loses that figure, not
     the page)."""
     from pmlb.observability.scrape import finite_count
 
-    return finite_count(metrics.get(name)) if metrics else None
+    return finite_count(m.get(name)) if m else None
 
 
 def _printable(text: str) -> str:

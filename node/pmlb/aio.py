@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
@@ -14,9 +16,54 @@ from typing import Any, Final, TypeVar
 log = logging.getLogger("pmlb")
 T = TypeVar("T")
 
+
+class Backoff:
+    """The one retry delay policy of the package: exponential from
+    ``initial`` (doubling per failure) up to ``maximum``, with up to
+    ``jitter`` of each delay taken off at random so that peers that failed
+    together do not retry together. ``reset()`` after a success; a loop that
+    stays up for a while calls ``reset_if_up(since, after)``.
+
+    Every reconnecting or restarting loop uses it (links, the etcd session,
+    discovery, DNS sync, workers, supervised tasks, etcd calls), so their
+    limits are named where each is made and nothing else counts failures."""
+
+    __slots__ = ("failures", "initial", "jitter", "maximum")
+
+    def __init__(self, initial: float, maximum: float, jitter: float = 0.25) -> None:
+        if not 0 < initial <= maximum or not 0 <= jitter < 1:
+            raise ValueError(f"bad backoff {initial}..{maximum} jitter {jitter}")
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+        self.failures = 0  # consecutive, since the last reset
+
+    def next(self) -> float:
+        """The delay before the next attempt; counts one more failure."""
+        base = min(self.maximum, self.initial * 2.0 ** min(self.failures, 32))
+        self.failures += 1
+        return base * (1 - self.jitter * random.random())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def reset_if_up(self, since: float, after: float) -> None:
+        """Start over if the attempt begun at monotonic ``since`` (0: never
+        up) held for ``after`` seconds: a flapping peer keeps backing off, one
+        that stayed up is retried at once."""
+        if since and time.monotonic() - since >= after:
+            self.failures = 0
+
+    async def sleep(self) -> float:
+        """Sleep for ``next()``; the delay slept."""
+        delay = self.next()
+        await asyncio.sleep(delay)
+        return delay
+
+
 # Restarts of supervised loops, by name (rendered as pmlb_task_restarts_total).
 RESTARTS: Counter[str] = Counter()
-RESTART_BACKOFF_MAX: Final = 5.0
+RESTART_BACKOFF: Final = (0.2, 5.0)  # supervised loops: 0.2 s doubling to 5 s
 
 
 async def supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
@@ -25,9 +72,9 @@ async def supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
     again after a backoff (0.2 s doubling to 5 s, reset after a minute of
     running), instead of the task dying silently while the node carries on
     with a frozen view of the cluster."""
-    backoff = 0.2
+    backoff = Backoff(*RESTART_BACKOFF)
     while True:
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         try:
             await loop()
             return
@@ -35,16 +82,15 @@ async def supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
             raise
         except Exception:
             RESTARTS[name] += 1
-            if asyncio.get_running_loop().time() - started > 60:
-                backoff = 0.2
+            backoff.reset_if_up(started, 60)
+            delay = backoff.next()
             log.exception(
                 "%s failed unexpectedly (restart %d); restarting in %.1fs",
                 name,
                 RESTARTS[name],
-                backoff,
+                delay,
             )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+            await asyncio.sleep(delay)
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:

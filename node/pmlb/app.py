@@ -282,101 +282,31 @@ class NodeApp:
             self.config, self.plane.bound_addresses, self.control_port, admin, self.started_at
         )
 
-    def cluster_metrics(self) -> list[tuple[str, str, str, float]]:
+    def node_sample(self) -> metrics.NodeSample:
+        """This node's figures beyond NodeStats and the links, for /metrics."""
         acceptors = self.plane.acceptors
-        accept = [
-            (
-                "pmlb_max_connections",
-                "gauge",
-                "The --max-connections limit (0: none), for alerting near it.",
-                float(self.config.max_connections),
-            ),
-            (
-                "pmlb_accept_limit_pauses_total",
-                "counter",
-                "Times accepting paused at --max-connections.",
-                float(sum(a.limit_pauses for a in acceptors)),
-            ),
-            (
-                "pmlb_accept_rate_pauses_total",
-                "counter",
-                "Times accepting paused at --accept-rate.",
-                float(sum(a.rate_pauses for a in acceptors)),
-            ),
-            (
-                "pmlb_accept_resource_errors_total",
-                "counter",
-                "accept() failures for lack of file descriptors or memory (accepting paused).",
-                float(sum(a.resource_errors for a in acceptors)),
-            ),
-        ]
-        tasks = (
-            "pmlb_asyncio_tasks",
-            "gauge",
-            "asyncio tasks alive in the node (flat under churn: no task per connection).",
-            float(len(asyncio.all_tasks())),
+        etcd = None
+        if self.session is not None and self.view is not None and self.checker is not None:
+            now = time.monotonic()
+            etcd = metrics.EtcdSample(
+                session_up=self.session.healthy,
+                lease_grants=self.session.grants,
+                keepalive_age=now - self.session.last_ok if self.session.last_ok else -1.0,
+                view_resyncs=self.view.resyncs,
+                malformed_values=self.view.malformed,
+                watch_age=now - self.view.last_event if self.view.last_event else -1.0,
+                is_checker=self.checker.is_checker,
+                health_probes=self.checker.probes,
+                health_writes=self.checker.writes,
+            )
+        return metrics.NodeSample(
+            max_connections=self.config.max_connections,
+            limit_pauses=sum(a.limit_pauses for a in acceptors),
+            rate_pauses=sum(a.rate_pauses for a in acceptors),
+            resource_errors=sum(a.resource_errors for a in acceptors),
+            tasks=len(asyncio.all_tasks()),
+            etcd=etcd,
         )
-        if self.session is None or self.view is None or self.checker is None:
-            return [tasks, *accept]
-        age = time.monotonic() - self.session.last_ok if self.session.last_ok else -1.0
-        return [
-            tasks,
-            *accept,
-            (
-                "pmlb_etcd_session_up",
-                "gauge",
-                "1 while the etcd lease is kept alive.",
-                float(self.session.healthy),
-            ),
-            (
-                "pmlb_etcd_lease_grants_total",
-                "counter",
-                "Leases granted (re-registrations).",
-                float(self.session.grants),
-            ),
-            (
-                "pmlb_etcd_last_keepalive_age_seconds",
-                "gauge",
-                "Seconds since the last successful keepalive.",
-                age,
-            ),
-            (
-                "pmlb_etcd_view_resyncs_total",
-                "counter",
-                "Full re-lists of the service view.",
-                float(self.view.resyncs),
-            ),
-            (
-                "pmlb_etcd_malformed_values",
-                "gauge",
-                "etcd values ignored as malformed.",
-                float(self.view.malformed),
-            ),
-            (
-                "pmlb_checker",
-                "gauge",
-                "1 while this node is the service's checker.",
-                float(self.checker.is_checker),
-            ),
-            (
-                "pmlb_health_probes_total",
-                "counter",
-                "grpc.health.v1 checks sent to upstreams as checker.",
-                float(self.checker.probes),
-            ),
-            (
-                "pmlb_health_writes_total",
-                "counter",
-                "Health transitions written as checker.",
-                float(self.checker.writes),
-            ),
-            (
-                "pmlb_etcd_watch_last_event_age_seconds",
-                "gauge",
-                "Seconds since the service watch last delivered an event (-1: none yet).",
-                time.monotonic() - self.view.last_event if self.view.last_event else -1.0,
-            ),
-        ]
 
     # -- admin --------------------------------------------------------------------
 
@@ -414,7 +344,7 @@ class NodeApp:
             ]
 
         registry = metrics.make_registry(
-            metrics.NodeCollector(self.stats, link_samples, self.cluster_metrics)
+            metrics.NodeCollector(self.stats, link_samples, self.node_sample)
         )
 
         async def metrics_(query: str) -> tuple[int, str, bytes]:

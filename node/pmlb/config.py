@@ -724,7 +724,6 @@ class NodeConfig:
     otlp_endpoint: str | None = None
     log_level: str = "info"
     log_format: str = "text"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def parse_static_upstream(value: str) -> UpstreamSpec:

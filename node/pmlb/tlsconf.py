@@ -65,7 +65,3 @@ def grpc_server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.
     """Credentials for a grpcio server (an upstream's Bridge, the node's control
     API); with ``client_ca`` it demands a client certificate signed by it (mTLS)."""
     return server_credentials(ServerTLS(cert, key, client_ca))
-
-
-# The SDK's name for the same thing, kept for upstreams written against 0.x.
-upstream_server_credentials = grpc_server_credentials

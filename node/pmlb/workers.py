@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pmlb import sdnotify
-from pmlb.aio import wait_event
+from pmlb.aio import Backoff, wait_event
 from pmlb.config import NodeConfig
 from pmlb.dataplane.siblings import create_counters
 from pmlb.domain import format_hostport
@@ -420,7 +420,7 @@ class Supervisor:
 
     async def _keep(self, w: Worker, stopping: asyncio.Event) -> int:
         """Restart ``w`` whenever it exits, until the node stops."""
-        failures = 0
+        backoff = Backoff(RESTART_INITIAL, RESTART_MAX)
         started = time.monotonic()
         while True:
             await w.exited.wait()
@@ -429,10 +429,8 @@ class Supervisor:
             if stopping.is_set():
                 log.info("worker %d exited with status %d", w.index, rc)
                 return rc
-            if time.monotonic() - started >= RESTART_RESET_AFTER:
-                failures = 0
-            delay = min(RESTART_MAX, RESTART_INITIAL * 2 ** min(failures, 16))
-            failures += 1
+            backoff.reset_if_up(started, RESTART_RESET_AFTER)
+            delay = backoff.next()
             w.restarts += 1
             log.error(
                 "worker %d (pid %d) exited unexpectedly with status %d%s; restart %d in %.2fs",

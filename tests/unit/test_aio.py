@@ -9,12 +9,11 @@ cancellation and the inner completion land in the same loop iteration.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from pmlb import aio
-
-pytestmark = pytest.mark.asyncio(loop_scope="function")
 
 
 async def test_wait_event_is_cancelled_even_when_the_event_fires_at_the_same_time() -> None:
@@ -62,3 +61,41 @@ async def test_stop_task_ends_a_task_that_swallows_a_cancellation() -> None:
     finally:
         task.cancel()
         stopper.cancel()
+
+
+def test_backoff_doubles_to_its_maximum_within_its_jitter() -> None:
+    """The one retry policy (issue [18]): each delay is the doubled base,
+    capped, less at most ``jitter`` of it; reset starts over."""
+    b = aio.Backoff(0.05, 1.0, jitter=0.25)
+    bases = [min(1.0, 0.05 * 2**i) for i in range(12)]
+    delays = [b.next() for _ in bases]
+    for base, delay in zip(bases, delays, strict=True):
+        assert base * 0.75 <= delay <= base, (base, delay)
+    assert b.failures == 12
+    b.reset()
+    assert 0.0375 <= b.next() <= 0.05
+    exact = aio.Backoff(0.2, 2.0, jitter=0)
+    assert [exact.next() for _ in range(6)] == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    # thousands of failures in a row stay finite and capped
+    exact.failures = 10_000
+    assert exact.next() == 2.0
+
+
+def test_backoff_starts_over_only_after_staying_up() -> None:
+    b = aio.Backoff(0.1, 5.0, jitter=0)
+    for _ in range(4):
+        b.next()
+    b.reset_if_up(0.0, 1.0)  # never came up: keep backing off
+    assert b.failures == 4
+    b.reset_if_up(time.monotonic(), 1.0)  # up just now: not long enough
+    assert b.failures == 4
+    b.reset_if_up(time.monotonic() - 2.0, 1.0)  # up for two seconds
+    assert b.failures == 0
+
+
+@pytest.mark.parametrize(("initial", "maximum", "jitter"), [(0, 1, 0), (2, 1, 0), (1, 2, 1)])
+def test_backoff_refuses_a_policy_that_cannot_back_off(
+    initial: float, maximum: float, jitter: float
+) -> None:
+    with pytest.raises(ValueError, match="bad backoff"):
+        aio.Backoff(initial, maximum, jitter)

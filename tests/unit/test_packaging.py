@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.support import ROOT
 
-NODE_ONLY = ("etcd3aio", "tenacity", "prometheus_client", "uvloop", "opentelemetry.sdk")
+NODE_ONLY = ("etcd3aio", "prometheus_client", "uvloop", "opentelemetry.sdk")
 
 # Runs in a fresh interpreter whose imports of the node's dependencies fail,
 # as on a machine where only the SDK's dependencies are installed.

@@ -2,7 +2,8 @@
 
 One list-then-watch loop per service over ``<prefix>/services/<svc>/``: list
 everything at revision R, then watch from R+1. On compaction, a cancelled
-watch, a broken stream or a replaced cluster it lists again (with backoff).
+watch, a broken stream or a replaced cluster it lists again
+(``store.listwatch``, with backoff).
 While etcd is unreachable the last view stays in force (static stability).
 
 A malformed value is logged and counted, and that key is ignored; the rest
@@ -20,8 +21,9 @@ from collections.abc import Callable
 
 from pmlb.aio import stop_task, supervised
 from pmlb.domain import UpstreamSpec
-from pmlb.store.etcd import EtcdStore, Event, StoreError, WatchReset
+from pmlb.store.etcd import KV, EtcdStore, Event
 from pmlb.store.keys import UNKNOWN, Health, InvalidValue, Keys, parse_health, parse_upstream
+from pmlb.store.listwatch import list_and_watch
 
 log = logging.getLogger("pmlb.discovery")
 
@@ -68,38 +70,29 @@ class ServiceView:
         return out
 
     async def _run(self) -> None:
-        prefix = self.keys.service(self.service)
-        backoff = 0.2
-        while True:
-            try:
-                revision, kvs = await self.store.get_prefix(prefix)
-                self._raw = {kv.key: kv.value for kv in kvs}
-                self._rebuild()
-                self.revision = revision
-                self.resyncs += 1
-                self.synced.set()
-                log.info(
-                    "service %s: listed %d keys at revision %d: %d upstreams, checker %r",
-                    self.service,
-                    len(kvs),
-                    revision,
-                    len(self.upstreams),
-                    self.checker or "-",
-                )
-                backoff = 0.2
-                async for events in self.store.watch_prefix(prefix, revision + 1):
-                    self._apply(events)
-            except WatchReset as exc:
-                log.warning("service %s: %s; listing again", self.service, exc)
-            except StoreError as exc:
-                log.warning(
-                    "service %s: %s; keeping the last view, retry in %.1fs",
-                    self.service,
-                    exc,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        await list_and_watch(
+            self.store,
+            self.keys.service(self.service),
+            self._listed,
+            self._apply,
+            log,
+            "keeping the last view",
+        )
+
+    def _listed(self, revision: int, kvs: list[KV]) -> None:
+        self._raw = {kv.key: kv.value for kv in kvs}
+        self._rebuild()
+        self.revision = revision
+        self.resyncs += 1
+        self.synced.set()
+        log.info(
+            "service %s: listed %d keys at revision %d: %d upstreams, checker %r",
+            self.service,
+            len(kvs),
+            revision,
+            len(self.upstreams),
+            self.checker or "-",
+        )
 
     def _apply(self, events: list[Event]) -> None:
         self.last_event = time.monotonic()

@@ -13,7 +13,6 @@ leaves DNS within its TTL (dies) or at once (drains: the lease is revoked):
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -26,8 +25,9 @@ from pathlib import Path
 
 from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError
-from pmlb.store.etcd import EtcdStore, StoreError, WatchReset
+from pmlb.store.etcd import KV, EtcdStore, Event
 from pmlb.store.keys import InvalidValue, Keys, parse_node
+from pmlb.store.listwatch import list_and_watch
 
 log = logging.getLogger("pmlb.dns")
 
@@ -143,31 +143,28 @@ class HostsFileSync:
         self.writes = 0
 
     async def run(self) -> None:
-        prefix = self.keys.nodes()
-        backoff = 0.2
-        while True:
-            try:
-                revision, kvs = await self.store.get_prefix(prefix)
-                self.infos = {}
-                for kv in kvs:
-                    self._put(kv.key, kv.value, kv.lease)
-                self._write()
-                backoff = 0.2
-                async for events in self.store.watch_prefix(prefix, revision + 1):
-                    for ev in events:
-                        if ev.kind == "put":
-                            self._put(ev.key, ev.value, ev.lease)
-                        else:
-                            self.infos.pop(ev.key, None)
-                    self._write()
-            except WatchReset as exc:
-                log.warning("%s; listing again", exc)
-            except StoreError as exc:
-                log.warning(
-                    "%s; keeping %s as it is, retry in %.1fs", exc, self.hosts_file, backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        await list_and_watch(
+            self.store,
+            self.keys.nodes(),
+            self._listed,
+            self._apply,
+            log,
+            f"keeping {self.hosts_file} as it is",
+        )
+
+    def _listed(self, revision: int, kvs: list[KV]) -> None:
+        self.infos = {}
+        for kv in kvs:
+            self._put(kv.key, kv.value, kv.lease)
+        self._write()
+
+    def _apply(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.kind == "put":
+                self._put(ev.key, ev.value, ev.lease)
+            else:
+                self.infos.pop(ev.key, None)
+        self._write()
 
     def _put(self, key: str, value: bytes, lease: int) -> None:
         self.infos.pop(key, None)

@@ -18,8 +18,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from pmlb.aio import stop_task, supervised
+from pmlb.aio import Backoff, stop_task, supervised
 from pmlb.store.etcd import EtcdStore, StoreError
+from pmlb.store.listwatch import STORE_RETRY
 
 log = logging.getLogger("pmlb.session")
 
@@ -66,7 +67,7 @@ class Session:
             self.changed.set()
 
     async def _run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(*STORE_RETRY)
         while not self._stopping:
             try:
                 if not self.lease:
@@ -87,10 +88,10 @@ class Session:
                     continue
                 self.last_ok = time.monotonic()
                 self._set(True)
-                backoff = 0.2
+                backoff.reset()
                 await asyncio.sleep(max(0.5, self.ttl / 3))
             except StoreError as exc:
                 self._set(False)
-                log.debug("session: %s; retry in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                delay = backoff.next()
+                log.debug("session: %s; retry in %.1fs", exc, delay)
+                await asyncio.sleep(delay)

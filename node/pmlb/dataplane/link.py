@@ -1,7 +1,7 @@
 """A link: the gRPC channel and Bridge stream between this node and one upstream.
 
 One Link object lives as long as its upstream is configured; it reconnects
-with jittered exponential backoff (tenacity) whenever the stream ends. While
+with jittered exponential backoff (``aio.Backoff``) whenever the stream ends. While
 connected, frames of all the marks bound to it ride one Bridge stream in
 batches (wire.BatchWriter) and received batches are dispatched to marks by
 mark string, so an upstream can also reach marks bound elsewhere (push).
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import TYPE_CHECKING, Final
 
 from pmlb import __version__, reasons, wire
+from pmlb.aio import Backoff
 from pmlb.dataplane.siblings import BREAK_HOLD
 from pmlb.domain import UpstreamSpec
 from pmlb.errors import PmlbError
@@ -188,7 +188,8 @@ class Link:
                 log.exception("link %s ended with an error", self.id)
 
     async def _run(self) -> None:
-        failures = 0  # consecutive sessions that failed or were up too briefly
+        # Consecutive sessions that failed or were up too briefly.
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         while not self._stopping:
             self.up_since = 0.0
             try:
@@ -198,17 +199,15 @@ class Link:
                 error = str(exc)
             if self._stopping:
                 return
-            if self.up_since and time.monotonic() - self.up_since >= BACKOFF_RESET_AFTER:
-                failures = 0
-            delay = backoff_delay(failures)
-            failures += 1
+            backoff.reset_if_up(self.up_since, BACKOFF_RESET_AFTER)
+            delay = backoff.next()
             log.log(
-                logging.INFO if failures <= 1 else logging.DEBUG,
+                logging.INFO if backoff.failures <= 1 else logging.DEBUG,
                 "link %s (%s) down: %s; retry %d in %.2fs",
                 self.id,
                 self.spec.addr,
                 error,
-                failures,
+                backoff.failures,
                 delay,
             )
             await asyncio.sleep(delay)
@@ -595,10 +594,3 @@ class Link:
                 len(marks),
                 marks[0],
             )
-
-
-def backoff_delay(failures: int) -> float:
-    """Seconds to wait before reconnect attempt ``failures + 1``: exponential
-    from BACKOFF_INITIAL, capped at BACKOFF_MAX, with up to 25 % jitter."""
-    base = min(BACKOFF_MAX, BACKOFF_INITIAL * (2 ** min(failures, 16)))
-    return float(base * (1 - 0.25 * random.random()))

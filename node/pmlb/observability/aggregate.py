@@ -7,7 +7,7 @@ for all of them:
 
 * ``/metrics``: every worker's samples merged, plus the supervisor's own
   ``process_*``. Counters and histograms are summed; gauges are summed unless
-  summing means nothing (``GAUGE_MIN``/``GAUGE_MAX``: a link is up only if it
+  summing means nothing (``metrics.GAUGE_MIN``/``metrics.GAUGE_MAX``: a link is up only if it
   is up on every worker; the checker flag is 1 if any worker is the checker).
   A ``worker`` label appears only on the few per-worker series
   (``pmlb_worker_up``, ``pmlb_worker_restarts_total``, ``pmlb_worker_marks_open``).
@@ -52,28 +52,6 @@ log = logging.getLogger("pmlb.aggregate")
 
 WORKER_TIMEOUT: Final = 5.0
 MAX_WORKER_BODY: Final = 64 << 20
-
-# Gauges whose node-wide value is not the sum of the workers'.
-GAUGE_MIN: Final = frozenset(
-    {
-        "pmlb_upstream_up",
-        "pmlb_upstream_routable",
-        "pmlb_etcd_session_up",
-        "process_start_time_seconds",
-        "process_max_fds",
-    }
-)
-GAUGE_MAX: Final = frozenset(
-    {
-        "pmlb_build_info",
-        "pmlb_max_connections",
-        "pmlb_upstream_health",
-        "pmlb_checker",
-        "pmlb_etcd_malformed_values",
-        "pmlb_etcd_last_keepalive_age_seconds",
-        "pmlb_etcd_watch_last_event_age_seconds",
-    }
-)
 
 
 async def fetch(path: str, method: str, target: str) -> tuple[int, bytes]:
@@ -131,9 +109,9 @@ def merge_metrics(texts: Iterable[str]) -> bytes:
     for name, (kind, doc, samples) in families.items():
         base = name.removesuffix("_total") if kind == "counter" else name
         reduce: Callable[[list[float]], float] = math.fsum
-        if kind == "gauge" and base in GAUGE_MIN:
+        if kind == "gauge" and base in metrics.GAUGE_MIN:
             reduce = min
-        elif kind == "gauge" and base in GAUGE_MAX:
+        elif kind == "gauge" and base in metrics.GAUGE_MAX:
             reduce = max
         text = doc.replace("\\", "\\\\").replace("\n", "\\n")
         out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
@@ -192,46 +170,24 @@ class NodeAdmin:
         return (200 if ready else 503), "text/plain", b"ready\n" if ready else b"not ready\n"
 
     def _own_metrics(self) -> str:
-        sup = self.sup
-        lines = [
-            "# HELP pmlb_workers Worker processes of this node (--workers).\n",
-            "# TYPE pmlb_workers gauge\n",
-            f"pmlb_workers {len(sup.workers)}\n",
-            "# HELP pmlb_worker_up 1 while the worker is listening.\n",
-            "# TYPE pmlb_worker_up gauge\n",
-            *(f'pmlb_worker_up{{worker="{w.index}"}} {int(w.up)}\n' for w in sup.workers),
-            "# HELP pmlb_worker_restarts_total Times the worker was started again.\n",
-            "# TYPE pmlb_worker_restarts_total counter\n",
-            *(
-                f'pmlb_worker_restarts_total{{worker="{w.index}"}} {w.restarts}\n'
-                for w in sup.workers
-            ),
-            "# HELP pmlb_admin_worker_errors_total Requests a worker did not answer.\n",
-            "# TYPE pmlb_admin_worker_errors_total counter\n",
-            f"pmlb_admin_worker_errors_total {self.failed_asks}\n",
-        ]
-        return "".join(lines) + generate_latest(self._own).decode()
+        workers = (metrics.WorkerSample(w.index, w.up, w.restarts) for w in self.sup.workers)
+        own = metrics.supervisor_text(workers, self.failed_asks)
+        return own + generate_latest(self._own).decode()
 
     async def metrics(self, query: str) -> tuple[int, str, bytes]:
         answers = await self.ask_all("/metrics")
         texts = [self._own_metrics()]
-        per_worker: list[str] = []
+        per_worker: list[tuple[int, str]] = []
         for w, answer in zip(self.sup.workers, answers, strict=True):
             if answer is None or answer[0] != 200:
                 continue
             text = answer[1].decode("utf-8", "replace")
             texts.append(text)
             for fam in text_string_to_metric_families(text):
-                if fam.name == "pmlb_marks_open":
+                if fam.name == metrics.MARKS_OPEN:
                     value = fam.samples[0].value if fam.samples else 0.0
-                    per_worker.append(
-                        f'pmlb_worker_marks_open{{worker="{w.index}"}} {_number(value)}\n'
-                    )
-        if per_worker:
-            texts.append(
-                "# HELP pmlb_worker_marks_open Marks open on the worker.\n"
-                "# TYPE pmlb_worker_marks_open gauge\n" + "".join(per_worker)
-            )
+                    per_worker.append((w.index, _number(value)))
+        texts.append(metrics.worker_marks_text(per_worker))
         try:
             body = merge_metrics(texts)
         except ValueError as exc:  # a worker's text did not parse: say so, keep serving

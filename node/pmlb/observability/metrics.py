@@ -1,8 +1,13 @@
-"""Prometheus metrics for /metrics, built at scrape time.
+"""Every metric pmlb exports, by name, built at scrape time.
 
-The data path bumps plain integers (NodeStats, link and writer attributes);
-this collector turns them into metric families only when scraped, so no lock
-or label lookup is ever paid per message.
+This module is where a metric is added: its name, type and help, and what it
+is made from. Nothing else defines one: the data path bumps plain integers
+(``NodeStats``, link and writer attributes) and the composition root hands
+over a ``NodeSample`` of its parts' figures; the collector turns them into
+metric families only when scraped, so no lock or label lookup is ever paid per
+message. A node of several workers adds the supervisor's own series
+(``supervisor_text``) and merges the workers' by the rules below
+(``GAUGE_MIN``/``GAUGE_MAX``); ``pmlb status`` reads a few by the names below.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -25,6 +31,79 @@ from pmlb.aio import RESTARTS
 from pmlb.observability.stats import NodeStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Read back by name: `pmlb status` and the cluster page (from a node's
+# /metrics), and the supervisor (from its workers').
+MARKS_OPEN: Final = "pmlb_marks_open"
+ACCEPTED_TOTAL: Final = "pmlb_connections_accepted_total"
+FRAMES_IN_TOTAL: Final = "pmlb_frames_in_total"
+FRAMES_OUT_TOTAL: Final = "pmlb_frames_out_total"
+
+# A node of several workers: gauges whose node-wide value is not the sum of
+# the workers' (a link is up only if it is up on every worker; the checker
+# flag is 1 if any worker is the checker). Everything else is summed.
+GAUGE_MIN: Final = frozenset(
+    {
+        "pmlb_upstream_up",
+        "pmlb_upstream_routable",
+        "pmlb_etcd_session_up",
+        "process_start_time_seconds",
+        "process_max_fds",
+    }
+)
+GAUGE_MAX: Final = frozenset(
+    {
+        "pmlb_build_info",
+        "pmlb_max_connections",
+        "pmlb_upstream_health",
+        "pmlb_checker",
+        "pmlb_etcd_malformed_values",
+        "pmlb_etcd_last_keepalive_age_seconds",
+        "pmlb_etcd_watch_last_event_age_seconds",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSample:
+    index: int
+    up: bool
+    restarts: int
+
+
+def supervisor_text(workers: Iterable[WorkerSample], failed_asks: int) -> str:
+    """The supervisor's own series of a node of several workers, as text
+    (its process_* are added by its registry)."""
+    ws = list(workers)
+    return "".join(
+        [
+            "# HELP pmlb_workers Worker processes of this node (--workers).\n",
+            "# TYPE pmlb_workers gauge\n",
+            f"pmlb_workers {len(ws)}\n",
+            "# HELP pmlb_worker_up 1 while the worker is listening.\n",
+            "# TYPE pmlb_worker_up gauge\n",
+            *(f'pmlb_worker_up{{worker="{w.index}"}} {int(w.up)}\n' for w in ws),
+            "# HELP pmlb_worker_restarts_total Times the worker was started again.\n",
+            "# TYPE pmlb_worker_restarts_total counter\n",
+            *(f'pmlb_worker_restarts_total{{worker="{w.index}"}} {w.restarts}\n' for w in ws),
+            "# HELP pmlb_admin_worker_errors_total Requests a worker did not answer.\n",
+            "# TYPE pmlb_admin_worker_errors_total counter\n",
+            f"pmlb_admin_worker_errors_total {failed_asks}\n",
+        ]
+    )
+
+
+def worker_marks_text(marks: Iterable[tuple[int, str]]) -> str:
+    """``pmlb_worker_marks_open`` from each worker's MARKS_OPEN (index, value
+    as Prometheus text); empty when no worker answered."""
+    lines = [f'pmlb_worker_marks_open{{worker="{i}"}} {v}\n' for i, v in marks]
+    if not lines:
+        return ""
+    return (
+        "# HELP pmlb_worker_marks_open Marks open on the worker.\n"
+        "# TYPE pmlb_worker_marks_open gauge\n" + "".join(lines)
+    )
+
 
 # (name without _total, NodeStats attribute, help)
 _COUNTERS = (
@@ -89,7 +168,77 @@ class LinkSample:
     failed_over: int
 
 
-Extra = tuple[str, str, str, float]  # name, "gauge"|"counter", help, value
+@dataclass(frozen=True, slots=True)
+class EtcdSample:
+    """The etcd session, the service view and the checker, as one node sees them."""
+
+    session_up: bool
+    lease_grants: int
+    keepalive_age: float  # seconds since the last keepalive; -1: none yet
+    view_resyncs: int
+    malformed_values: int
+    watch_age: float  # seconds since the watch's last event; -1: none yet
+    is_checker: bool
+    health_probes: int
+    health_writes: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSample:
+    """What the node's parts other than NodeStats and the links report."""
+
+    max_connections: int
+    limit_pauses: int
+    rate_pauses: int
+    resource_errors: int
+    tasks: int
+    etcd: EtcdSample | None  # None: static upstreams, no etcd
+
+
+# (name, "gauge"|"counter", help, the value from a sample); counters' names
+# without _total, which prometheus_client adds.
+_NODE: Final[tuple[tuple[str, str, str, Callable[[NodeSample], float]], ...]] = (
+    ("pmlb_asyncio_tasks", "gauge",
+     "asyncio tasks alive in the node (flat under churn: no task per connection).",
+     lambda n: n.tasks),
+    ("pmlb_max_connections", "gauge",
+     "The --max-connections limit (0: none), for alerting near it.",
+     lambda n: n.max_connections),
+    ("pmlb_accept_limit_pauses", "counter", "Times accepting paused at --max-connections.",
+     lambda n: n.limit_pauses),
+    ("pmlb_accept_rate_pauses", "counter", "Times accepting paused at --accept-rate.",
+     lambda n: n.rate_pauses),
+    ("pmlb_accept_resource_errors", "counter",
+     "accept() failures for lack of file descriptors or memory (accepting paused).",
+     lambda n: n.resource_errors),
+)  # fmt: skip
+_ETCD: Final[tuple[tuple[str, str, str, Callable[[EtcdSample], float]], ...]] = (
+    ("pmlb_etcd_session_up", "gauge", "1 while the etcd lease is kept alive.",
+     lambda e: e.session_up),
+    ("pmlb_etcd_lease_grants", "counter", "Leases granted (re-registrations).",
+     lambda e: e.lease_grants),
+    ("pmlb_etcd_last_keepalive_age_seconds", "gauge",
+     "Seconds since the last successful keepalive.", lambda e: e.keepalive_age),
+    ("pmlb_etcd_view_resyncs", "counter", "Full re-lists of the service view.",
+     lambda e: e.view_resyncs),
+    ("pmlb_etcd_malformed_values", "gauge", "etcd values ignored as malformed.",
+     lambda e: e.malformed_values),
+    ("pmlb_checker", "gauge", "1 while this node is the service's checker.",
+     lambda e: e.is_checker),
+    ("pmlb_health_probes", "counter", "grpc.health.v1 checks sent to upstreams as checker.",
+     lambda e: e.health_probes),
+    ("pmlb_health_writes", "counter", "Health transitions written as checker.",
+     lambda e: e.health_writes),
+    ("pmlb_etcd_watch_last_event_age_seconds", "gauge",
+     "Seconds since the service watch last delivered an event (-1: none yet).",
+     lambda e: e.watch_age),
+)  # fmt: skip
+
+
+def _family(name: str, kind: str, help_: str, value: float) -> Metric:
+    if kind == "counter":
+        return CounterMetricFamily(name, help_, value=value)
+    return GaugeMetricFamily(name, help_, value=value)
 
 
 class NodeCollector(Collector):
@@ -97,11 +246,11 @@ class NodeCollector(Collector):
         self,
         stats: NodeStats,
         links: Callable[[], Iterable[LinkSample]],
-        extra: Callable[[], Iterable[Extra]],
+        sample: Callable[[], NodeSample],
     ) -> None:
         self.stats = stats
         self.links = links
-        self.extra = extra
+        self.sample = sample
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -199,11 +348,12 @@ class NodeCollector(Collector):
             flushes.add_metric([ln.upstream, "idle"], ln.batches_sent - ln.full_flushes)
             failed.add_metric([ln.upstream], ln.failed_over)
         yield from (up, marks, routable, health, batches, frames, flushes, failed)
-        for name, kind, help_, value in self.extra():
-            if kind == "counter":
-                yield CounterMetricFamily(name.removesuffix("_total"), help_, value=value)
-            else:
-                yield GaugeMetricFamily(name, help_, value=value)
+        node = self.sample()
+        for name, kind, help_, get in _NODE:
+            yield _family(name, kind, help_, float(get(node)))
+        if node.etcd is not None:
+            for name, kind, help_, get_e in _ETCD:
+                yield _family(name, kind, help_, float(get_e(node.etcd)))
 
 
 def make_registry(collector: NodeCollector) -> CollectorRegistry:

@@ -112,11 +112,3 @@ class NodeStats:
         self.move_timeouts = 0
         self.pings = 0  # liveness pings sent on links
         self.refused_pushes = 0  # frames for marks bound elsewhere, not allowed
-
-    def snapshot(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            k: v for k in self.__slots__ if not isinstance(v := getattr(self, k), Histogram)
-        }
-        out["closed"] = dict(self.closed)
-        out["limited"] = dict(self.limited)
-        return out

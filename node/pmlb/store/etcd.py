@@ -3,7 +3,7 @@
 It uses the etcd v3 gRPC API directly (the generated stubs shipped by the
 `etcd3aio` package) on one grpc.aio channel, so that every call has the same
 shape: a per-attempt timeout, retries with jittered exponential backoff, and
-an overall deadline (tenacity). Watches are raw streams that report
+an overall deadline (``aio.Backoff``). Watches are raw streams that report
 compaction and cancellation as WatchReset, so callers list again (a fresh
 etcd has lower revisions; resuming from an old one would silently wait).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,8 @@ import grpc
 from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2 as rpc
 from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2_grpc as rpc_grpc
 from etcd3aio.proto.etcd.api.mvccpb import kv_pb2
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
+from pmlb.aio import Backoff
 from pmlb.errors import ConfigError, PmlbError
 
 if TYPE_CHECKING:
@@ -40,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pmlb.store")
 T = TypeVar("T")
 
+# Retrying a transient failure of one call, within the call's deadline.
+CALL_RETRY: Final = (0.05, 1.0)
 _TRANSIENT: Final = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -198,6 +196,24 @@ class EtcdStore:
 
     # -- the retry policy every call goes through --------------------------------
 
+    async def _retry(self, fn: Callable[[], Awaitable[T]], limit: float) -> T:
+        """``fn()`` until it answers or fails for good: a transient gRPC
+        error is tried again after ``aio.Backoff`` (50 ms doubling to 1 s)
+        while ``limit`` seconds have not passed; the last error is raised."""
+        backoff = Backoff(*CALL_RETRY)
+        give_up = time.monotonic() + limit
+        while True:
+            try:
+                result = await fn()
+            except grpc.aio.AioRpcError as exc:
+                delay = backoff.next()
+                if exc.code() not in _TRANSIENT or time.monotonic() + delay >= give_up:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            self.connected.set()
+            return result
+
     async def _call(
         self,
         fn: Callable[[], Awaitable[T]],
@@ -205,20 +221,9 @@ class EtcdStore:
         authenticate: bool = True,
         deadline: float | None = None,
     ) -> T:
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT
-
+        limit = self.settings.deadline if deadline is None else deadline
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_delay(self.settings.deadline if deadline is None else deadline),
-                wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.1),
-                retry=retry_if_exception(retryable),
-                reraise=True,
-            ):
-                with attempt:
-                    result = await fn()
-                    self.connected.set()
-                    return result
+            return await self._retry(fn, limit)
         except grpc.aio.AioRpcError as exc:
             if (
                 exc.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -231,7 +236,6 @@ class EtcdStore:
                 self.connected.clear()
                 # What an operator can act on: which etcd, how long we tried,
                 # and the usual cause (no quorum, or no route to the members).
-                limit = self.settings.deadline if deadline is None else deadline
                 raise StoreError(
                     f"etcd at {', '.join(self.settings.endpoints)} did not answer within "
                     f"{limit:g}s ({exc.code().name}): are a majority of its members up "
