@@ -19,9 +19,9 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports(include=["pmlb"]):  # our parsers, not their libraries
-    from pmlb import wire
     from pmlb.dataplane import framing, proxyproto
     from pmlb.errors import FrameTooLarge, FramingError
+    from pmlb.protocol import wire
     from pmlb.store import keys
 
 

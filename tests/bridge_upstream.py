@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pmlb import wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.protocol import wire
 from pmlb.upstream.conformance import flood_message
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from pmlb.localetcd import LocalEtcd, etcd_binary
+from pmlb.testing.localetcd import LocalEtcd, etcd_binary
 from pmlb.transport import TRANSPORTS
 from tests.support import ROOT, STRICT, Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pmlb.localetcd import etcd_binary
+from pmlb.testing.localetcd import etcd_binary
 from tests.support import free_port
 
 IMAGE = "pmlb-test-etcd:3.5.1"

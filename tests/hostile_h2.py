@@ -23,7 +23,7 @@ import h2.events
 import h2.exceptions
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.wire import BRIDGE_METHOD, PROTOCOL_VERSION
+from pmlb.protocol.wire import BRIDGE_METHOD, PROTOCOL_VERSION
 
 PIECE = 1 << 16
 STALL = 5.0  # no window for this long: the peer stopped reading

@@ -2,6 +2,6 @@
 
 import sys
 
-from pmlb.cli import main
+from pmlb.commands.cli import main
 
 sys.exit(main())

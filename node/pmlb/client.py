@@ -25,7 +25,7 @@ from pmlb._proto.pmlb.v1 import node_pb2 as npb
 from pmlb._proto.pmlb.v1 import node_pb2_grpc
 from pmlb.config import etcd_values_from_env
 from pmlb.errors import MarkGone, PmlbError
-from pmlb.ids import node_of
+from pmlb.protocol.ids import node_of
 from pmlb.store.etcd import EtcdSettings, EtcdStore, StoreError, settings_from
 from pmlb.store.keys import InvalidValue, Keys, parse_node
 from pmlb.tlsconf import upstream_channel_credentials

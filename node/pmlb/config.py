@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from pmlb.domain import (
+from pmlb.errors import ConfigError
+from pmlb.protocol.domain import (
     BALANCERS,
     UpstreamSpec,
     check_framing,
     is_loopback,
     parse_hostport,
 )
-from pmlb.errors import ConfigError
-from pmlb.ids import valid_node_id
+from pmlb.protocol.ids import valid_node_id
 from pmlb.transport import DEFAULT_TRANSPORT, TRANSPORTS
 
 

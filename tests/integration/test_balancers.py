@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from pmlb.ids import worker_of
+from pmlb.protocol.ids import worker_of
 from tests.conftest import Cluster, Node, default_workers_too
 from tests.support import async_wait_until
 

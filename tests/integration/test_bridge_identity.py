@@ -19,9 +19,9 @@ import grpc
 import pytest
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.protocol.wire import BRIDGE_METHOD, PROTOCOL_VERSION
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from pmlb.upstream.sdk import DEFAULT_MAX_STREAMS
-from pmlb.wire import BRIDGE_METHOD, PROTOCOL_VERSION
 from tests.conftest import Cluster
 from tests.hostile_h2 import silent_streams
 from tests.integration.test_nodejs_sdk import JS_SDK, js_upstream

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pmlb.conformance import CASES, Options, Result, run_cases
+from pmlb.testing.conformance_kit import CASES, Options, Result, run_cases
 from pmlb.transport import TRANSPORTS
 from pmlb.upstream import UpstreamServer
 from pmlb.upstream.conformance import ConformanceHandler

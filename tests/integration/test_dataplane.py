@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from pmlb.ids import worker_of
+from pmlb.protocol.ids import worker_of
 from tests.conftest import Cluster
 from tests.faults.report import record
 from tests.support import async_wait_until, chunks, encode, free_port, http_get, read_message

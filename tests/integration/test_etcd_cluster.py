@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pmlb.ids import worker_of
-from pmlb.localetcd import LocalEtcd
+from pmlb.protocol.ids import worker_of
+from pmlb.testing.localetcd import LocalEtcd
 from tests.certs import make_chain
 from tests.conftest import CHECK_INTERVAL, LEASE_TTL, Cluster, Etcd, Node, both_transports
 from tests.faults.report import record

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pmlb.localetcd import LocalEtcd
+from pmlb.testing.localetcd import LocalEtcd
 from tests.conftest import Cluster, etcdctl
 from tests.support import free_port, run_pmlb, scrape, wait_until
 

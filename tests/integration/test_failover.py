@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from pmlb.ids import worker_of
+from pmlb.protocol.ids import worker_of
 from tests.conftest import Cluster, Node
 from tests.faults.journal_upstream import reprocessed
 from tests.faults.report import record

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
+from pmlb.protocol.wire import BRIDGE_METHOD
 from pmlb.upstream import Handler, UpstreamServer
 from pmlb.upstream.sdk import DEFAULT_HELLO_TIMEOUT
-from pmlb.wire import BRIDGE_METHOD
 from tests.conftest import Cluster
 from tests.integration.test_nodejs_sdk import js_upstream
 

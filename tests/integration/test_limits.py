@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from pmlb.ids import worker_of
-from pmlb.workers import default_workers
+from pmlb.node.workers import default_workers
+from pmlb.protocol.ids import worker_of
 from tests.conftest import Cluster, both_transports
 from tests.support import http_get
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.wire import BRIDGE_METHOD
+from pmlb.protocol.wire import BRIDGE_METHOD
 from tests.conftest import Cluster, Upstream
 from tests.integration.test_nodejs_sdk import js_upstream
 from tests.support import async_wait_until

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from pmlb.conformance import CASES, Options, run_cases
+from pmlb.testing.conformance_kit import CASES, Options, run_cases
 from tests.conftest import JS_SDK, Cluster, Upstream
 from tests.faults.clients import new_stats, stream
 from tests.support import Proc, async_wait_until, free_port, tcp_open, wait_until

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pmlb.ids import worker_of
+from pmlb.protocol.ids import worker_of
 from pmlb.upstream import Conn, Handler, UpstreamServer
 from tests.conftest import LEASE_TTL, Cluster, Etcd, Node
 from tests.faults.report import record

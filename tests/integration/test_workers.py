@@ -25,8 +25,8 @@ import sys
 import pytest
 
 from pmlb.client import MarkClient
-from pmlb.ids import worker_of
-from pmlb.workers import default_workers
+from pmlb.node.workers import default_workers
+from pmlb.protocol.ids import worker_of
 from tests.conftest import Cluster, Etcd
 from tests.support import (
     ROOT,

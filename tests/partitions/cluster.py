@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmlb.localetcd import etcd_binary
+from pmlb.testing.localetcd import etcd_binary
 from tests.partitions.net import Net
 from tests.support import ROOT
 

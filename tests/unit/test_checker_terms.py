@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from pmlb.cluster.checker import Checker, CheckSettings, _Probe
-from pmlb.domain import UpstreamSpec
+from pmlb.protocol.domain import UpstreamSpec
 from pmlb.store.keys import SERVING, Health, Keys
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pmlb.cli import build_parser
+from pmlb.commands.cli import build_parser
 from pmlb.config import NODE_OPTIONS, node_config, parse_duration, parse_size, resolve
 from pmlb.errors import ConfigError
 

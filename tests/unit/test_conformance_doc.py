@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from pmlb.conformance import CASES
+from pmlb.testing.conformance_kit import CASES
 from tests.support import ROOT
 
 PAGE = (ROOT / "proto" / "README.md").read_text()

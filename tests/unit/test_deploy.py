@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pmlb.cli import build_parser
+from pmlb.commands.cli import build_parser
 from pmlb.config import DNS_SYNC_OPTIONS, ECHO_OPTIONS, NODE_OPTIONS, node_config, resolve
 from tests.support import ROOT, needs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pmlb.errors import InvalidMark
-from pmlb.ids import MarkFactory, node_of, parse_mark, worker_of
+from pmlb.protocol.ids import MarkFactory, node_of, parse_mark, worker_of
 
 
 def test_marks_are_unique_and_name_their_node() -> None:

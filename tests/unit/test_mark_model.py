@@ -36,7 +36,7 @@ from pmlb.dataplane.mark import (
     Mark,
     MarkLimits,
 )
-from pmlb.wire import FRAME_OVERHEAD
+from pmlb.protocol.wire import FRAME_OVERHEAD
 
 WINDOW = 2048
 MAX_MSG = 300

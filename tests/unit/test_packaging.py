@@ -44,7 +44,7 @@ async def main() -> None:
     print("SDK OK", port > 0)
 
 asyncio.run(main())
-from pmlb.cli import main as cli
+from pmlb.commands.cli import main as cli
 sys.exit(cli(["node", "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2"]))
 """
 
@@ -67,7 +67,7 @@ def test_the_sdk_runs_without_the_node_dependencies() -> None:
 def test_ranges_in_pyproject_exact_versions_in_constraints() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == "pmlb-lb"
-    assert project["scripts"]["pmlb"] == "pmlb.cli:main"
+    assert project["scripts"]["pmlb"] == "pmlb.commands.cli:main"
     runtime = project["dependencies"] + project["optional-dependencies"]["node"]
     assert not [d for d in runtime if "==" in d], "ranges, not pins, for importers"
     base = " ".join(project["dependencies"]).replace("-", "_")

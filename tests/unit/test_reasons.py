@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pmlb import reasons
+from pmlb.protocol import reasons
 from tests.support import ROOT
 
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pmlb.dataplane.siblings import NodeCounters, NodeProbation, create_counters
-from pmlb.observability.aggregate import merge_metrics
+from pmlb.node.aggregate import merge_metrics
 
 W0 = """# HELP pmlb_frames_in_total Frames from clients to upstreams.
 # TYPE pmlb_frames_in_total counter

@@ -26,7 +26,7 @@ import grpc
 from pmlb.aio import stop_task, supervised, wait_event
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.session import Session
-from pmlb.domain import UpstreamSpec
+from pmlb.protocol.domain import UpstreamSpec
 from pmlb.store.etcd import EtcdStore, StoreError
 from pmlb.store.keys import NOT_SERVING, SERVING, Health, Keys, format_health, now_rfc3339
 from pmlb.transport import HEALTH_SERVICE

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from pmlb.aio import stop_task, supervised
-from pmlb.domain import UpstreamSpec
+from pmlb.protocol.domain import UpstreamSpec
 from pmlb.store.etcd import KV, EtcdStore, Event
 from pmlb.store.keys import UNKNOWN, Health, InvalidValue, Keys, parse_health, parse_upstream
 from pmlb.store.listwatch import list_and_watch

@@ -23,8 +23,8 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError
+from pmlb.protocol.domain import parse_hostport
 from pmlb.store.etcd import KV, EtcdStore, Event
 from pmlb.store.keys import InvalidValue, Keys, parse_node
 from pmlb.store.listwatch import list_and_watch

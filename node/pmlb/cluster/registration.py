@@ -3,7 +3,7 @@
 Written under the node's session lease each time a lease is granted, so it
 lives exactly as long as the node keeps the lease. The process that writes it
 is the node's face to the cluster: a node of one process writes it itself; a
-node of several workers has its supervisor write it (pmlb.workers), once, for
+node of several workers has its supervisor write it (pmlb.node.workers), once, for
 all of them.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from pmlb import __version__
 from pmlb.cluster.dns import advertised_host, advertised_ip, skydns_key, skydns_value
 from pmlb.config import NodeConfig
-from pmlb.domain import format_hostport
+from pmlb.protocol.domain import format_hostport
 from pmlb.store.etcd import EtcdStore
 from pmlb.store.keys import Keys, format_node
 
@@ -48,7 +48,7 @@ def node_entry(
     }
     if workers > 1:
         # Every worker serves the node's one control address and hands a call
-        # for a sibling's mark to it (the mark names its worker, pmlb.ids).
+        # for a sibling's mark to it (the mark names its worker, pmlb.protocol.ids).
         entry["workers"] = [{"index": i, "control": control} for i in range(workers)]
     return entry
 

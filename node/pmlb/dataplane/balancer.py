@@ -23,8 +23,8 @@ import random
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-from pmlb.domain import BALANCERS
 from pmlb.errors import ConfigError
+from pmlb.protocol.domain import BALANCERS
 
 
 class Target(Protocol):

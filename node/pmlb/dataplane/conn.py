@@ -28,7 +28,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from pmlb import reasons, wire
 from pmlb.dataplane import proxyproto
 from pmlb.dataplane.mark import (
     BOUND,
@@ -45,6 +44,7 @@ from pmlb.dataplane.mark import (
 )
 from pmlb.errors import FrameTooLarge, FramingError
 from pmlb.observability.logs import fields
+from pmlb.protocol import reasons, wire
 
 if TYPE_CHECKING:
     from pmlb._proto.pmlb.v1 import upstream_pb2 as pb

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
 
-from pmlb import reasons
 from pmlb._proto.pmlb.v1 import node_pb2 as npb
 from pmlb._proto.pmlb.v1 import node_pb2_grpc
 from pmlb.dataplane.siblings import Siblings
 from pmlb.errors import InvalidMark
-from pmlb.ids import parse_mark, worker_of
+from pmlb.protocol import reasons
+from pmlb.protocol.ids import parse_mark, worker_of
 
 if TYPE_CHECKING:
     from pmlb.dataplane.conn import ClientConn

@@ -3,7 +3,7 @@
 Pure and I/O-free. A decoder is fed whatever one socket read returned and
 returns the whole messages it completed; it keeps at most one partial message
 (bounded by the maximum frame size). An encoder turns one upstream payload into
-the bytes the client receives. (The spellings are parsed in pmlb.domain.)
+the bytes the client receives. (The spellings are parsed in pmlb.protocol.domain.)
 
 * ``raw``   - every read is a frame (split at the maximum frame size); no
   encoding. Not a message framing: a message may span frames, and on failover
@@ -14,7 +14,7 @@ the bytes the client receives. (The spellings are parsed in pmlb.domain.)
 * ``len16`` - a big-endian unsigned 16-bit length, then that many bytes; the
   payload excludes the length (the node puts it back on what upstreams send).
 * ``len32`` - the same with a 32-bit length.
-* ``length-field:...`` - Netty's length-field rule (pmlb.domain.LengthField);
+* ``length-field:...`` - Netty's length-field rule (pmlb.protocol.domain.LengthField);
   the presets ``mqtt``, ``modbus-tcp`` and ``smpp`` are such rules. With strip
   0 the payload is the whole message, header included, and what an upstream
   sends is written unchanged: it must be one whole message.
@@ -39,8 +39,14 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from pmlb.domain import FRAMING_PLUGINS, FramingSpec, LengthField, check_framing, parse_framing
 from pmlb.errors import FrameTooLarge, FramingError
+from pmlb.protocol.domain import (
+    FRAMING_PLUGINS,
+    FramingSpec,
+    LengthField,
+    check_framing,
+    parse_framing,
+)
 
 
 class Decoder(Protocol):

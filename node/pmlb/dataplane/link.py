@@ -18,11 +18,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final
 
-from pmlb import __version__, reasons, wire
+from pmlb import __version__
 from pmlb.aio import Backoff
 from pmlb.dataplane.siblings import BREAK_HOLD
-from pmlb.domain import UpstreamSpec
 from pmlb.errors import PmlbError
+from pmlb.protocol import reasons, wire
+from pmlb.protocol.domain import UpstreamSpec
 from pmlb.transport import ClientStream, TransportError, open_client
 
 if TYPE_CHECKING:

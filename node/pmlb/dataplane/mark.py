@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, Generic, Protocol, TypeVar
 
-from pmlb.wire import FRAME_OVERHEAD
+from pmlb.protocol.wire import FRAME_OVERHEAD
 
 # Order matters: everything from CLOSING on is "going away".
 WAITING, BOUND, MOVING, CLIENT_EOF, CLOSING, CLOSED = range(6)

@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterable
 from typing import Final
 
-from pmlb import reasons
 from pmlb.aio import wait_event
 from pmlb.config import NodeConfig
 from pmlb.dataplane.acceptor import Acceptor
@@ -36,11 +35,12 @@ from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
 from pmlb.dataplane.siblings import NodeCounters, NodeProbation, Siblings
 from pmlb.dataplane.watch import MarkWatch
-from pmlb.domain import UpstreamSpec, format_hostport
-from pmlb.ids import MarkFactory
 from pmlb.observability.logs import fields
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
+from pmlb.protocol import reasons
+from pmlb.protocol.domain import UpstreamSpec, format_hostport
+from pmlb.protocol.ids import MarkFactory
 from pmlb.tlsconf import ListenerTLS, upstream_channel_credentials
 from pmlb.transport import ClientTLS
 

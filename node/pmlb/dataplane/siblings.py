@@ -1,11 +1,11 @@
 """What one worker process of a node shares with the node's other workers.
 
 A node started with ``--workers N`` is N processes sharing its listeners
-(SO_REUSEPORT); see pmlb.workers. Two things must hold across them, and this
+(SO_REUSEPORT); see pmlb.node.workers. Two things must hold across them, and this
 module is where the data plane gets them:
 
 * **Calls reach the worker that holds the mark.** A mark names its worker
-  (pmlb.ids). An upstream pushing over its link, or a client of the control
+  (pmlb.protocol.ids). An upstream pushing over its link, or a client of the control
   API, may reach any worker; a worker hands a call for a sibling's mark to
   that sibling over its internal control socket (gRPC on a Unix socket in the
   node's private run directory), so nothing but the node's own processes can
@@ -46,7 +46,7 @@ import grpc
 from pmlb._proto.pmlb.v1 import node_pb2 as npb
 from pmlb._proto.pmlb.v1 import node_pb2_grpc
 from pmlb.errors import InvalidMark
-from pmlb.ids import parse_mark
+from pmlb.protocol.ids import parse_mark
 
 log = logging.getLogger("pmlb.siblings")
 

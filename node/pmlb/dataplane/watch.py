@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final, Protocol
 
-from pmlb import wire
+from pmlb.protocol import wire
 
 if TYPE_CHECKING:
     from pmlb.dataplane.link import Link

@@ -1,1 +1,1 @@
-"""Counters, logs, the admin HTTP endpoint and (later) tracing."""
+"""Counters, metrics, logs, tracing, the admin HTTP endpoint and the dashboards."""

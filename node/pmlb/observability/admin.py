@@ -16,7 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from pmlb.domain import is_loopback
+from pmlb.protocol.domain import is_loopback
 
 log = logging.getLogger("pmlb.admin")
 
@@ -63,7 +63,7 @@ class AdminServer:
     ) -> None:
         self.host = host
         self.port = port
-        # A worker's internal endpoint (pmlb.workers): a Unix socket in the
+        # A worker's internal endpoint (pmlb.node.workers): a Unix socket in the
         # node's private run directory, which only the node's processes reach,
         # so no route there is refused.
         self.unix_path = unix_path

@@ -38,6 +38,9 @@ MARKS_OPEN: Final = "pmlb_marks_open"
 ACCEPTED_TOTAL: Final = "pmlb_connections_accepted_total"
 FRAMES_IN_TOTAL: Final = "pmlb_frames_in_total"
 FRAMES_OUT_TOTAL: Final = "pmlb_frames_out_total"
+UPSTREAM_UP: Final = "pmlb_upstream_up"  # labels: upstream
+UPSTREAM_MARKS: Final = "pmlb_upstream_marks"  # labels: upstream
+UPSTREAM_FAILOVERS_TOTAL: Final = "pmlb_upstream_failovers_total"  # labels: upstream
 
 # A node of several workers: gauges whose node-wide value is not the sum of
 # the workers' (a link is up only if it is up on every worker; the checker
@@ -256,7 +259,7 @@ class NodeCollector(Collector):
         s = self.stats
         for name, attr, help_ in _COUNTERS:
             yield CounterMetricFamily(name, help_, value=getattr(s, attr))
-        yield GaugeMetricFamily("pmlb_marks_open", "Marks open on this node.", value=s.open)
+        yield GaugeMetricFamily(MARKS_OPEN, "Marks open on this node.", value=s.open)
         info = GaugeMetricFamily(
             "pmlb_build_info", "pmlb's version (value 1).", labels=["version", "python"]
         )
@@ -303,10 +306,10 @@ class NodeCollector(Collector):
             limited.add_metric([reason], n)
         yield limited
         up = GaugeMetricFamily(
-            "pmlb_upstream_up", "1 while the link to the upstream is up.", labels=["upstream"]
+            UPSTREAM_UP, "1 while the link to the upstream is up.", labels=["upstream"]
         )
         marks = GaugeMetricFamily(
-            "pmlb_upstream_marks", "Marks bound to the upstream.", labels=["upstream"]
+            UPSTREAM_MARKS, "Marks bound to the upstream.", labels=["upstream"]
         )
         routable = GaugeMetricFamily(
             "pmlb_upstream_routable",

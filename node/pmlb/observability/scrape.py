@@ -22,8 +22,8 @@ import asyncio
 import math
 from typing import Final
 
-from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError, PmlbError
+from pmlb.protocol.domain import parse_hostport
 
 SCRAPE_TIMEOUT: Final = 3.0
 MAX_SCRAPE_BYTES: Final = 4 << 20  # a node's /metrics is tens of KiB; 4 MiB is generous

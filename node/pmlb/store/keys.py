@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pmlb.domain import UpstreamSpec, parse_hostport
 from pmlb.errors import ConfigError, PmlbError
+from pmlb.protocol.domain import UpstreamSpec, parse_hostport
 
 SERVING: Final = "SERVING"
 NOT_SERVING: Final = "NOT_SERVING"

@@ -10,10 +10,10 @@ from typing import Any, Final
 
 import grpc
 
-from pmlb import wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.errors import ConfigError
-from pmlb.transport import (
+from pmlb.protocol import wire
+from pmlb.transport.base import (
     KEEPALIVE_TIME,
     KEEPALIVE_TIMEOUT,
     BridgeHandler,

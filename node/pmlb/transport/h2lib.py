@@ -34,10 +34,10 @@ from grpclib.server import Server as GServer
 from grpclib.server import Stream as ServerCall
 from h2.settings import SettingCodes
 
-from pmlb import wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.domain import parse_hostport
-from pmlb.transport import (
+from pmlb.protocol import wire
+from pmlb.protocol.domain import parse_hostport
+from pmlb.transport.base import (
     KEEPALIVE_TIME,
     KEEPALIVE_TIMEOUT,
     BridgeHandler,

@@ -1,7 +1,7 @@
 """The conformance handler: what an upstream runs while ``pmlb conformance``
 checks it (``pmlb echo-upstream --conformance``).
 
-The kit (``pmlb.conformance``) plays a node and needs the upstream's
+The kit (``pmlb.testing.conformance_kit``) plays a node and needs the upstream's
 application to do known things on request, so it drives this handler with a
 small command vocabulary; every other payload is echoed unchanged. The same
 vocabulary is implemented by the Node.js SDK's example, and an SDK in any

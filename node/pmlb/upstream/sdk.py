@@ -49,9 +49,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from pmlb import __version__, reasons, wire
+from pmlb import __version__
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.domain import is_loopback, parse_hostport
 from pmlb.errors import (
     BackpressureError,
     ConfigError,
@@ -61,7 +60,9 @@ from pmlb.errors import (
     MetadataTooLarge,
     PushRefused,
 )
-from pmlb.ids import node_of
+from pmlb.protocol import reasons, wire
+from pmlb.protocol.domain import is_loopback, parse_hostport
+from pmlb.protocol.ids import node_of
 from pmlb.transport import (
     DEFAULT_TRANSPORT,
     HEALTH_SERVICE,

@@ -573,7 +573,7 @@ class Close(_message.Message):
     reason: _builtins.str
     """A short machine-readable word (printable ASCII, at most 64 characters;
     the node cleans and cuts longer ones, and counts words not listed here
-    as "other" in its metrics). The vocabulary (pmlb/reasons.py):
+    as "other" in its metrics). The vocabulary (pmlb/protocol/reasons.py):
       client_closed    the client closed its side (EOF)
       client_reset     the client connection failed (reset, timeout)
       upstream_closed  an upstream closed the mark

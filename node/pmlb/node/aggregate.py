@@ -30,8 +30,8 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,14 +39,52 @@ from prometheus_client.utils import floatToGoString
 
 from pmlb import __version__
 from pmlb.dataplane.siblings import admin_socket
-from pmlb.domain import format_hostport
-from pmlb.ids import worker_of
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.dashboard import add_page_routes
+from pmlb.protocol.domain import format_hostport
+from pmlb.protocol.ids import worker_of
 
 if TYPE_CHECKING:
-    from pmlb.workers import Supervisor
+    from pmlb.config import NodeConfig
+
+
+# What this module reads of the supervisor (pmlb.node.workers), declared here
+# so that the two do not import each other.
+class WorkerView(Protocol):
+    @property
+    def index(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def up(self) -> bool: ...
+    @property
+    def restarts(self) -> int: ...
+
+
+class SessionView(Protocol):
+    @property
+    def lease(self) -> int: ...
+    @property
+    def healthy(self) -> bool: ...
+
+
+class Supervisor(Protocol):
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def rundir(self) -> str: ...
+    @property
+    def session(self) -> SessionView | None: ...
+    @property
+    def started_at(self) -> str: ...
+    @property
+    def started_unix(self) -> float: ...
+    @property
+    def stop_event(self) -> asyncio.Event | None: ...
+    @property
+    def workers(self) -> Sequence[WorkerView]: ...
+
 
 log = logging.getLogger("pmlb.aggregate")
 

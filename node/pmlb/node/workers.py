@@ -19,7 +19,7 @@ The supervisor (the process the operator started) is the node's face:
 * it registers ``<prefix>/nodes/<id>`` (listing the workers) and the DNS
   record under its own lease, and revokes it first when stopping;
 * it serves the node's admin address, answering from every worker
-  (pmlb.observability.aggregate): /metrics sums them, /connections, mark
+  (pmlb.node.aggregate): /metrics sums them, /connections, mark
   search, /api/status and the page cover all of them, /drain drains all;
 * it restarts a worker that exits unexpectedly (50 ms doubling to 5 s,
   starting over after a minute of running); a restarted worker listens again
@@ -58,12 +58,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pmlb import sdnotify
 from pmlb.aio import Backoff, wait_event
 from pmlb.config import NodeConfig
 from pmlb.dataplane.siblings import create_counters
-from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError, PmlbError
+from pmlb.node import sdnotify
+from pmlb.protocol.domain import format_hostport
 
 log = logging.getLogger("pmlb.workers")
 
@@ -341,7 +341,7 @@ class Supervisor:
     async def _start_admin(self) -> None:
         if self.config.admin is None:
             return
-        from pmlb.observability.aggregate import node_admin
+        from pmlb.node.aggregate import node_admin
 
         self.admin = node_admin(self)
         await self.admin.start()

@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from pmlb.errors import PmlbError
-from pmlb.localetcd import LocalEtcd
+from pmlb.testing.localetcd import LocalEtcd
 
 
 @dataclass

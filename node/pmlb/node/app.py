@@ -5,7 +5,7 @@ Start: etcd view (bounded wait) -> links (they connect in the background) ->
 admin and control API -> listeners -> etcd session (registration) and checker.
 Clients are accepted only once everything else is bound: a node that cannot
 start never takes a client it would then drop. As a worker of a node of
-several (``role``, pmlb.workers), the node says "prepared" to its supervisor
+several (``role``, pmlb.node.workers), the node says "prepared" to its supervisor
 before the listeners and waits for every sibling to be prepared too; its admin
 and control endpoints are internal Unix sockets besides the node's shared
 control address, and the supervisor registers the node.
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import grpc
 
-from pmlb import __version__, reasons, sdnotify
+from pmlb import __version__
 from pmlb.aio import wait_event
 from pmlb.cluster.checker import Checker, CheckSettings
 from pmlb.cluster.discovery import ServiceView
@@ -44,17 +44,19 @@ from pmlb.dataplane.siblings import (
     admin_socket,
     control_socket,
 )
-from pmlb.domain import format_hostport
 from pmlb.errors import ConfigError
+from pmlb.node import sdnotify
+from pmlb.node.workers import SupervisorChannel, WorkerRole, supervisor_channel
 from pmlb.observability import metrics
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.dashboard import add_page_routes
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
+from pmlb.protocol import reasons
+from pmlb.protocol.domain import format_hostport
 from pmlb.store.etcd import EtcdStore, node_settings
 from pmlb.store.keys import Keys, now_rfc3339
 from pmlb.tlsconf import grpc_server_credentials
-from pmlb.workers import SupervisorChannel, WorkerRole, supervisor_channel
 
 log = logging.getLogger("pmlb.app")
 

@@ -27,13 +27,13 @@ import logging
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from pmlb.admincli import cluster_status, set_drain
+from pmlb.commands.admin import cluster_status, set_drain
 from pmlb.config import ETCD_OPTIONS, Option, add_options, resolve
 from pmlb.errors import InvalidMark, PmlbError
-from pmlb.ids import node_of
 from pmlb.observability import scrape
 from pmlb.observability.admin import AdminServer, json_body
 from pmlb.observability.dashboard import add_page_routes
+from pmlb.protocol.ids import node_of
 from pmlb.store.keys import InvalidValue, Keys, load_json, parse_node
 
 if TYPE_CHECKING:  # the etcd client is imported when the command runs (node extra)
@@ -63,8 +63,8 @@ def add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
 
 def run_dashboard(args: argparse.Namespace) -> int:
     from pmlb import aio
-    from pmlb.domain import parse_hostport
     from pmlb.observability.logs import setup_logging
+    from pmlb.protocol.domain import parse_hostport
     from pmlb.store.etcd import EtcdStore, settings_from
 
     values = resolve(DASHBOARD_OPTIONS, args)

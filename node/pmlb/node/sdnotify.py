@@ -6,7 +6,7 @@ registered in etcd in cluster mode (what ``/readyz`` calls registered). On
 the way down it says ``STOPPING=1``. Each is one datagram to the Unix socket
 ``$NOTIFY_SOCKET`` names (``@`` for an abstract one); without the variable,
 nothing is sent. Only the process systemd started speaks: a node's workers
-do not inherit the variable (``pmlb.workers``).
+do not inherit the variable (``pmlb.node.workers``).
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, cast
 
-from pmlb import __version__, wire
+from pmlb import __version__
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.aio import wait_event
 from pmlb.errors import PmlbError
+from pmlb.protocol import wire
 from pmlb.transport import (
     ClientStream,
     ClientTLS,

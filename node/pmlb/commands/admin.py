@@ -13,9 +13,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pmlb.config import ETCD_OPTIONS, add_options, resolve
-from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError, PmlbError
-from pmlb.observability import metrics
+from pmlb.protocol.domain import parse_hostport
 from pmlb.store.keys import (
     UNKNOWN,
     InvalidValue,
@@ -28,7 +27,7 @@ from pmlb.store.keys import (
 )
 
 if TYPE_CHECKING:  # the etcd client is imported when a command runs (node extra)
-    from pmlb.store.etcd import EtcdStore
+    from pmlb.store.etcd import KV, EtcdStore
 
 
 def add_upstream_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -75,7 +74,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         key = keys.upstream(args.service, args.id) if args.id else ""
         if args.action == "add":
-            from pmlb.domain import UpstreamSpec
+            from pmlb.protocol.domain import UpstreamSpec
 
             spec = UpstreamSpec(id=args.id, addr=args.addr, weight=args.weight)
             value = format_upstream(spec)
@@ -242,27 +241,52 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
 async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
     """Nodes (with what their admin endpoints say) and services, from etcd."""
     _, kvs = await store.get_prefix(keys.prefix + "/")
-    nodes: list[dict[str, Any]] = []
-    services: dict[str, dict[str, Any]] = {}
+    nodes = _nodes(kvs, keys)
+    services = _services(kvs, keys)
+    scrapes = await asyncio.gather(
+        *(_scrape(n["admin"]) if n.get("admin") else _none() for n in nodes)
+    )
     now = datetime.now(UTC)
+    for node, (m, why) in zip(nodes, scrapes, strict=True):
+        _add_scrape(node, m, why, services, now)
+    return {
+        "nodes": sorted(nodes, key=lambda n: n["id"]),
+        "services": {
+            name: {
+                "checker": s["checker"],
+                "upstreams": [u for _, u in sorted(s["upstreams"].items()) if "addr" in u],
+            }
+            for name, s in sorted(services.items())
+        },
+    }
+
+
+def _nodes(kvs: list[KV], keys: Keys) -> list[dict[str, Any]]:
+    nodes: list[dict[str, Any]] = []
     for kv in kvs:
-        if kv.key.startswith(keys.nodes()):
-            try:
-                node_id = Keys.leaf(keys.nodes(), kv.key)
-            except InvalidValue:
-                continue
-            try:
-                info = parse_node(node_id, kv.value)
-            except InvalidValue as exc:
-                # One bad value costs its own row, shown as such, not the report.
-                nodes.append({"id": node_id, "malformed": str(exc), "listen": [], "services": []})
-                continue
-            workers = info.get("workers")
-            # A node of several processes is one node: one row, its worker count.
-            info["workers"] = len(workers) if workers else 1
-            # A node registers under its session's lease; a key without one was
-            # written by hand (or by someone else) and is not a live node.
-            nodes.append({"id": node_id, **info, "leased": kv.lease != 0})
+        if not kv.key.startswith(keys.nodes()):
+            continue
+        try:
+            node_id = Keys.leaf(keys.nodes(), kv.key)
+        except InvalidValue:
+            continue
+        try:
+            info = parse_node(node_id, kv.value)
+        except InvalidValue as exc:
+            # One bad value costs its own row, shown as such, not the report.
+            nodes.append({"id": node_id, "malformed": str(exc), "listen": [], "services": []})
+            continue
+        workers = info.get("workers")
+        # A node of several processes is one node: one row, its worker count.
+        info["workers"] = len(workers) if workers else 1
+        # A node registers under its session's lease; a key without one was
+        # written by hand (or by someone else) and is not a live node.
+        nodes.append({"id": node_id, **info, "leased": kv.lease != 0})
+    return nodes
+
+
+def _services(kvs: list[KV], keys: Keys) -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = {}
     for kv in kvs:
         parts = kv.key[len(keys.prefix) + 1 :].split("/")
         if len(parts) < 3 or parts[0] != "services":
@@ -283,46 +307,47 @@ async def cluster_status(store: EtcdStore, keys: Keys) -> dict[str, Any]:
                 u["health"] = h.status
         except InvalidValue:
             continue
-    scrapes = await asyncio.gather(
-        *(_scrape(n["admin"]) if n.get("admin") else _none() for n in nodes)
-    )
-    for node, (m, why) in zip(nodes, scrapes, strict=True):
-        node["reachable"] = m is not None
-        if why:
-            node["scrape_error"] = why
-        node["marks"] = _count(m, metrics.MARKS_OPEN)
-        # Counters, for rates computed by whoever polls (the dashboard).
-        node["accepted_total"] = _count(m, metrics.ACCEPTED_TOTAL)
-        node["frames_in_total"] = _count(m, metrics.FRAMES_IN_TOTAL)
-        node["frames_out_total"] = _count(m, metrics.FRAMES_OUT_TOTAL)
-        try:
-            started = datetime.fromisoformat(str(node.get("started_at", "")).replace("Z", "+00:00"))
-            node["age_seconds"] = round((now - started).total_seconds())
-        except (ValueError, TypeError):  # TypeError: a naive time, no zone to subtract
-            node["age_seconds"] = None
-        for svc_name in node.get("services", []):
-            svc = services.setdefault(svc_name, {"checker": "", "upstreams": {}})
-            for uid, u in svc["upstreams"].items():
-                if m:
-                    u["marks"] += _count(m, f'pmlb_upstream_marks{{upstream="{uid}"}}') or 0
-                    # The link as each node sees it (the checker's view is "health").
-                    up = m.get(f'pmlb_upstream_up{{upstream="{uid}"}}')
-                    u.setdefault("links", {})[node["id"]] = (
-                        "up" if up == 1 else "down" if up is not None else "-"
-                    )
-                    u["failovers"] = u.get("failovers", 0) + (
-                        _count(m, f'pmlb_upstream_failovers_total{{upstream="{uid}"}}') or 0
-                    )
-    return {
-        "nodes": sorted(nodes, key=lambda n: n["id"]),
-        "services": {
-            name: {
-                "checker": s["checker"],
-                "upstreams": [u for _, u in sorted(s["upstreams"].items()) if "addr" in u],
-            }
-            for name, s in sorted(services.items())
-        },
-    }
+    return services
+
+
+def _add_scrape(
+    node: dict[str, Any],
+    m: dict[str, float] | None,
+    why: str,
+    services: dict[str, dict[str, Any]],
+    now: datetime,
+) -> None:
+    """What a node's /metrics said, on its row and its services' upstreams."""
+    from pmlb.observability import metrics  # the node's dependencies: not for --help
+
+    node["reachable"] = m is not None
+    if why:
+        node["scrape_error"] = why
+    node["marks"] = _count(m, metrics.MARKS_OPEN)
+    # Counters, for rates computed by whoever polls (the dashboard).
+    node["accepted_total"] = _count(m, metrics.ACCEPTED_TOTAL)
+    node["frames_in_total"] = _count(m, metrics.FRAMES_IN_TOTAL)
+    node["frames_out_total"] = _count(m, metrics.FRAMES_OUT_TOTAL)
+    try:
+        started = datetime.fromisoformat(str(node.get("started_at", "")).replace("Z", "+00:00"))
+        node["age_seconds"] = round((now - started).total_seconds())
+    except (ValueError, TypeError):  # TypeError: a naive time, no zone to subtract
+        node["age_seconds"] = None
+    if not m:
+        return
+    for svc_name in node.get("services", []):
+        svc = services.setdefault(svc_name, {"checker": "", "upstreams": {}})
+        for uid, u in svc["upstreams"].items():
+            label = f'{{upstream="{uid}"}}'
+            u["marks"] += _count(m, metrics.UPSTREAM_MARKS + label) or 0
+            # The link as each node sees it (the checker's view is "health").
+            up = m.get(metrics.UPSTREAM_UP + label)
+            u.setdefault("links", {})[node["id"]] = (
+                "up" if up == 1 else "down" if up is not None else "-"
+            )
+            u["failovers"] = u.get("failovers", 0) + (
+                _count(m, metrics.UPSTREAM_FAILOVERS_TOTAL + label) or 0
+            )
 
 
 async def _none() -> tuple[None, str]:

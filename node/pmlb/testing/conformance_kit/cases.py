@@ -14,15 +14,15 @@ from typing import Any, Final
 
 import grpc
 
-from pmlb import reasons, wire
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-from pmlb.conformance.peer import (
+from pmlb.protocol import reasons, wire
+from pmlb.protocol.ids import MarkFactory
+from pmlb.testing.conformance_kit.peer import (
     CaseFailed,
     Options,
     Peer,
     show,
 )
-from pmlb.ids import MarkFactory
 from pmlb.transport import (
     HEALTH_SERVICE,
     TransportError,

@@ -18,8 +18,8 @@ import sys
 from typing import Final
 
 from pmlb.dataplane.framing import encoder_for, make_decoder
-from pmlb.domain import parse_hostport
 from pmlb.errors import ConfigError, FrameTooLarge
+from pmlb.protocol.domain import parse_hostport
 
 FRAMINGS: Final = ("line", "len16", "len32", "raw")
 MAX_MESSAGE: Final = 16 << 20

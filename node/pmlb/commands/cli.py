@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(echo, ECHO_OPTIONS)
     dns = sub.add_parser("dns-sync", help="keep a dnsmasq hosts file of the live nodes")
     add_options(dns, DNS_SYNC_OPTIONS)
-    from pmlb.admincli import add_status_parser, add_upstream_parser
-    from pmlb.clusterdash import add_dashboard_parser
-    from pmlb.conformance import add_conformance_parser
+    from pmlb.commands.admin import add_status_parser, add_upstream_parser
+    from pmlb.commands.dashboard import add_dashboard_parser
+    from pmlb.testing.conformance_kit import add_conformance_parser
 
     add_upstream_parser(sub)
     add_status_parser(sub)
@@ -89,30 +89,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "echo-upstream":
             return _echo(args)
         if args.command == "upstream":
-            from pmlb.admincli import run_upstream
+            from pmlb.commands.admin import run_upstream
 
             return run_upstream(args)
         if args.command == "dns-sync":
             return _dns_sync(args)
         if args.command == "dashboard":
-            from pmlb.clusterdash import run_dashboard
+            from pmlb.commands.dashboard import run_dashboard
 
             return run_dashboard(args)
         if args.command == "conformance":
-            from pmlb.conformance import run_conformance
+            from pmlb.testing.conformance_kit import run_conformance
 
             return run_conformance(args)
         if args.command == "status":
-            from pmlb.admincli import run_status
+            from pmlb.commands.admin import run_status
 
             return run_status(args)
         if args.command == "connect":
             from pmlb import aio
-            from pmlb.connect import connect
+            from pmlb.commands.connect import connect
 
             return aio.run(lambda stop: connect(args.target, args.framing, args.linger, stop))
         if args.command == "demo":
-            from pmlb.demo import run_demo
+            from pmlb.commands.demo import run_demo
 
             return run_demo(args.port, args.upstream_port)
     except ConfigError as exc:
@@ -146,9 +146,9 @@ def _node(args: argparse.Namespace) -> int:
         return _check_node(args)
     config = node_config(resolve(NODE_OPTIONS, args))
     from pmlb import aio
-    from pmlb.app import NodeApp
+    from pmlb.node.app import NodeApp
+    from pmlb.node.workers import Supervisor, WorkerRole, default_workers, supervisor_channel
     from pmlb.observability.logs import setup_logging
-    from pmlb.workers import Supervisor, WorkerRole, default_workers, supervisor_channel
 
     role = WorkerRole.from_env()  # set by the supervisor of a node of several workers
     tag = f"node/{config.node_id}" + (f"/w{role.index}" if role is not None else "")

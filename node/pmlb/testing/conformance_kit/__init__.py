@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from pmlb.conformance.cases import CASES, Case, Kit
-from pmlb.conformance.peer import ANSWER_TIMEOUT, DOC, CaseFailed, Options, Peer
+from pmlb.testing.conformance_kit.cases import CASES, Case, Kit
+from pmlb.testing.conformance_kit.peer import ANSWER_TIMEOUT, DOC, CaseFailed, Options, Peer
 from pmlb.transport import TRANSPORTS, ClientTLS, TransportError, client_ssl_context
 
 __all__ = [
