@@ -31,11 +31,7 @@ OVERSIZED = {
     ("pmlb.dataplane.link", "Link"),
     ("pmlb.dataplane.link", "_session"),
     ("pmlb.dataplane.plane", "DataPlane"),
-    ("pmlb.node.app", "NodeApp"),
-    ("pmlb.node.app", "_routes"),
     ("pmlb.config", "node_config"),
-    ("pmlb.commands.demo", "run_demo"),
-    ("pmlb.observability.metrics", "collect"),
     ("pmlb.upstream.sdk", "process"),
     ("pmlb.upstream.sdk", "__init__"),
 }

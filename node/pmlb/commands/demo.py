@@ -121,88 +121,13 @@ def run_demo(port: int, upstream_port: int = 7001) -> int:
             else ["127.0.0.1", "127.0.0.1"]
         )
         listens = [(hosts[0], port), (hosts[1], port if hosts[0] != hosts[1] else port + 1)]
-        for i in (1, 2):
-            uport = upstream_port + i - 1
-            children.append(
-                _spawn(
-                    f"upstream u{i}",
-                    "echo-upstream",
-                    "--listen",
-                    f"127.0.0.1:{uport}",
-                    "--id",
-                    f"u{i}",
-                )
-            )
-            wait_port("127.0.0.1", uport, 20.0, children)
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pmlb",
-                    "upstream",
-                    "add",
-                    "echo",
-                    f"u{i}",
-                    f"127.0.0.1:{uport}",
-                    "--etcd",
-                    etcd.url,
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                timeout=30,
-            )
-        admins = []
-        for i, (host, nport) in enumerate(listens, start=1):
-            admin = port + 99 + i
-            admins.append(admin)
-            children.append(
-                _spawn(
-                    f"node n{i}",
-                    "node",  # the default --workers: one process per CPU
-                    "--etcd",
-                    etcd.url,
-                    "--service",
-                    "echo",
-                    "--node-id",
-                    f"n{i}",
-                    "--listen",
-                    f"{host}:{nport}",
-                    "--framing",
-                    "line",
-                    "--admin",
-                    f"127.0.0.1:{admin}",
-                    "--control",
-                    f"127.0.0.1:{port + 199 + i}",
-                    "--drain-timeout",
-                    "2",
-                    "--drain-window",
-                    "1",
-                )
-            )
+        _start_upstreams(etcd.url, upstream_port, children)
+        admins = _start_nodes(etcd.url, port, listens, children)
         for (host, nport), admin in zip(listens, admins, strict=True):
             wait_port(host, nport, 20.0, children)
             wait_links_up(f"http://127.0.0.1:{admin}", 2, 20.0, children)
         checker = _wait_checker(etcd.url, children)
-        a, b = (f"{h}:{p}" for h, p in listens)
-        print(
-            f"\npmlb demo is up: etcd at {etcd.url}, echo upstreams u1 and u2, "
-            f"nodes n1 on {a} and n2 on {b} (line framing); checker: {checker}.\n"
-            f"  connect:  .venv/bin/pmlb connect {a}     then type: hello\n"
-            f"            -> '<mark> u1 hello': your mark, and which upstream answered\n"
-            f"            .venv/bin/pmlb connect {b}     (the other node: its marks start n2.)\n"
-            f"  cluster:  .venv/bin/pmlb status --etcd {etcd.url}\n"
-            f"  upstreams: .venv/bin/pmlb upstream drain echo u1 --etcd {etcd.url}"
-            f"   (its marks move to u2, nothing lost)\n"
-            f"  dashboard: http://127.0.0.1:{admins[0]}/ (n1), http://127.0.0.1:{admins[1]}/ (n2)\n"
-            f"            the whole cluster: .venv/bin/pmlb dashboard --etcd {etcd.url}"
-            f"   then http://127.0.0.1:9300/\n"
-            f"  metrics:  curl http://127.0.0.1:{admins[0]}/metrics\n"
-            f"  marks:    curl http://127.0.0.1:{admins[0]}/connections\n"
-            f"  traces:   run Jaeger, then OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 "
-            f"make demo\n"
-            f"Ctrl-C stops everything.\n",
-            flush=True,
-        )
+        print(_banner(etcd.url, listens, admins, checker), flush=True)
         while not stopping:
             _check(children)
             time.sleep(0.2)
@@ -211,6 +136,64 @@ def run_demo(port: int, upstream_port: int = 7001) -> int:
         stop_children(children)
         etcd.stop()  # also removes its data directory
         print("pmlb demo stopped.", flush=True)
+
+
+def _start_upstreams(etcd_url: str, upstream_port: int, children: list[Child]) -> None:
+    """Two echo upstreams, u1 and u2, each added to etcd once it listens."""
+    for i in (1, 2):
+        uport = upstream_port + i - 1
+        children.append(
+            _spawn(
+                f"upstream u{i}", "echo-upstream", "--listen", f"127.0.0.1:{uport}", "--id", f"u{i}"
+            )
+        )
+        wait_port("127.0.0.1", uport, 20.0, children)
+        subprocess.run(
+            [sys.executable, "-m", "pmlb", "upstream", "add", "echo", f"u{i}",
+             f"127.0.0.1:{uport}", "--etcd", etcd_url],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=30,
+        )  # fmt: skip
+
+
+def _start_nodes(
+    etcd_url: str, port: int, listens: list[tuple[str, int]], children: list[Child]
+) -> list[int]:
+    """Nodes n1 and n2 on ``listens``; their admin ports."""
+    admins = []
+    for i, (host, nport) in enumerate(listens, start=1):
+        admin = port + 99 + i
+        admins.append(admin)
+        # The default --workers: one process per CPU.
+        args = ["--etcd", etcd_url, "--service", "echo", "--node-id", f"n{i}",
+                "--listen", f"{host}:{nport}", "--framing", "line",
+                "--admin", f"127.0.0.1:{admin}", "--control", f"127.0.0.1:{port + 199 + i}",
+                "--drain-timeout", "2", "--drain-window", "1"]  # fmt: skip
+        children.append(_spawn(f"node n{i}", "node", *args))
+    return admins
+
+
+def _banner(etcd_url: str, listens: list[tuple[str, int]], admins: list[int], checker: str) -> str:
+    a, b = (f"{h}:{p}" for h, p in listens)
+    return (
+        f"\npmlb demo is up: etcd at {etcd_url}, echo upstreams u1 and u2, "
+        f"nodes n1 on {a} and n2 on {b} (line framing); checker: {checker}.\n"
+        f"  connect:  .venv/bin/pmlb connect {a}     then type: hello\n"
+        f"            -> '<mark> u1 hello': your mark, and which upstream answered\n"
+        f"            .venv/bin/pmlb connect {b}     (the other node: its marks start n2.)\n"
+        f"  cluster:  .venv/bin/pmlb status --etcd {etcd_url}\n"
+        f"  upstreams: .venv/bin/pmlb upstream drain echo u1 --etcd {etcd_url}"
+        f"   (its marks move to u2, nothing lost)\n"
+        f"  dashboard: http://127.0.0.1:{admins[0]}/ (n1), http://127.0.0.1:{admins[1]}/ (n2)\n"
+        f"            the whole cluster: .venv/bin/pmlb dashboard --etcd {etcd_url}"
+        f"   then http://127.0.0.1:9300/\n"
+        f"  metrics:  curl http://127.0.0.1:{admins[0]}/metrics\n"
+        f"  marks:    curl http://127.0.0.1:{admins[0]}/connections\n"
+        f"  traces:   run Jaeger, then OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 "
+        f"make demo\n"
+        f"Ctrl-C stops everything.\n"
+    )
 
 
 def _wait_checker(url: str, children: list[Child], timeout: float = 20.0) -> str:

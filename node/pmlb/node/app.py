@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import urllib.parse
 from collections.abc import Callable
 
 import grpc
@@ -46,14 +45,12 @@ from pmlb.dataplane.siblings import (
 )
 from pmlb.errors import ConfigError
 from pmlb.node import sdnotify
+from pmlb.node.routes import add_node_routes
 from pmlb.node.workers import SupervisorChannel, WorkerRole, supervisor_channel
 from pmlb.observability import metrics
-from pmlb.observability.admin import AdminServer, json_body
-from pmlb.observability.dashboard import add_page_routes
+from pmlb.observability.admin import AdminServer
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
-from pmlb.protocol import reasons
-from pmlb.protocol.domain import format_hostport
 from pmlb.store.etcd import EtcdStore, node_settings
 from pmlb.store.keys import Keys, now_rfc3339
 from pmlb.tlsconf import grpc_server_credentials
@@ -312,153 +309,14 @@ class NodeApp:
 
     # -- admin --------------------------------------------------------------------
 
+    def draining(self) -> bool:
+        """A stop was asked for (SIGTERM, POST /drain or the test's event)."""
+        return self._stop_event is not None and self._stop_event.is_set()
+
+    def request_stop(self) -> None:
+        """Stop as SIGTERM does: leave etcd, stop accepting, drain, exit 0."""
+        if self._stop_event is not None:
+            self._stop_event.set()
+
     def _routes(self, admin: AdminServer) -> None:
-        plane = self.plane
-
-        async def healthz(query: str) -> tuple[int, str, bytes]:
-            return 200, "text/plain", b"ok\n"
-
-        async def readyz(query: str) -> tuple[int, str, bytes]:
-            registered = self.session is None or bool(self.session.lease)
-            draining = self._stop_event is not None and self._stop_event.is_set()
-            ready = plane.accepting and registered and not draining and bool(plane.routable())
-            return (200 if ready else 503), "text/plain", b"ready\n" if ready else b"not ready\n"
-
-        routable_ids: set[str] = set()
-
-        def link_samples() -> list[metrics.LinkSample]:
-            routable_ids.clear()
-            routable_ids.update(lk.id for lk in plane.routable())
-            return [
-                metrics.LinkSample(
-                    upstream=lk.id,
-                    state=lk.state,
-                    marks=lk.load,
-                    routable=lk.id in routable_ids,
-                    health=lk.spec.health,
-                    draining=lk.spec.drain,
-                    batches_sent=lk.batches_sent + lk.writer.batches_sent,
-                    frames_sent=lk.frames_sent + lk.writer.frames_sent,
-                    full_flushes=lk.full_flushes + lk.writer.cuts,
-                    failed_over=lk.failed_over,
-                )
-                for lk in plane.links.values()
-            ]
-
-        registry = metrics.make_registry(
-            metrics.NodeCollector(self.stats, link_samples, self.node_sample)
-        )
-
-        async def metrics_(query: str) -> tuple[int, str, bytes]:
-            return 200, metrics.CONTENT_TYPE, metrics.render(registry)
-
-        async def connections(query: str) -> tuple[int, str, bytes]:
-            # ?limit=N (<= 1000) &after=MARK &upstream=ID &client=ADDR
-            q = urllib.parse.parse_qs(query)
-            limit = min(int(q.get("limit", ["100"])[0] or 100), 1000)
-            after = q.get("after", [""])[0]
-            upstream = q.get("upstream", [""])[0]
-            client = q.get("client", [""])[0]
-            keys = list(plane.marks)
-            start = keys.index(after) + 1 if after in plane.marks else 0
-            page: list[dict[str, object]] = []
-            i = start
-            while i < len(keys) and len(page) < limit:
-                conn = plane.marks.get(keys[i])
-                i += 1
-                if conn is None:
-                    continue
-                if upstream and (conn.route is None or conn.route.id != upstream):
-                    continue
-                if client and conn.client_addr != client:
-                    continue
-                page.append(conn.describe())
-            body = {
-                "marks": page,
-                "total": len(keys),
-                "next": page[-1]["mark"] if page and i < len(keys) else "",
-            }
-            return 200, "application/json", json_body(body)
-
-        admin.route("GET", "/healthz", healthz)
-        admin.route("GET", "/readyz", readyz)
-        admin.route("GET", "/metrics", metrics_)
-
-        async def drain(query: str) -> tuple[int, str, bytes]:
-            # Same as SIGTERM: leave etcd, stop accepting, drain, exit 0.
-            if self._stop_event is not None:
-                self._stop_event.set()
-            return 200, "text/plain", b"draining\n"
-
-        async def status(query: str) -> tuple[int, str, bytes]:
-            # What the dashboard shows of the node and its upstreams: no client
-            # addresses or metadata, so it is open like /metrics.
-            cfg = self.config
-            draining = self._stop_event is not None and self._stop_event.is_set()
-            routable = {lk.id for lk in plane.routable()}
-            body = {
-                "node": {
-                    "id": cfg.node_id,
-                    "version": __version__,
-                    "service": cfg.service,
-                    "listen": [format_hostport(h, p) for h, p in plane.bound_addresses],
-                    "started_at": self.started_at,
-                    "uptime_s": round(time.time() - plane.started_at, 1),
-                    "draining": draining or not plane.accepting,
-                    "marks_open": len(plane.marks),
-                    "accepted_total": self.stats.accepted,
-                    "etcd_session_up": bool(self.session and self.session.healthy),
-                    "checker": self.view.checker if self.view is not None else "",
-                    "worker": self.role.index if self.role is not None else None,
-                },
-                "upstreams": [
-                    {
-                        "id": lk.id,
-                        "addr": lk.spec.addr,
-                        "weight": lk.spec.weight,
-                        "drain": lk.spec.drain,
-                        "health": lk.spec.health,
-                        "link": lk.state,
-                        "routable": lk.id in routable,
-                        "marks": lk.load,
-                        "frames_sent": lk.frames_sent + lk.writer.frames_sent,
-                        "failovers": lk.failed_over,
-                    }
-                    for lk in plane.links.values()
-                ],
-                "trace_url": cfg.trace_url or "",
-                "now_unix_ms": int(time.time() * 1000),
-            }
-            return 200, "application/json", json_body(body)
-
-        async def mark(query: str) -> tuple[int, str, bytes]:
-            # ?mark=M: an open mark, or one closed recently (with its reason).
-            m = urllib.parse.parse_qs(query).get("mark", [""])[0]
-            conn = plane.marks.get(m)
-            if conn is not None:
-                found = conn.describe()
-                found["trace_id"] = plane.tracer.trace_id(conn.span) or ""
-                found["node"] = self.config.node_id
-                return 200, "application/json", json_body(found)
-            closed = plane.recently_closed.get(m)
-            if closed is not None:
-                return 200, "application/json", json_body({**closed, "node": self.config.node_id})
-            return 404, "application/json", json_body({"error": f"no mark {m!r} on this node"})
-
-        async def close_mark(query: str) -> tuple[int, str, bytes]:
-            # ?mark=M: close it, reason closed_by_api (the upstream gets a Close).
-            m = urllib.parse.parse_qs(query).get("mark", [""])[0]
-            conn = plane.marks.get(m)
-            if conn is None:
-                return 404, "application/json", json_body({"error": f"no open mark {m!r}"})
-            log.info("mark=%s closed from the admin endpoint", m)
-            conn.close(reasons.CLOSED_BY_API, "closed from the admin endpoint", notify=True)
-            return 200, "application/json", json_body({"closed": m})
-
-        add_page_routes(admin, "dashboard.html")
-        admin.route("GET", "/api/status", status)
-        # Client addresses and metadata, and actions: behind the admin token.
-        admin.route("GET", "/connections", connections, protected=True)
-        admin.route("GET", "/api/mark", mark, protected=True)
-        admin.route("POST", "/api/mark/close", close_mark, protected=True)
-        admin.route("POST", "/drain", drain, protected=True)
+        add_node_routes(admin, self)

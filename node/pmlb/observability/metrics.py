@@ -256,6 +256,16 @@ class NodeCollector(Collector):
         self.sample = sample
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._node()
+        yield from self._links()
+        node = self.sample()
+        for name, kind, help_, get in _NODE:
+            yield _family(name, kind, help_, float(get(node)))
+        if node.etcd is not None:
+            for name, kind, help_, get_e in _ETCD:
+                yield _family(name, kind, help_, float(get_e(node.etcd)))
+
+    def _node(self) -> Iterator[Metric]:
         s = self.stats
         for name, attr, help_ in _COUNTERS:
             yield CounterMetricFamily(name, help_, value=getattr(s, attr))
@@ -305,6 +315,8 @@ class NodeCollector(Collector):
         for reason, n in sorted(s.limited.items()):
             limited.add_metric([reason], n)
         yield limited
+
+    def _links(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             UPSTREAM_UP, "1 while the link to the upstream is up.", labels=["upstream"]
         )
@@ -351,12 +363,6 @@ class NodeCollector(Collector):
             flushes.add_metric([ln.upstream, "idle"], ln.batches_sent - ln.full_flushes)
             failed.add_metric([ln.upstream], ln.failed_over)
         yield from (up, marks, routable, health, batches, frames, flushes, failed)
-        node = self.sample()
-        for name, kind, help_, get in _NODE:
-            yield _family(name, kind, help_, float(get(node)))
-        if node.etcd is not None:
-            for name, kind, help_, get_e in _ETCD:
-                yield _family(name, kind, help_, float(get_e(node.etcd)))
 
 
 def make_registry(collector: NodeCollector) -> CollectorRegistry:
