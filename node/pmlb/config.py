@@ -28,6 +28,7 @@ from pmlb.protocol.domain import (
     parse_hostport,
 )
 from pmlb.protocol.ids import valid_node_id
+from pmlb.protocol.wire import DEFAULT_WINDOW
 from pmlb.transport import DEFAULT_TRANSPORT, TRANSPORTS
 
 
@@ -55,6 +56,13 @@ def _non_negative_int(v: str) -> int:
     n = int(v)
     if n < 0:
         raise ValueError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _non_negative_float(v: str) -> float:
+    n = float(v)
+    if not n >= 0:  # NaN too
+        raise ValueError(f"must be 0 or more, got {v}")
     return n
 
 
@@ -252,7 +260,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "round-robin",
         choices=BALANCERS,
     ),
-    Option("window", "per-mark flow-control window, each way", 262144, _positive_size),
+    Option("window", "per-mark flow-control window, each way", DEFAULT_WINDOW, _positive_size),
     Option(
         "client-buffer",
         "buffered for a slow client before its mark stops taking upstream data",
@@ -288,6 +296,14 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option(
         "ack-timeout",
         "how long an upstream may leave the link unanswered before it counts as hung",
+        5.0,
+        _positive_duration,
+        reloadable=True,
+    ),
+    Option(
+        "move-timeout",
+        "how long an upstream has to answer a mark's move (drain, removal) with its "
+        "last replies before the mark moves on without them",
         5.0,
         _positive_duration,
         reloadable=True,
@@ -335,7 +351,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "max-connections",
         "open client connections of the whole node (every worker's counted); 0 = no limit",
         0,
-        int,
+        _non_negative_int,
         reloadable=True,
     ),
     Option(
@@ -343,7 +359,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "open connections per client IP, per worker process (with N workers a client may hold "
         "up to N times this); 0 = no limit",
         0,
-        int,
+        _non_negative_int,
         reloadable=True,
     ),
     Option(
@@ -351,7 +367,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "new connections the whole node accepts per second (workers take equal shares); "
         "0 = no limit",
         0.0,
-        float,
+        _non_negative_float,
         reloadable=True,
     ),
     Option(
@@ -438,7 +454,7 @@ ECHO_OPTIONS: tuple[Option, ...] = (
         False,
         metavar="BOOL",
     ),
-    Option("window", "per-mark flow-control window", 262144, _positive_size),
+    Option("window", "per-mark flow-control window", DEFAULT_WINDOW, _positive_size),
     Option("log-level", "debug, info, warning or error", "info"),
     Option("log-format", "text or json", "text", choices=("text", "json")),
 )
@@ -487,7 +503,8 @@ HELP_GROUPS: Final[dict[str, tuple[str, ...]]] = {
     ),
     "upstreams and links": (
         "upstream", "balancer", "window", "client-buffer", "link-buffer", "connect-timeout",
-        "close-linger", "replay-buffer", "ack-timeout", "link-transport", "push-upstreams",
+        "close-linger", "replay-buffer", "ack-timeout", "move-timeout", "link-transport",
+        "push-upstreams",
         "upstream-token", "drain-rate",
     ),
     "cluster (etcd, health checks, DNS)": (
@@ -658,72 +675,78 @@ def config_changes(old: NodeConfig, new: NodeConfig) -> tuple[dict[str, Any], li
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
+    """A node's configuration, made by ``node_config`` only: each field is
+    its option's value (the default, help and parsing are declared once, in
+    NODE_OPTIONS), except the few ``node_config`` derives (addresses parsed,
+    upstreams, the node id)."""
+
     listen: tuple[tuple[str, int], ...]
     service: str
     node_id: str
     upstreams: tuple[UpstreamSpec, ...]
-    etcd: tuple[str, ...] = ()
-    etcd_prefix: str = "/pmlb"
-    etcd_user: str | None = None
-    etcd_password: str | None = field(default=None, repr=False)  # never logged
-    etcd_ca: str | None = None
-    etcd_cert: str | None = None
-    etcd_key: str | None = None
-    lease_ttl: int = 10
-    check_interval: float = 1.0
-    check_timeout: float = 0.5
-    check_rise: int = 2
-    check_fall: int = 2
-    control: tuple[str, int] | None = None
-    admin: tuple[str, int] | None = None
-    framing: str = "raw"
-    link_transport: str = DEFAULT_TRANSPORT
-    max_frame: int = 65535
-    balancer: str = "round-robin"
-    window: int = 262144
-    client_buffer: int = 65536
-    link_buffer: int = 8 << 20
-    connect_timeout: float = 5.0
-    close_linger: float = 5.0
-    replay_buffer: int = 1 << 20
-    ack_timeout: float = 5.0
-    drain_rate: float = 200.0
-    drain_timeout: float = 30.0
-    drain_window: float = 5.0
-    shutdown_timeout: float = 10.0
-    backlog: int = 4096
-    workers: int = 1
-    reuse_port: bool = False
-    trace_url: str | None = None
-    control_token: str | None = field(default=None, repr=False)  # never logged
-    admin_token: str | None = field(default=None, repr=False)  # never logged
-    control_cert: str | None = None
-    control_key: str | None = None
-    control_client_ca: str | None = None
-    upstream_token: str | None = field(default=None, repr=False)  # never logged
-    push_upstreams: tuple[str, ...] = ()
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    upstream_ca: str | None = None
-    upstream_cert: str | None = None
-    upstream_key: str | None = None
-    max_connections: int = 0
-    max_per_client: int = 0
-    accept_rate: float = 0.0
-    max_meta: int = 16384
-    idle_timeout: float = 0.0
-    client_keepalive: float = 60.0
-    max_lifetime: float = 0.0
-    proxy_trusted: tuple[str, ...] = ()
-    proxy_timeout: float = 5.0
-    dns_name: str | None = None
-    dns_prefix: str = "/skydns"
-    dns_address: str | None = None
-    advertise: str | None = None
-    otlp_endpoint: str | None = None
-    log_level: str = "info"
-    log_format: str = "text"
+    etcd: tuple[str, ...]
+    etcd_prefix: str
+    etcd_user: str | None
+    etcd_password: str | None = field(repr=False)  # never logged
+    etcd_ca: str | None
+    etcd_cert: str | None
+    etcd_key: str | None
+    lease_ttl: int
+    check_interval: float
+    check_timeout: float
+    check_rise: int
+    check_fall: int
+    control: tuple[str, int] | None
+    admin: tuple[str, int] | None
+    framing: str
+    link_transport: str
+    max_frame: int
+    balancer: str
+    window: int
+    client_buffer: int
+    link_buffer: int
+    connect_timeout: float
+    close_linger: float
+    replay_buffer: int
+    ack_timeout: float
+    move_timeout: float
+    drain_rate: float
+    drain_timeout: float
+    drain_window: float
+    shutdown_timeout: float
+    backlog: int
+    workers: int
+    reuse_port: bool
+    trace_url: str | None
+    control_token: str | None = field(repr=False)  # never logged
+    admin_token: str | None = field(repr=False)  # never logged
+    control_cert: str | None
+    control_key: str | None
+    control_client_ca: str | None
+    upstream_token: str | None = field(repr=False)  # never logged
+    push_upstreams: tuple[str, ...]
+    tls_cert: str | None
+    tls_key: str | None
+    tls_client_ca: str | None
+    upstream_ca: str | None
+    upstream_cert: str | None
+    upstream_key: str | None
+    max_connections: int
+    max_per_client: int
+    accept_rate: float
+    max_meta: int
+    idle_timeout: float
+    client_keepalive: float
+    max_lifetime: float
+    proxy_trusted: tuple[str, ...]
+    proxy_timeout: float
+    dns_name: str | None
+    dns_prefix: str
+    dns_address: str | None
+    advertise: str | None
+    otlp_endpoint: str | None
+    log_level: str
+    log_format: str
 
 
 def parse_static_upstream(value: str) -> UpstreamSpec:
@@ -770,12 +793,7 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         problems.append("use either --etcd (upstreams from etcd) or --upstream (static), not both")
     if not values["upstream"] and not values["etcd"]:
         problems.append("give --etcd URL (cluster mode) or at least one --upstream HOST:PORT")
-    if bool(values["tls_cert"]) != bool(values["tls_key"]):
-        problems.append("--tls-cert and --tls-key go together")
-    if bool(values["control_cert"]) != bool(values["control_key"]):
-        problems.append("--control-cert and --control-key go together")
-    if values["control_client_ca"] and not values["control_cert"]:
-        problems.append("--control-client-ca needs --control-cert (TLS)")
+    problems.extend(_pairs(values))
     control = (
         attempt(lambda: parse_hostport(values["control"], "--control"), None)
         if values["control"]
@@ -791,12 +809,6 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
             "or serve it on 127.0.0.1; whoever reaches an open control API can send to "
             "and close every client of the node"
         )
-    if bool(values["upstream_cert"]) != bool(values["upstream_key"]):
-        problems.append("--upstream-cert and --upstream-key go together")
-    if values["dns_name"] and not values["etcd"]:
-        problems.append("--dns-name needs --etcd (the DNS records live in etcd)")
-    if values["etcd_user"] and not values["etcd_password"]:
-        problems.append("--etcd-user needs --etcd-password (or PMLB_ETCD_PASSWORD)")
     if not values["service"] or "/" in values["service"]:
         problems.append(f"--service {values['service']!r}: a non-empty name without '/'")
     if ups and len({u.id for u in ups}) != len(ups):
@@ -813,84 +825,44 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         problems.append(f"--log-level {values['log_level']!r}: use debug, info, warning or error")
     if problems:
         raise ConfigError("\n".join(problems))
-    ups = ups or ()
-    return NodeConfig(
-        listen=listen,
-        service=values["service"],
-        node_id=node_id,
-        upstreams=ups,
-        etcd=etcd,
-        etcd_prefix=values["etcd_prefix"],
-        etcd_user=values["etcd_user"],
-        etcd_password=values["etcd_password"],
-        etcd_ca=values["etcd_ca"],
-        etcd_cert=values["etcd_cert"],
-        etcd_key=values["etcd_key"],
-        lease_ttl=values["lease_ttl"],
-        check_interval=values["check_interval"],
-        check_timeout=values["check_timeout"],
-        check_rise=values["check_rise"],
-        check_fall=values["check_fall"],
-        control=parse_hostport(values["control"]) if values["control"] else None,
-        admin=parse_hostport(values["admin"]) if values["admin"] else None,
-        framing=values["framing"],
-        link_transport=values["link_transport"],
-        max_frame=values["max_frame"],
-        balancer=values["balancer"],
-        window=values["window"],
-        client_buffer=values["client_buffer"],
-        link_buffer=values["link_buffer"],
-        connect_timeout=values["connect_timeout"],
-        close_linger=values["close_linger"],
-        replay_buffer=values["replay_buffer"],
-        ack_timeout=values["ack_timeout"],
-        drain_rate=values["drain_rate"],
-        drain_timeout=values["drain_timeout"],
-        drain_window=values["drain_window"],
-        shutdown_timeout=values["shutdown_timeout"],
-        backlog=values["backlog"],
-        workers=values["workers"],
-        trace_url=values["trace_url"],
-        reuse_port=values["reuse_port"],
-        control_token=values["control_token"],
-        admin_token=values["admin_token"],
-        control_cert=values["control_cert"],
-        control_key=values["control_key"],
-        control_client_ca=values["control_client_ca"],
-        upstream_token=values["upstream_token"],
+    derived = {
+        "listen": listen,
+        "node_id": node_id,
+        "upstreams": ups or (),
+        "etcd": etcd,
+        "control": control,
+        "admin": parse_hostport(values["admin"]) if values["admin"] else None,
         # "a,b" is two ids, as an operator writing it means (ids have no commas).
-        push_upstreams=tuple(
+        "push_upstreams": tuple(
             uid.strip() for v in values["push_upstreams"] for uid in v.split(",") if uid.strip()
         ),
-        tls_cert=values["tls_cert"],
-        tls_key=values["tls_key"],
-        tls_client_ca=values["tls_client_ca"],
-        upstream_ca=values["upstream_ca"],
-        upstream_cert=values["upstream_cert"],
-        upstream_key=values["upstream_key"],
-        max_connections=_non_negative(values["max_connections"], "--max-connections"),
-        max_per_client=_non_negative(values["max_per_client"], "--max-per-client"),
-        accept_rate=_non_negative(values["accept_rate"], "--accept-rate"),
-        max_meta=values["max_meta"],
-        idle_timeout=_non_negative(values["idle_timeout"], "--idle-timeout"),
-        client_keepalive=_non_negative(values["client_keepalive"], "--client-keepalive"),
-        max_lifetime=_non_negative(values["max_lifetime"], "--max-lifetime"),
-        proxy_trusted=tuple(_cidrs(values["proxy_trusted"])),
-        proxy_timeout=values["proxy_timeout"],
-        dns_name=values["dns_name"],
-        dns_prefix=values["dns_prefix"],
-        dns_address=values["dns_address"],
-        advertise=values["advertise"],
-        otlp_endpoint=values["otlp_endpoint"],
-        log_level=values["log_level"].lower(),
-        log_format=values["log_format"],
-    )
+        "proxy_trusted": tuple(_cidrs(values["proxy_trusted"])),
+        "log_level": values["log_level"].lower(),
+    }
+    # Every other field is its option's value as resolved: declared once, in
+    # NODE_OPTIONS (test_config checks each field has an option or a line above).
+    taken = {f: values[f] for f in NodeConfig.__dataclass_fields__ if f not in derived}
+    return NodeConfig(**taken, **derived)
 
 
-def _non_negative(value: Any, flag: str) -> Any:
-    if value < 0:
-        raise ConfigError(f"{flag} must be 0 (off) or positive, got {value}")
-    return value
+def _pairs(values: Mapping[str, Any]) -> list[str]:
+    """Options that need another one."""
+    out = []
+    for a, b in (("tls_cert", "tls_key"), ("control_cert", "control_key"),
+                 ("upstream_cert", "upstream_key")):  # fmt: skip
+        if bool(values[a]) != bool(values[b]):
+            out.append(f"--{_flag(a)} and --{_flag(b)} go together")
+    if values["control_client_ca"] and not values["control_cert"]:
+        out.append("--control-client-ca needs --control-cert (TLS)")
+    if values["dns_name"] and not values["etcd"]:
+        out.append("--dns-name needs --etcd (the DNS records live in etcd)")
+    if values["etcd_user"] and not values["etcd_password"]:
+        out.append("--etcd-user needs --etcd-password (or PMLB_ETCD_PASSWORD)")
+    return out
+
+
+def _flag(dest: str) -> str:
+    return dest.replace("_", "-")
 
 
 def _cidrs(values: list[str]) -> list[str]:

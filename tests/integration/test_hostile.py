@@ -168,7 +168,7 @@ async def test_a_slow_handler_delays_only_its_own_mark(cluster: Cluster) -> None
 async def test_a_move_that_times_out_answers_once_and_keeps_the_client(
     cluster: Cluster, etcd: Etcd
 ) -> None:
-    """Draining an upstream whose handler is busy longer than --ack-timeout:
+    """Draining an upstream whose handler is busy longer than --move-timeout:
     the mark moves on, the next upstream answers the unacknowledged message,
     the old upstream's late reply and late close are dropped."""
     handlers, servers = await _servers("a", "b")
@@ -180,7 +180,7 @@ async def test_a_move_that_times_out_answers_once_and_keeps_the_client(
             etcd=etcd.url,
             prefix=etcd.prefix,
             wait_links=["a"],
-            extra=["--ack-timeout", "0.5"],
+            extra=["--move-timeout", "0.5"],
         )
         async with asyncio.timeout(30):
             c = await asyncio.open_connection("127.0.0.1", node.port)

@@ -81,6 +81,8 @@ def test_push_upstreams_take_a_comma_list_as_well_as_repeats() -> None:
         (["--listen", "h:1", "--upstream", "h:1", "--max-frame", "-3"], "--max-frame"),
         (["--listen", "h:1", "--upstream", "h:1", "--framing", "xml"], "unknown framing 'xml'"),
         (["--listen", "h:1", "--upstream", "h:1", "--node-id", "a b"], "--node-id"),
+        (["--listen", "h:1", "--upstream", "h:1", "--max-connections", "-1"], "0 or more"),
+        (["--listen", "h:1", "--upstream", "h:1", "--accept-rate", "nan"], "0 or more"),
         (
             ["--listen", "h:1", "--upstream", "h:1", "--framing", "len16", "--max-frame", "99999"],
             "65535",
@@ -173,3 +175,32 @@ def test_units_everywhere_a_flag_variable_or_file_takes_one(tmp_path: Path) -> N
 def test_bad_units_are_one_clear_line(flag: str, value: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         _cfg(["--listen", "127.0.0.1:9000", "--upstream", "127.0.0.1:7001", flag, value])
+
+
+def test_each_option_is_declared_once() -> None:
+    """Issue [18]: an option was written three times (Option, a NodeConfig
+    field with its own default, a line in node_config). Now NodeConfig has
+    no defaults: every field is an option's resolved value or one of the few
+    node_config derives, so a default lives only in NODE_OPTIONS."""
+    import dataclasses
+
+    from pmlb.config import NodeConfig
+    from pmlb.protocol.wire import DEFAULT_WINDOW
+
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    assert all(f.default is dataclasses.MISSING for f in fields.values())
+    dests = {o.dest for o in NODE_OPTIONS}
+    derived = {"upstreams"}  # from --upstream, parsed
+    assert set(fields) == (dests - {"upstream"}) | derived
+    c = _cfg(["--listen", "127.0.0.1:9000", "--upstream", "127.0.0.1:7001"])
+    defaults = {o.dest: o.default for o in NODE_OPTIONS}
+    assert c.window == defaults["window"] == DEFAULT_WINDOW
+    assert c.replay_buffer == defaults["replay_buffer"]
+
+
+def test_the_move_timeout_is_its_own_setting() -> None:
+    """--ack-timeout meant two things, the link's hung-peer watchdog and how
+    long a move waits for the old upstream; --move-timeout is the second."""
+    c = _cfg(["--listen", "127.0.0.1:9000", "--upstream", "127.0.0.1:7001",
+              "--move-timeout", "750ms"])  # fmt: skip
+    assert (c.ack_timeout, c.move_timeout) == (5.0, 0.75)

@@ -31,9 +31,6 @@ OVERSIZED = {
     ("pmlb.dataplane.link", "Link"),
     ("pmlb.dataplane.link", "_session"),
     ("pmlb.dataplane.plane", "DataPlane"),
-    ("pmlb.config", "node_config"),
-    ("pmlb.upstream.sdk", "process"),
-    ("pmlb.upstream.sdk", "__init__"),
 }
 CIRCLES = [
     {"pmlb.dataplane.conn", "pmlb.dataplane.link", "pmlb.dataplane.plane", "pmlb.dataplane.watch"}

@@ -515,7 +515,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
                 self.span, "pmlb.move", {"pmlb.from_upstream": link.id, "pmlb.why": detail}
             )
         self._pause_reading()
-        self._arm(self.plane.config.ack_timeout, self._move_timed_out)
+        self._arm(self.plane.config.move_timeout, self._move_timed_out)
 
     def _move_timed_out(self) -> None:
         self.timer = None
@@ -528,7 +528,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             "its late replies for this mark will be dropped",
             self.mark,
             self.route.id if self.route else "-",
-            self.plane.config.ack_timeout,
+            self.plane.config.move_timeout,
         )
         self._finish_move()
 

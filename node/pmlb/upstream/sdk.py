@@ -477,25 +477,7 @@ class _Session:
                     conn._recv_seq = seq
                 self._submit(conn, (_DATA, seq, payload, cost))
             elif kind == "open":
-                if not _owned_by(mark, self.node_id):
-                    # A node opens only its own marks: a peer naming another
-                    # node's mark would take its pushes and closes here.
-                    stats["foreign_opens"] += 1
-                    if stats["foreign_opens"] == 1 or not stats["foreign_opens"] % 1000:
-                        log.warning(
-                            "node %s opened %r, a mark of another node; ignored (%d so far)",
-                            self.node_id,
-                            mark,
-                            stats["foreign_opens"],
-                        )
-                    continue
-                old = conns.get(mark)
-                if old is not None:
-                    self.forget(old)
-                conn = Conn(self, mark, f.open)
-                conns[mark] = conn
-                self.server._marks[mark] = conn
-                self._submit(conn, (_OPEN, 0, None, 0))
+                self._open(mark, f.open)
             elif kind == "flow":
                 conn = conns.get(mark)
                 if conn is not None and f.flow.credit:
@@ -504,50 +486,81 @@ class _Session:
                         conn._stamp = stamp
                         touched.append(conn)
             elif kind == "close":
-                conn = conns.get(mark)
-                if conn is None:
-                    if f.close.reason == reasons.UNKNOWN_MARK and self.barriers.gone(mark):
-                        stats["pushes_refused"] += 1
-                    continue
-                reason = f.close.reason
-                if reason != reasons.UNKNOWN_MARK:
-                    # Answered once its earlier messages are handled (a "moved"
-                    # mark gets its replies first, then this close).
-                    self._submit(conn, (_CLOSE, 0, reason, 0))
-                else:  # the node no longer has it: nothing to answer
-                    self._submit(conn, (_CLOSE, -1, reason, 0))
+                self._close_frame(mark, f.close.reason)
             elif kind == "ping":
-                p = f.ping
-                if not p.reply:
-                    r = self.writer.frame()
-                    r.ping.id = p.id
-                    r.ping.reply = True
-                    self.writer.kick()
-                else:
-                    self.barriers.answered(p.id)
+                self._ping_frame(f.ping)
             elif kind == "mark_event":
                 self.server.marks.apply(self, self.node_id, mark, f.mark_event)
             elif kind == "refused":
-                # A frame of ours the node did not apply: a push it does not
-                # permit fails that push; anything else is a bug worth a line
-                # in the log (we check the node's limits before sending).
-                stats["refused_by_node"] += 1
-                refusal = f.refused
-                why = reasons.clean(refusal.reason)
-                if self.barriers.refuse(mark, PushRefused(why, f"mark {mark}")):
-                    stats["pushes_refused"] += 1  # the caller's future says so
-                    continue
-                log.warning(
-                    "mark=%s the node refused a frame: %s (%d bytes, limit %d)",
-                    mark,
-                    reasons.clean(refusal.reason),
-                    refusal.size,
-                    refusal.limit,
-                )
+                self._refused(mark, f.refused)
             else:
                 stats["unexpected_frames"] += 1
         for conn in touched:
             conn._settle()
+
+    # Frames other than data and flow: rare, so out of the loop above.
+
+    def _open(self, mark: str, o: pb.Open) -> None:
+        stats = self.server.stats
+        if not _owned_by(mark, self.node_id):
+            # A node opens only its own marks: a peer naming another
+            # node's mark would take its pushes and closes here.
+            stats["foreign_opens"] += 1
+            if stats["foreign_opens"] == 1 or not stats["foreign_opens"] % 1000:
+                log.warning(
+                    "node %s opened %r, a mark of another node; ignored (%d so far)",
+                    self.node_id,
+                    mark,
+                    stats["foreign_opens"],
+                )
+            return
+        old = self.conns.get(mark)
+        if old is not None:
+            self.forget(old)
+        conn = Conn(self, mark, o)
+        self.conns[mark] = conn
+        self.server._marks[mark] = conn
+        self._submit(conn, (_OPEN, 0, None, 0))
+
+    def _close_frame(self, mark: str, reason: str) -> None:
+        conn = self.conns.get(mark)
+        if conn is None:
+            if reason == reasons.UNKNOWN_MARK and self.barriers.gone(mark):
+                self.server.stats["pushes_refused"] += 1
+            return
+        if reason != reasons.UNKNOWN_MARK:
+            # Answered once its earlier messages are handled (a "moved"
+            # mark gets its replies first, then this close).
+            self._submit(conn, (_CLOSE, 0, reason, 0))
+        else:  # the node no longer has it: nothing to answer
+            self._submit(conn, (_CLOSE, -1, reason, 0))
+
+    def _ping_frame(self, p: pb.Ping) -> None:
+        if not p.reply:
+            r = self.writer.frame()
+            r.ping.id = p.id
+            r.ping.reply = True
+            self.writer.kick()
+        else:
+            self.barriers.answered(p.id)
+
+    def _refused(self, mark: str, refusal: pb.Refused) -> None:
+        # A frame of ours the node did not apply: a push it does not permit
+        # fails that push; anything else is a bug worth a line in the log (we
+        # check the node's limits before sending).
+        stats = self.server.stats
+        stats["refused_by_node"] += 1
+        why = reasons.clean(refusal.reason)
+        if self.barriers.refuse(mark, PushRefused(why, f"mark {mark}")):
+            stats["pushes_refused"] += 1  # the caller's future says so
+            return
+        log.warning(
+            "mark=%s the node refused a frame: %s (%d bytes, limit %d)",
+            mark,
+            why,
+            refusal.size,
+            refusal.limit,
+        )
 
     # -- running handlers -------------------------------------------------------
 
@@ -717,6 +730,50 @@ class _Session:
                 log.exception("mark=%s on_close raised", conn.mark)
 
 
+# server.stats: what the SDK counted (all start at 0).
+STATS: Final = (
+    "streams",
+    "garbage_batches",
+    "frames_for_unknown_marks",
+    "duplicates_skipped",
+    "unexpected_frames",
+    "refused_by_node",
+    "pushes_refused",
+    "hello_timeouts",
+    "handler_errors",
+    "unauthenticated",
+    "refused_streams",
+    "foreign_opens",
+)
+
+
+def _choose_transport(transport: str | None, credentials: grpc.ServerCredentials | None) -> str:
+    """Which gRPC implementation serves the Bridge and health (pmlb.transport):
+    the argument, else PMLB_LINK_TRANSPORT, else the default. grpcio's own
+    ``credentials`` object implies grpcio; ``tls`` works with both."""
+    if transport is None:
+        transport = "grpcio" if credentials is not None else None
+    chosen = check_transport(
+        transport or os.environ.get("PMLB_LINK_TRANSPORT") or DEFAULT_TRANSPORT
+    )
+    if credentials is not None and chosen != "grpcio":
+        raise ValueError("credentials= is a grpcio object; use tls=ServerTLS(...) instead")
+    return chosen
+
+
+def _tracing(provider: Any) -> tuple[Any, Any]:
+    """A tracer and the W3C propagator: spans for on_open/on_close join the
+    mark's trace (Open.trace_context). Without a provider, OpenTelemetry's
+    global no-op tracer costs nothing."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError:  # pragma: no cover - opentelemetry is a dependency
+        return None, None
+    provider = provider or trace.get_tracer_provider()
+    return provider.get_tracer("pmlb.upstream"), TraceContextTextMapPropagator()
+
+
 class UpstreamServer:
     """A gRPC server implementing pmlb.v1.Upstream with ``handler``, plus health."""
 
@@ -743,16 +800,7 @@ class UpstreamServer:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        # Which gRPC implementation serves the Bridge and health (pmlb.transport):
-        # the argument, else PMLB_LINK_TRANSPORT, else the default. grpcio's own
-        # ``credentials`` object implies grpcio; ``tls`` works with both.
-        if transport is None:
-            transport = "grpcio" if credentials is not None else None
-        self.transport = check_transport(
-            transport or os.environ.get("PMLB_LINK_TRANSPORT") or DEFAULT_TRANSPORT
-        )
-        if credentials is not None and self.transport != "grpcio":
-            raise ValueError("credentials= is a grpcio object; use tls=ServerTLS(...) instead")
+        self.transport = _choose_transport(transport, credentials)
         self._tls = tls
         self.handler = handler
         # Nodes must present this token on the Bridge (the node's
@@ -772,20 +820,7 @@ class UpstreamServer:
         self.window = window
         self.max_queue = max_queue
         self.port = 0
-        self.stats: dict[str, int] = {
-            "streams": 0,
-            "garbage_batches": 0,
-            "frames_for_unknown_marks": 0,
-            "duplicates_skipped": 0,
-            "unexpected_frames": 0,
-            "refused_by_node": 0,
-            "pushes_refused": 0,
-            "hello_timeouts": 0,
-            "handler_errors": 0,
-            "unauthenticated": 0,
-            "refused_streams": 0,
-            "foreign_opens": 0,
-        }
+        self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         # Node id -> its live streams, oldest first (a dict keeps the order):
         # what is sent to a node by id goes on its oldest live stream, so a
         # later stream claiming the same id does not take it over.
@@ -806,21 +841,7 @@ class UpstreamServer:
 
             self._marks_client = MarkClient(etcd, etcd_prefix)
         self._credentials = credentials  # TLS / mTLS for grpcio (prefer ``tls``)
-        # Spans for on_open/on_close join the mark's trace (Open.trace_context).
-        # Without a provider, OpenTelemetry's global no-op tracer costs nothing.
-        self._tracer: Any = None
-        self._propagator: Any = None
-        try:
-            from opentelemetry import trace
-            from opentelemetry.trace.propagation.tracecontext import (
-                TraceContextTextMapPropagator,
-            )
-
-            provider = tracer_provider or trace.get_tracer_provider()
-            self._tracer = provider.get_tracer("pmlb.upstream")
-            self._propagator = TraceContextTextMapPropagator()
-        except ImportError:  # pragma: no cover - opentelemetry is a dependency
-            pass
+        self._tracer, self._propagator = _tracing(tracer_provider)
         self._server: Any = None  # a pmlb.transport server, once started
 
     # -- lifecycle ------------------------------------------------------------
