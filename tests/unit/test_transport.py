@@ -1,26 +1,12 @@
-"""Pure parts of pmlb.transport: the hyperframe repr fix and the codec."""
+"""Pure parts of pmlb.transport: the codec, the transport names, the progress clock."""
 
 from __future__ import annotations
 
-import hyperframe.frame
 import pytest
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.errors import ConfigError
 from pmlb.transport import TRANSPORTS, check_transport, h2lib
-
-
-@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 12, 100, 1 << 20])
-def test_frame_body_repr_is_unchanged_but_reads_only_the_start(size: int) -> None:
-    # The library's own, saved before pmlb replaced it. (Not importlib.reload:
-    # that made new hyperframe frame classes, and every grpclib connection
-    # opened later in the same process failed with KeyError: SettingsFrame.)
-    original = h2lib.LIBRARY_RAW_DATA_REPR
-    assert original is not h2lib._raw_data_repr
-    assert hyperframe.frame._raw_data_repr is h2lib._raw_data_repr  # as pmlb runs
-    data = bytes(range(256)) * (size // 256 + 1)
-    data = data[:size]
-    assert h2lib._raw_data_repr(data) == original(data)
 
 
 def test_the_codec_turns_garbage_into_a_value_not_an_error() -> None:

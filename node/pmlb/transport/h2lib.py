@@ -9,7 +9,6 @@ pattern (many small frames batched, several writes in flight).
 from __future__ import annotations
 
 import asyncio
-import binascii
 import logging
 import socket
 import struct
@@ -17,10 +16,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, cast
 
-import grpclib.client
-import grpclib.server
-import grpclib.stream
-import hyperframe.frame
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpclib.client import Channel
@@ -32,11 +27,11 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GServer
 from grpclib.server import Stream as ServerCall
-from h2.settings import SettingCodes
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.protocol import wire
 from pmlb.protocol.domain import parse_hostport
+from pmlb.transport import libpatch
 from pmlb.transport.base import (
     KEEPALIVE_TIME,
     KEEPALIVE_TIMEOUT,
@@ -58,27 +53,6 @@ logging.getLogger("hpack").setLevel(logging.INFO)
 
 log = logging.getLogger("pmlb.transport")
 
-
-def _raw_data_repr(data: bytes | None) -> str:
-    """hyperframe's repr of a frame body, reading 11 bytes instead of all.
-
-    h2 formats ``repr(frame)`` for a trace log line on every frame it receives,
-    logging on or not, and hyperframe 6.1 hex-encodes the whole body to keep
-    20 characters: a third of the node's CPU in the bulk bench went there.
-    Same output (tests/unit/test_transport.py checks it), O(1) instead of O(n).
-    """
-    if not data:
-        return "None"
-    r = binascii.hexlify(data[:11]).decode("ascii")
-    if len(r) > 20:
-        r = r[:20] + "..."
-    return "<hex:" + r + ">"
-
-
-# The library's own, kept for the test that the output is unchanged (reloading
-# hyperframe to get it back would make new frame classes that h2 does not know).
-LIBRARY_RAW_DATA_REPR: Final = hyperframe.frame._raw_data_repr
-hyperframe.frame._raw_data_repr = _raw_data_repr
 
 # What the codec returns for a message that is not a Batch: grpclib takes None
 # for the end of the stream, so garbage needs a value of its own.
@@ -105,21 +79,7 @@ MAX_FRAME_SIZE: Final = 2 << 20
 
 
 def _big_frames(protocol: H2Protocol) -> H2Protocol:
-    """Make ``protocol`` advertise MAX_FRAME_SIZE once connected.
-
-    grpclib has no setting for it: this wraps the protocol's connection_made
-    (grpclib 0.4 internals, pinned in constraints.txt; every link test fails
-    if they change)."""
-    made = protocol.connection_made
-
-    def connection_made(transport: asyncio.BaseTransport) -> None:
-        made(transport)
-        h2 = protocol.connection._connection
-        h2.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE})
-        protocol.connection.flush()
-
-    protocol.connection_made = connection_made  # type: ignore[method-assign]
-    return protocol
+    return libpatch.advertise_max_frame(protocol, MAX_FRAME_SIZE)
 
 
 # struct tcp_info (linux/tcp.h, Linux 4.1+): tcpi_bytes_acked (what the peer's
@@ -173,40 +133,16 @@ class _Channel(Channel):
         """grpclib closes a connection whose keepalive PING is not answered
         within KEEPALIVE_TIMEOUT. On a slow, busy link the answer waits behind
         seconds of data: when the connection moved PROGRESS_BYTES either way
-        meanwhile, wait another KEEPALIVE_TIMEOUT instead (grpclib 0.4
-        internals, pinned in constraints.txt; the partition suite's slow-link
-        case fails if this stops working)."""
-        conn = protocol.connection
-        loop = asyncio.get_running_loop()
-        ping = conn._ping
-        # The timer we armed (uvloop's handles do not show their callback) and
-        # the bytes moved when it was armed.
-        mine: list[Any] = [None, (0, 0)]
-
-        def arm(moved: tuple[int, int]) -> None:
-            mine[:] = [loop.call_later(KEEPALIVE_TIMEOUT, timed_out), moved]
-            conn._close_by_ping_handler = mine[0]
-
-        def timed_out() -> None:
-            conn._close_by_ping_handler = None
-            moved, before = self._bytes_moved(), mine[1]
-            if max(moved[0] - before[0], moved[1] - before[1]) >= PROGRESS_BYTES:
-                arm(moved)  # the answer is queued behind data that is moving
-                return
-            log.info("link to %s:%s: keepalive unanswered, no data moving", self._host, self._port)
-            conn.close()
-
-        def patient_ping() -> None:
-            ping()
-            handler = conn._close_by_ping_handler
-            if handler is not None and handler is not mine[0]:
-                handler.cancel()  # grpclib's: close at once on timeout
-                arm(self._bytes_moved())
-
-        conn._ping = patient_ping  # type: ignore[method-assign]
-        if conn._ping_handle is not None:  # the first ping, scheduled before us
-            conn._ping_handle.cancel()
-            conn._ping_handle = loop.call_later(KEEPALIVE_TIME, patient_ping)
+        meanwhile, wait another KEEPALIVE_TIMEOUT instead (the partition
+        suite's slow-link case fails if this stops working)."""
+        libpatch.patient_keepalive(
+            protocol,
+            KEEPALIVE_TIME,
+            KEEPALIVE_TIMEOUT,
+            self._bytes_moved,
+            PROGRESS_BYTES,
+            f"{self._host}:{self._port}",
+        )
 
     def tcp_state(self) -> str:
         """The kernel's view of the connection, for the log line that calls a
@@ -272,7 +208,6 @@ class _Codec(CodecBase):
 
 # An oversized message is read and dropped in pieces of this size.
 SKIP_PIECE: Final = 1 << 16
-LIBRARY_RECV_MESSAGE: Final = grpclib.stream.recv_message
 
 
 async def _recv_message(stream: Any, codec: CodecBase, message_type: Any) -> Any:
@@ -285,11 +220,12 @@ async def _recv_message(stream: Any, codec: CodecBase, message_type: Any) -> Any
     arrives, never held; the reader gets _GARBAGE for it (counted and dropped
     like any other garbage Batch), and the stream and its marks carry on.
     Streams of other codecs (other grpclib users in the process) keep
-    grpclib's own function. grpclib 0.4 internals, pinned in constraints.txt;
-    tests/integration/test_bridge_length_prefix.py fails if this stops working.
+    grpclib's own function (libpatch installs this one where grpclib looks
+    it up; tests/integration/test_bridge_length_prefix.py fails if it stops
+    working).
     """
     if not isinstance(codec, _Codec):
-        return await LIBRARY_RECV_MESSAGE(stream, codec, message_type)
+        return await libpatch.LIBRARY_RECV_MESSAGE(stream, codec, message_type)
     try:
         meta = await stream.recv_data(5)
         if not meta:
@@ -311,8 +247,7 @@ async def _recv_message(stream: Any, codec: CodecBase, message_type: Any) -> Any
     return _GARBAGE
 
 
-grpclib.client.recv_message = _recv_message  # type: ignore[attr-defined]
-grpclib.server.recv_message = _recv_message  # type: ignore[attr-defined]
+libpatch.install(_recv_message)
 
 
 def _describe(exc: BaseException) -> str:
@@ -361,7 +296,7 @@ class _Client:
         if msg is None:
             # The upstream ended its side: a status other than OK is an error.
             try:
-                self._call._maybe_raise()
+                libpatch.raise_status(self._call)
             except GRPCError as exc:
                 raise TransportError(_describe(exc)) from None
             raise StreamEnded("the peer ended the stream")
@@ -371,7 +306,7 @@ class _Client:
         # A stream reset or a closed connection often carries the real status
         # in the trailers that came before it.
         try:
-            self._call._maybe_raise()
+            libpatch.raise_status(self._call)
         except GRPCError as status:
             return _describe(status)
         except Exception:  # best effort: the original error is reported below
