@@ -23,7 +23,7 @@ def main() -> None:
         for fn in (libpatch.LIBRARY_RAW_DATA_REPR, libpatch.raw_data_repr):
             hf._raw_data_repr = fn
             n = max(10, 2_000_000 // max(size, 1024))
-            results.append(min(timeit.repeat(lambda: repr(frame), number=n, repeat=5)) / n)
+            results.append(min(timeit.repeat(lambda f=frame: repr(f), number=n, repeat=5)) / n)
         hf._raw_data_repr = libpatch.raw_data_repr
         lib, ours = results
         print(f"| {size} B | {lib * 1e6:.2f} µs | {ours * 1e6:.2f} µs | {lib / ours:.1f}x |")

@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from pmlb.transport import h2lib, libpatch
-from tests.support import ROOT
+from tests.support import ROOT, async_wait_until
 
 
 def test_every_internal_is_there() -> None:
@@ -69,9 +69,9 @@ async def test_a_grpclib_connection_has_what_the_keepalive_and_frame_size_patche
             # This side advertised the large frame size: h2 applies it to its
             # local settings once the server acknowledges the SETTINGS frame.
             settings = conn._connection.local_settings
-            async with asyncio.timeout(10):
-                while settings.max_frame_size != h2lib.MAX_FRAME_SIZE:
-                    await asyncio.sleep(0.01)
+            await async_wait_until(
+                lambda: settings.max_frame_size == h2lib.MAX_FRAME_SIZE, 10, "SETTINGS acked"
+            )
             assert conn._ping.__name__ == "patient_ping"
         finally:
             channel.close()
