@@ -27,7 +27,7 @@ from pmlb.aio import stop_task, supervised, wait_event
 from pmlb.cluster.discovery import ServiceView
 from pmlb.cluster.session import Session
 from pmlb.protocol.domain import UpstreamSpec
-from pmlb.store.etcd import EtcdStore, StoreError
+from pmlb.store.base import Store, StoreError
 from pmlb.store.keys import NOT_SERVING, SERVING, Health, Keys, format_health, now_rfc3339
 from pmlb.transport import HEALTH_SERVICE
 from pmlb.transport.cgrpc import check_health
@@ -58,7 +58,7 @@ class _Probe:
 class Checker:
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         keys: Keys,
         session: Session,
         view: ServiceView,

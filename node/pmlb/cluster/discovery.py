@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from pmlb.aio import stop_task, supervised
 from pmlb.protocol.domain import UpstreamSpec
-from pmlb.store.etcd import KV, EtcdStore, Event
+from pmlb.store.base import KV, Event, Store
 from pmlb.store.keys import UNKNOWN, Health, InvalidValue, Keys, parse_health, parse_upstream
 from pmlb.store.listwatch import list_and_watch
 
@@ -31,7 +31,7 @@ log = logging.getLogger("pmlb.discovery")
 class ServiceView:
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         keys: Keys,
         service: str,
         on_change: Callable[[list[UpstreamSpec]], None],

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pmlb.errors import ConfigError
 from pmlb.protocol.domain import parse_hostport
-from pmlb.store.etcd import KV, EtcdStore, Event
+from pmlb.store.base import KV, Event, Store
 from pmlb.store.keys import InvalidValue, Keys, parse_node
 from pmlb.store.listwatch import list_and_watch
 
@@ -123,7 +123,7 @@ class HostsFileSync:
 
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         keys: Keys,
         hosts_file: Path,
         name: str,

@@ -17,7 +17,7 @@ from pmlb import __version__
 from pmlb.cluster.dns import advertised_host, advertised_ip, skydns_key, skydns_value
 from pmlb.config import NodeConfig
 from pmlb.protocol.domain import format_hostport
-from pmlb.store.etcd import EtcdStore
+from pmlb.store.base import Store
 from pmlb.store.keys import Keys, format_node
 
 log = logging.getLogger("pmlb.registration")
@@ -58,7 +58,7 @@ class Registration:
 
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         keys: Keys,
         config: NodeConfig,
         entry: Callable[[], dict[str, Any]],

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from pmlb.aio import Backoff, stop_task, supervised
-from pmlb.store.etcd import EtcdStore, StoreError
+from pmlb.store.base import Store, StoreError
 from pmlb.store.listwatch import STORE_RETRY
 
 log = logging.getLogger("pmlb.session")
@@ -28,7 +28,7 @@ OnLease = Callable[[int], Awaitable[None]]
 
 
 class Session:
-    def __init__(self, store: EtcdStore, ttl: int) -> None:
+    def __init__(self, store: Store, ttl: int) -> None:
         self.store = store
         self.ttl = ttl
         self.lease = 0

@@ -22,17 +22,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 
 import grpc
 
 from pmlb import __version__
-from pmlb.aio import wait_event
-from pmlb.cluster.checker import Checker, CheckSettings
-from pmlb.cluster.discovery import ServiceView
-from pmlb.cluster.registration import Registration, node_entry
-from pmlb.cluster.session import Session
+from pmlb.cluster.membership import EtcdMembership, Membership, StaticMembership
+from pmlb.cluster.registration import node_entry
 from pmlb.config import NodeConfig, config_changes
 from pmlb.dataplane.control import start_control
 from pmlb.dataplane.plane import DataPlane
@@ -52,7 +48,7 @@ from pmlb.observability.admin import AdminServer
 from pmlb.observability.stats import NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.store.etcd import EtcdStore, node_settings
-from pmlb.store.keys import Keys, now_rfc3339
+from pmlb.store.keys import now_rfc3339
 from pmlb.tlsconf import grpc_server_credentials
 
 log = logging.getLogger("pmlb.app")
@@ -100,53 +96,31 @@ class NodeApp:
                 names=[config.advertise] if config.advertise else (),
             )
             self._routes(self.admin)
-        self.store: EtcdStore | None = None
-        self.session: Session | None = None
-        self.view: ServiceView | None = None
-        self.checker: Checker | None = None
         self.started_at = now_rfc3339()
         self._stop_event: asyncio.Event | None = None
         self.control: grpc.aio.Server | None = None
         self.control_port = 0
-        if config.etcd:
-            self.store = EtcdStore(node_settings(config))
-            self.keys = Keys(config.etcd_prefix)
-            self.session = Session(self.store, config.lease_ttl)
-            if role is None:  # a worker's node is registered by its supervisor
-                self.session.on_new_lease(
-                    Registration(
-                        self.store,
-                        self.keys,
-                        config,
-                        self._entry,
-                        lambda: self.plane.bound_addresses[0][0],
-                    )
-                )
-            self.view = ServiceView(self.store, self.keys, config.service, self.plane.set_upstreams)
-            self.checker = Checker(
-                self.store,
-                self.keys,
-                self.session,
-                self.view,
-                config.node_id,
-                CheckSettings(
-                    config.check_interval,
-                    config.check_timeout,
-                    config.check_rise,
-                    config.check_fall,
-                ),
-                credentials=self.plane.upstream_credentials,
-            )
+        self.membership: Membership = self._membership(config, role)
+
+    def _membership(self, config: NodeConfig, role: WorkerRole | None) -> Membership:
+        if not config.etcd:
+            return StaticMembership(self.plane.set_upstreams)
+        return EtcdMembership(
+            EtcdStore(node_settings(config)),
+            config,
+            self.plane.set_upstreams,
+            # A worker's node is registered by its supervisor.
+            self._entry if role is None else None,
+            lambda: self.plane.bound_addresses[0][0],
+            self.plane.upstream_credentials,
+        )
 
     async def start(self) -> None:
         self.plane.set_upstreams(self.config.upstreams)
-        if self.store is not None and self.view is not None:
-            await self.store.connect()
-            self.view.start()
-            # Listen once the first view is in, so early clients are not parked;
-            # if etcd is down, start anyway (clients wait up to --connect-timeout).
-            if not await wait_event(self.view.synced, 5.0):
-                log.warning("etcd not reachable yet: listening without an upstream view")
+        # Listen once the first view is in, so early clients are not parked;
+        # if etcd is down, start anyway (clients wait up to --connect-timeout).
+        if not await self.membership.follow():
+            log.warning("etcd not reachable yet: listening without an upstream view")
         if self.admin is not None:
             await self.admin.start()
         cfg = self.config
@@ -174,24 +148,19 @@ class NodeApp:
             self.channel.say("prepared")
             await self.channel.wait_go()
         await self.plane.start()
-        if self.session is not None and self.checker is not None:
-            if self.channel is None:
-                # READY=1 for systemd once registered (after the registration callback).
-                self.session.on_new_lease(sdnotify.ReadyOnce())
-            self.session.start()  # registers once the listeners are bound
-            self.checker.start()
+        # Registers once the listeners are bound; READY=1 for systemd once
+        # registered (a supervisor speaks for its workers).
+        await self.membership.join(sdnotify.ReadyOnce() if self.channel is None else None)
         log.info(
             "node %s (pmlb %s) ready: service %r, %d upstreams (%s)",
             self.config.node_id,
             __version__,
             self.config.service,
             len(self.plane.links),
-            "from etcd" if self.store else "static",
+            self.membership.source,
         )
         if self.channel is not None:
             self.channel.say("ready")
-        elif self.session is None:  # systemd's readiness (a supervisor speaks for workers)
-            await sdnotify.ReadyOnce()()
 
     async def stop(self) -> None:
         log.info("node %s stopping", self.config.node_id)
@@ -199,15 +168,10 @@ class NodeApp:
             sdnotify.notify("STOPPING=1")
         # Leave the cluster first: give up the checker role and revoke the lease,
         # so other nodes take over and stop seeing us before we stop serving.
-        if self.checker is not None:
-            await self.checker.stop()
-        if self.session is not None:
-            await self.session.stop(revoke=True)
+        await self.membership.leave()
         # Then drain: no new connections, open marks finish (failover still works,
         # the view keeps following etcd), the rest is closed gradually.
         await self.plane.drain(self.config.drain_timeout, self.config.drain_window)
-        if self.view is not None:
-            await self.view.stop()
         await self.plane.stop(self.config.shutdown_timeout)
         if self.control is not None:
             await self.control.stop(1.0)
@@ -220,8 +184,7 @@ class NodeApp:
         if self.counters is not None:
             self.counters.close()
         await asyncio.to_thread(self.tracer.shutdown)
-        if self.store is not None:
-            await self.store.close()
+        await self.membership.close()
         if self.admin is not None:
             await self.admin.stop()
         log.info("node %s stopped", self.config.node_id)
@@ -256,15 +219,7 @@ class NodeApp:
         self.plane.reconfigure(self.role.config(self.config) if self.role else self.config)
         if "log_level" in apply:
             logging.getLogger().setLevel(self.config.log_level.upper())
-        if self.checker is not None:
-            self.checker.settings = CheckSettings(
-                self.config.check_interval,
-                self.config.check_timeout,
-                self.config.check_rise,
-                self.config.check_fall,
-            )
-        if "upstreams" in apply and self.store is None:
-            self.plane.set_upstreams(self.config.upstreams)
+        self.membership.reconfigure(self.config, "upstreams" in apply)
         self.reloads += 1
         log.info("reload %d applied: %s", self.reloads, ", ".join(sorted(apply)))
 
@@ -284,27 +239,13 @@ class NodeApp:
     def node_sample(self) -> metrics.NodeSample:
         """This node's figures beyond NodeStats and the links, for /metrics."""
         acceptors = self.plane.acceptors
-        etcd = None
-        if self.session is not None and self.view is not None and self.checker is not None:
-            now = time.monotonic()
-            etcd = metrics.EtcdSample(
-                session_up=self.session.healthy,
-                lease_grants=self.session.grants,
-                keepalive_age=now - self.session.last_ok if self.session.last_ok else -1.0,
-                view_resyncs=self.view.resyncs,
-                malformed_values=self.view.malformed,
-                watch_age=now - self.view.last_event if self.view.last_event else -1.0,
-                is_checker=self.checker.is_checker,
-                health_probes=self.checker.probes,
-                health_writes=self.checker.writes,
-            )
         return metrics.NodeSample(
             max_connections=self.config.max_connections,
             limit_pauses=sum(a.limit_pauses for a in acceptors),
             rate_pauses=sum(a.rate_pauses for a in acceptors),
             resource_errors=sum(a.resource_errors for a in acceptors),
             tasks=len(asyncio.all_tasks()),
-            etcd=etcd,
+            etcd=self.membership.sample(),
         )
 
     # -- admin --------------------------------------------------------------------

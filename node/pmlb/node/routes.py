@@ -22,8 +22,7 @@ from pmlb.protocol import reasons
 from pmlb.protocol.domain import format_hostport
 
 if TYPE_CHECKING:
-    from pmlb.cluster.discovery import ServiceView
-    from pmlb.cluster.session import Session
+    from pmlb.cluster.membership import Membership
     from pmlb.config import NodeConfig
     from pmlb.dataplane.plane import DataPlane
     from pmlb.node.workers import WorkerRole
@@ -42,9 +41,7 @@ class NodeView(Protocol):
     @property
     def stats(self) -> NodeStats: ...
     @property
-    def session(self) -> Session | None: ...
-    @property
-    def view(self) -> ServiceView | None: ...
+    def membership(self) -> Membership: ...
     @property
     def role(self) -> WorkerRole | None: ...
     @property
@@ -88,7 +85,7 @@ class NodeRoutes:
 
     async def readyz(self, query: str) -> Reply:
         app, plane = self.app, self.plane
-        registered = app.session is None or bool(app.session.lease)
+        registered = app.membership.registered
         ready = plane.accepting and registered and not app.draining() and bool(plane.routable())
         return (200 if ready else 503), "text/plain", b"ready\n" if ready else b"not ready\n"
 
@@ -165,8 +162,8 @@ class NodeRoutes:
                 "draining": draining or not self.plane.accepting,
                 "marks_open": len(self.plane.marks),
                 "accepted_total": self.app.stats.accepted,
-                "etcd_session_up": bool(self.app.session and self.app.session.healthy),
-                "checker": self.app.view.checker if self.app.view is not None else "",
+                "etcd_session_up": self.app.membership.session_up,
+                "checker": self.app.membership.checker_id,
                 "worker": self.app.role.index if self.app.role is not None else None,
             },
             "upstreams": [

@@ -28,7 +28,20 @@ from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2_grpc as rpc_grpc
 from etcd3aio.proto.etcd.api.mvccpb import kv_pb2
 
 from pmlb.aio import Backoff
-from pmlb.errors import ConfigError, PmlbError
+from pmlb.errors import ConfigError
+from pmlb.store.base import KV, Event, StoreError, WatchReset
+
+__all__ = [
+    "KV",
+    "EtcdSettings",
+    "EtcdStore",
+    "Event",
+    "StoreError",
+    "WatchReset",
+    "node_settings",
+    "prefix_end",
+    "settings_from",
+]
 
 if TYPE_CHECKING:
     from pmlb.config import NodeConfig
@@ -46,31 +59,6 @@ _TRANSIENT: Final = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
 }
-
-
-class StoreError(PmlbError):
-    """etcd could not be reached within the call's deadline, or refused the call."""
-
-
-class WatchReset(PmlbError):
-    """The watch cannot continue from its revision (compacted, cancelled, cluster
-    replaced): list again and watch from the new revision."""
-
-
-@dataclass(frozen=True, slots=True)
-class KV:
-    key: str
-    value: bytes
-    mod_revision: int = 0
-    lease: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    kind: str  # "put" or "delete"
-    key: str
-    value: bytes
-    lease: int = 0  # a put's lease (0: none); nodes register under one
 
 
 @dataclass(frozen=True, slots=True)

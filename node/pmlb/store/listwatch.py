@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Final, NoReturn
 
 from pmlb.aio import Backoff
-from pmlb.store.etcd import KV, EtcdStore, Event, StoreError, WatchReset
+from pmlb.store.base import KV, Event, Store, StoreError, WatchReset
 
 # Retrying an unanswered store: 0.2 s doubling to 2 s (each call already
 # waited up to its own deadline, so there is no point waiting long between).
@@ -25,7 +25,7 @@ STORE_RETRY: Final = (0.2, 2.0)
 
 
 async def list_and_watch(
-    store: EtcdStore,
+    store: Store,
     prefix: str,
     on_list: Callable[[int, list[KV]], None],
     on_events: Callable[[list[Event]], None],

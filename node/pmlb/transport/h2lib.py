@@ -31,7 +31,6 @@ from grpclib.server import Stream as ServerCall
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.protocol import wire
 from pmlb.protocol.domain import parse_hostport
-from pmlb.transport import libpatch
 from pmlb.transport.base import (
     KEEPALIVE_TIME,
     KEEPALIVE_TIMEOUT,
@@ -43,6 +42,13 @@ from pmlb.transport.base import (
     TransportError,
     client_ssl_context,
     server_ssl_context,
+)
+from pmlb.transport.libpatch import (
+    LIBRARY_RECV_MESSAGE,
+    advertise_max_frame,
+    install,
+    patient_keepalive,
+    raise_status,
 )
 
 # hpack logs every header it encodes or decodes at DEBUG, the upstream
@@ -79,7 +85,7 @@ MAX_FRAME_SIZE: Final = 2 << 20
 
 
 def _big_frames(protocol: H2Protocol) -> H2Protocol:
-    return libpatch.advertise_max_frame(protocol, MAX_FRAME_SIZE)
+    return advertise_max_frame(protocol, MAX_FRAME_SIZE)
 
 
 # struct tcp_info (linux/tcp.h, Linux 4.1+): tcpi_bytes_acked (what the peer's
@@ -135,7 +141,7 @@ class _Channel(Channel):
         seconds of data: when the connection moved PROGRESS_BYTES either way
         meanwhile, wait another KEEPALIVE_TIMEOUT instead (the partition
         suite's slow-link case fails if this stops working)."""
-        libpatch.patient_keepalive(
+        patient_keepalive(
             protocol,
             KEEPALIVE_TIME,
             KEEPALIVE_TIMEOUT,
@@ -225,7 +231,7 @@ async def _recv_message(stream: Any, codec: CodecBase, message_type: Any) -> Any
     working).
     """
     if not isinstance(codec, _Codec):
-        return await libpatch.LIBRARY_RECV_MESSAGE(stream, codec, message_type)
+        return await LIBRARY_RECV_MESSAGE(stream, codec, message_type)
     try:
         meta = await stream.recv_data(5)
         if not meta:
@@ -247,7 +253,7 @@ async def _recv_message(stream: Any, codec: CodecBase, message_type: Any) -> Any
     return _GARBAGE
 
 
-libpatch.install(_recv_message)
+install(_recv_message)
 
 
 def _describe(exc: BaseException) -> str:
@@ -296,7 +302,7 @@ class _Client:
         if msg is None:
             # The upstream ended its side: a status other than OK is an error.
             try:
-                libpatch.raise_status(self._call)
+                raise_status(self._call)
             except GRPCError as exc:
                 raise TransportError(_describe(exc)) from None
             raise StreamEnded("the peer ended the stream")
@@ -306,7 +312,7 @@ class _Client:
         # A stream reset or a closed connection often carries the real status
         # in the trailers that came before it.
         try:
-            libpatch.raise_status(self._call)
+            raise_status(self._call)
         except GRPCError as status:
             return _describe(status)
         except Exception:  # best effort: the original error is reported below
