@@ -26,7 +26,8 @@ import asyncio
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pmlb.dataplane import proxyproto
 from pmlb.dataplane.mark import (
@@ -48,10 +49,73 @@ from pmlb.protocol import reasons, wire
 
 if TYPE_CHECKING:
     from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-    from pmlb.dataplane.link import Link
-    from pmlb.dataplane.plane import DataPlane
+    from pmlb.config import NodeConfig
+    from pmlb.dataplane.framing import Decoder
+    from pmlb.dataplane.mark import MarkLimits
+    from pmlb.dataplane.watch import MarkWatch
+    from pmlb.observability.stats import NodeStats
+    from pmlb.observability.tracing import ConnTracer
 
 log = logging.getLogger("pmlb.conn")
+
+
+# What a connection needs of the link it is bound to (dataplane.link.Link)
+# and of its data plane (dataplane.plane.DataPlane), declared here so that
+# neither module is imported by this one: the plane and its links are built
+# on connections, not the other way round.
+class Link(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def writer(self) -> wire.BatchWriter: ...
+    @property
+    def overhead(self) -> int: ...
+    @property
+    def peer_window(self) -> int: ...
+    @property
+    def is_up(self) -> bool: ...
+    @property
+    def congested(self) -> bool: ...
+    @property
+    def stalled(self) -> set[ClientConn]: ...
+
+    expect_since: float  # when the link began to wait for an answer (0: not)
+
+    def attach(self, conn: ClientConn) -> None: ...
+    def detach(self, conn: ClientConn) -> None: ...
+    def check_congestion(self) -> None: ...
+
+
+class Plane(Protocol):
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def stats(self) -> NodeStats: ...
+    @property
+    def tracer(self) -> ConnTracer: ...
+    @property
+    def watch(self) -> MarkWatch: ...
+    @property
+    def mark_limits(self) -> MarkLimits: ...
+    @property
+    def max_frame(self) -> int: ...
+    @property
+    def max_meta(self) -> int: ...
+    @property
+    def listener_name(self) -> str: ...
+    @property
+    def write_hard_limit(self) -> int: ...
+    @property
+    def encode(self) -> Callable[[bytes], bytes]: ...
+
+    def new_decoder(self) -> Decoder: ...
+    def expects_proxy(self, addr: str) -> bool: ...
+    def accept(self, conn: ClientConn) -> None: ...
+    def rebind(self, conn: ClientConn) -> None: ...
+    def unwait(self, conn: ClientConn) -> None: ...
+    def forget(self, conn: ClientConn) -> None: ...
+    def cleared(self, conn: ClientConn) -> None: ...
+
 
 __all__ = ["BOUND", "CLIENT_EOF", "CLOSED", "CLOSING", "MOVING", "WAITING", "ClientConn"]
 
@@ -83,7 +147,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, plane: DataPlane, proxied: proxyproto.ProxyHeader | None = None) -> None:
+    def __init__(self, plane: Plane, proxied: proxyproto.ProxyHeader | None = None) -> None:
         super().__init__(plane.mark_limits)
         # A PROXY header the acceptor already read (before a TLS handshake).
         self.proxy_buf: bytes | None = None
@@ -343,7 +407,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             elif self.eof_received() is False and self.transport is not None:
                 self.transport.close()
         if self.read_paused:
-            self._maybe_resume()
+            self.resume_if_unblocked()
 
     def wait_for_upstream(self, timeout: float) -> None:
         self._pause_reading()
@@ -425,7 +489,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         if acked:
             self.on_ack(acked)
         if self.add_credit(credit):
-            self._maybe_resume()
+            self.resume_if_unblocked()
 
     def on_meta(self, meta: pb.Meta, max_bytes: int) -> int:
         """Apply an upstream's metadata change: 0, or the size it would have
@@ -625,7 +689,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
                 if self.route is not None and self.route.congested:
                     self.route.stalled.add(self)
 
-    def _maybe_resume(self) -> None:
+    def resume_if_unblocked(self) -> None:
         """Resume reading when nothing holds it back any more."""
         link = self.route
         if (

@@ -16,20 +16,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from pmlb import __version__
 from pmlb.aio import Backoff
 from pmlb.dataplane.siblings import BREAK_HOLD
+from pmlb.dataplane.watch import Watched
 from pmlb.errors import PmlbError
 from pmlb.protocol import reasons, wire
 from pmlb.protocol.domain import UpstreamSpec
 from pmlb.transport import ClientStream, TransportError, open_client
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-    from pmlb.dataplane.conn import ClientConn
-    from pmlb.dataplane.plane import DataPlane
+    from pmlb.config import NodeConfig
+    from pmlb.dataplane.siblings import NodeProbation, Siblings
+    from pmlb.dataplane.watch import MarkWatch
+    from pmlb.observability.stats import NodeStats
+    from pmlb.transport import ClientTLS
 
 log = logging.getLogger("pmlb.link")
 
@@ -51,13 +57,56 @@ class LinkBroken(PmlbError):
     """The Bridge stream ended or could not be established."""
 
 
-class Link:
-    def __init__(self, spec: UpstreamSpec, plane: DataPlane) -> None:
+# What a link needs of the connections of its marks (dataplane.conn.ClientConn)
+# and of its data plane (dataplane.plane.DataPlane), declared here so that
+# neither module is imported by this one.
+class Conn(Watched, Protocol):
+    @property
+    def route(self) -> object: ...
+
+    def is_stale(self, route: Any) -> bool: ...
+    def deliver(self, payload: bytes, acked: int, link: Any) -> None: ...
+    def on_flow(self, credit: int, acked: int, link: Any) -> None: ...
+    def on_meta(self, meta: pb.Meta, max_bytes: int) -> int: ...
+    def upstream_close(self, reason: str, detail: str, link: Any) -> None: ...
+    def resume_if_unblocked(self) -> None: ...
+
+
+C = TypeVar("C", bound=Conn)
+
+
+class Plane(Protocol[C]):
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def stats(self) -> NodeStats: ...
+    @property
+    def watch(self) -> MarkWatch: ...
+    @property
+    def marks(self) -> Mapping[str, C]: ...
+    @property
+    def probation(self) -> NodeProbation | None: ...
+    @property
+    def siblings(self) -> Siblings | None: ...
+    @property
+    def link_tls(self) -> ClientTLS | None: ...
+    @property
+    def max_frame(self) -> int: ...
+    @property
+    def max_meta(self) -> int: ...
+
+    def link_up(self, link: Link[C]) -> None: ...
+    def link_down(self, link: Link[C]) -> None: ...
+    def probation_over(self, link: Link[C]) -> None: ...
+
+
+class Link(Generic[C]):
+    def __init__(self, spec: UpstreamSpec, plane: Plane[C]) -> None:
         self.spec = spec
         self.plane = plane
         self.state = DOWN
-        self.marks: dict[str, ClientConn] = {}
-        self.stalled: set[ClientConn] = set()
+        self.marks: dict[str, C] = {}
+        self.stalled: set[C] = set()
         self.congested = False
         # The upstream asked for MarkEvents (Hello.watch_marks); stale: events
         # were skipped while congested, a new snapshot is due on drain.
@@ -75,7 +124,7 @@ class Link:
         self.overhead = wire.FRAME_OVERHEAD
         self.pings = True
         # The suspect mark on probation on this link, if any (see DataPlane).
-        self.probation: ClientConn | None = None
+        self.probation: C | None = None
         self.probation_timer: asyncio.TimerHandle | None = None
         self.retired = False
         self.writer = wire.BatchWriter(self._no_stream)
@@ -129,10 +178,10 @@ class Link:
 
     # -- marks ------------------------------------------------------------------
 
-    def attach(self, conn: ClientConn) -> None:
+    def attach(self, conn: C) -> None:
         self.marks[conn.mark] = conn
 
-    def detach(self, conn: ClientConn) -> None:
+    def detach(self, conn: C) -> None:
         self.marks.pop(conn.mark, None)
         self.stalled.discard(conn)
         if self.probation is conn:
@@ -140,7 +189,7 @@ class Link:
         if self.retired and not self.marks:
             self.stop()
 
-    def start_probation(self, conn: ClientConn) -> None:
+    def start_probation(self, conn: C) -> None:
         self.probation = conn
         self.probation_timer = asyncio.get_running_loop().call_later(
             PROBATION_TIMEOUT, self.end_probation
@@ -372,7 +421,7 @@ class Link:
             self.congested = False
             stalled, self.stalled = self.stalled, set()
             for conn in stalled:
-                conn._maybe_resume()
+                conn.resume_if_unblocked()
         if self.watch_stale and not self.congested and self in self.plane.watch.watchers:
             self.plane.watch.snapshot(self, self.plane.marks.values())
 

@@ -44,6 +44,9 @@ from pmlb.protocol.ids import MarkFactory
 from pmlb.tlsconf import ListenerTLS, upstream_channel_credentials
 from pmlb.transport import ClientTLS
 
+# A link whose marks are client connections.
+UpstreamLink = Link[ClientConn]
+
 log = logging.getLogger("pmlb.plane")
 
 # Closed marks the admin API (and dashboard) still describes, newest last.
@@ -77,7 +80,7 @@ class DataPlane:
         self.stats = stats or NodeStats()
         self.tracer = tracer or ConnTracer(config.node_id, config.service, None)
         self.marks: dict[str, ClientConn] = {}
-        self.links: dict[str, Link] = {}
+        self.links: dict[str, UpstreamLink] = {}
         self.waiting: dict[ClientConn, None] = {}  # insertion-ordered set
         self.balancer = make_balancer(config.balancer)
         self.factory = MarkFactory(
@@ -110,9 +113,9 @@ class DataPlane:
         self.acceptors: list[Acceptor] = []
         self.accepting = False
         self.started_at = time.time()
-        self._retired: list[Link] = []
+        self._retired: list[UpstreamLink] = []
         self._idle = asyncio.Event()
-        self._migrations: dict[Link, asyncio.Task[None]] = {}
+        self._migrations: dict[UpstreamLink, asyncio.Task[None]] = {}
         self.per_client: dict[str, int] = {}
         self._limit_logged = 0.0
         self._sweeper: asyncio.Task[None] | None = None
@@ -263,7 +266,7 @@ class DataPlane:
                 existing.spec = spec
         self._bind_waiting()
 
-    def _revive(self, spec: UpstreamSpec) -> Link | None:
+    def _revive(self, spec: UpstreamSpec) -> UpstreamLink | None:
         """A retired link to the same upstream (id and address) that still
         carries marks, taken back into service: an upstream removed and
         re-added (an etcd restored from scratch, a hand-made mistake undone)
@@ -281,7 +284,7 @@ class DataPlane:
                 return link
         return None
 
-    def _retire(self, link: Link) -> None:
+    def _retire(self, link: UpstreamLink) -> None:
         # No new marks go there; existing ones are moved off gradually.
         link.retired = True
         self._migrate(link, "upstream removed")
@@ -297,7 +300,7 @@ class DataPlane:
         else:
             link.stop()
 
-    def routable(self) -> list[Link]:
+    def routable(self) -> list[UpstreamLink]:
         """The routing rule: up, registered, not draining, and SERVING; when none
         is SERVING, those with no health entry (UNKNOWN); never NOT_SERVING.
         A link that is down is out at once (the passive check)."""
@@ -465,7 +468,7 @@ class DataPlane:
             if self._place(conn, targets):
                 del self.waiting[conn]
 
-    def _place(self, conn: ClientConn, targets: list[Link]) -> bool:
+    def _place(self, conn: ClientConn, targets: list[UpstreamLink]) -> bool:
         """Bind ``conn`` to one of ``targets``; False when it has to wait.
 
         A suspect mark (its unacknowledged frames were in flight on a link
@@ -515,22 +518,27 @@ class DataPlane:
 
     def cleared(self, conn: ClientConn) -> None:
         """``conn``'s frames from a broken link were acknowledged: not a poison."""
-        link = conn.route
-        if link is not None and link.probation is conn:
-            link.end_probation()
+        route = conn.route
+        if route is None:
+            return
+        # The link object itself (conn knows it only as its Route).
+        for link in (*self.links.values(), *self._retired):
+            if link is route and link.probation is conn:
+                link.end_probation()
+                return
 
-    def probation_over(self, link: Link) -> None:
+    def probation_over(self, link: UpstreamLink) -> None:
         """The next suspect may be resumed on ``link``."""
         self._bind_waiting()
 
-    def _migrate(self, link: Link, why: str) -> None:
+    def _migrate(self, link: UpstreamLink, why: str) -> None:
         if link in self._migrations or not link.marks:
             return
         task = asyncio.get_running_loop().create_task(self._migration(link, why))
         self._migrations[link] = task
         task.add_done_callback(lambda _t: self._migrations.pop(link, None))
 
-    async def _migration(self, link: Link, why: str) -> None:
+    async def _migration(self, link: UpstreamLink, why: str) -> None:
         """Move marks off ``link`` at --drain-rate, jittered, so nothing stampedes."""
         total = len(link.marks)
         log.info("moving %d marks off upstream %s (%s)", total, link.id, why)
@@ -553,12 +561,12 @@ class DataPlane:
 
     # -- link events ------------------------------------------------------------------
 
-    def link_up(self, link: Link) -> None:
+    def link_up(self, link: UpstreamLink) -> None:
         if link.watch_marks:
             self.watch.add(link, self.marks.values())
         self._bind_waiting()
 
-    def link_down(self, link: Link) -> None:
+    def link_down(self, link: UpstreamLink) -> None:
         """Fail every mark of ``link`` over to another upstream (same mark, replay);
         a mark whose frames broke the previous link as well is closed (poison)."""
         self.watch.remove(link)

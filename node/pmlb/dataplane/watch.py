@@ -22,7 +22,22 @@ from typing import TYPE_CHECKING, Final, Protocol
 from pmlb.protocol import wire
 
 if TYPE_CHECKING:
-    from pmlb.dataplane.link import Link
+    from pmlb.protocol.wire import BatchWriter
+
+
+class Link(Protocol):
+    """What the watch needs of a link whose upstream watches marks
+    (dataplane.link.Link), declared here so that it is not imported."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def writer(self) -> BatchWriter: ...
+    @property
+    def congested(self) -> bool: ...
+
+    watch_stale: bool  # events were skipped; a snapshot is due on drain
+
 
 log = logging.getLogger("pmlb.watch")
 
@@ -35,11 +50,16 @@ SYNCED: Final = "synced"
 class Watched(Protocol):
     """What an event says about a mark (a ClientConn)."""
 
-    mark: str
-    client_addr: str
-    client_port: int
-    accepted_ms: int
-    meta: dict[str, str] | None
+    @property
+    def mark(self) -> str: ...
+    @property
+    def client_addr(self) -> str: ...
+    @property
+    def client_port(self) -> int: ...
+    @property
+    def accepted_ms(self) -> int: ...
+    @property
+    def meta(self) -> dict[str, str] | None: ...
 
     @property
     def upstream_id(self) -> str: ...
