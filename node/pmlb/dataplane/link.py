@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from pmlb import __version__
 from pmlb.aio import Backoff
-from pmlb.dataplane.siblings import BREAK_HOLD
 from pmlb.dataplane.watch import Watched
 from pmlb.errors import PmlbError
 from pmlb.protocol import reasons, wire
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 
     from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
     from pmlb.config import NodeConfig
-    from pmlb.dataplane.siblings import NodeProbation, Siblings
+    from pmlb.dataplane.siblings import Siblings
     from pmlb.dataplane.watch import MarkWatch
     from pmlb.observability.stats import NodeStats
     from pmlb.transport import ClientTLS
@@ -46,10 +45,6 @@ HELLO_TIMEOUT: Final = 5.0
 BACKOFF_INITIAL: Final = 0.05
 BACKOFF_MAX: Final = 5.0
 BACKOFF_RESET_AFTER: Final = 1.0
-# A suspect mark (its frames were in flight on a link that broke) is resumed on
-# a link only while no other suspect is on probation there; probation ends when
-# its replayed frames are acknowledged, or after this long.
-PROBATION_TIMEOUT: Final = 1.0
 DOWN, CONNECTING, UP = "down", "connecting", "up"
 
 
@@ -85,8 +80,6 @@ class Plane(Protocol[C]):
     @property
     def marks(self) -> Mapping[str, C]: ...
     @property
-    def probation(self) -> NodeProbation | None: ...
-    @property
     def siblings(self) -> Siblings | None: ...
     @property
     def link_tls(self) -> ClientTLS | None: ...
@@ -97,7 +90,11 @@ class Plane(Protocol[C]):
 
     def link_up(self, link: Link[C]) -> None: ...
     def link_down(self, link: Link[C]) -> None: ...
-    def probation_over(self, link: Link[C]) -> None: ...
+    def probation_left(self, link: Link[C], conn: C) -> None:
+        """``conn`` left ``link``: if it was on probation there, that ends."""
+
+    def probation_broke(self, link: Link[C]) -> None:
+        """``link``'s session ended: a probation on it ends (dataplane.probation)."""
 
 
 class Link(Generic[C]):
@@ -123,9 +120,6 @@ class Link(Generic[C]):
         # and whether it answers pings (protocol 2).
         self.overhead = wire.FRAME_OVERHEAD
         self.pings = True
-        # The suspect mark on probation on this link, if any (see DataPlane).
-        self.probation: C | None = None
-        self.probation_timer: asyncio.TimerHandle | None = None
         self.retired = False
         self.writer = wire.BatchWriter(self._no_stream)
         self.connects = 0
@@ -184,28 +178,9 @@ class Link(Generic[C]):
     def detach(self, conn: C) -> None:
         self.marks.pop(conn.mark, None)
         self.stalled.discard(conn)
-        if self.probation is conn:
-            self.end_probation()
+        self.plane.probation_left(self, conn)
         if self.retired and not self.marks:
             self.stop()
-
-    def start_probation(self, conn: C) -> None:
-        self.probation = conn
-        self.probation_timer = asyncio.get_running_loop().call_later(
-            PROBATION_TIMEOUT, self.end_probation
-        )
-
-    def end_probation(self) -> None:
-        """Let the next suspect mark be resumed here."""
-        if self.probation is None:
-            return
-        self.probation = None
-        if self.probation_timer is not None:
-            self.probation_timer.cancel()
-            self.probation_timer = None
-        if self.plane.probation is not None:
-            self.plane.probation.release(self.id)
-        self.plane.probation_over(self)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -348,13 +323,7 @@ class Link(Generic[C]):
             self._stream = None
             self.congested = False
             self.stalled.clear()
-            if self.probation is not None:
-                self.probation = None
-                if self.probation_timer is not None:
-                    self.probation_timer.cancel()
-                    self.probation_timer = None
-                if self.plane.probation is not None:
-                    self.plane.probation.release(self.id, hold=BREAK_HOLD)
+            self.plane.probation_broke(self)
             if was_up and self._stopping:
                 log.info("link %s (%s) closed", self.id, self.spec.addr)
             elif was_up:

@@ -33,6 +33,7 @@ from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
+from pmlb.dataplane.probation import PROBATION_TIMEOUT, Probation
 from pmlb.dataplane.siblings import NodeCounters, NodeProbation, Siblings
 from pmlb.dataplane.watch import MarkWatch
 from pmlb.observability.logs import fields
@@ -73,10 +74,12 @@ class DataPlane:
     ) -> None:
         self.config = config
         self.siblings = siblings
-        self.probation = probation
         self.counters = counters
         self._limit_poll: asyncio.TimerHandle | None = None
         self._probation_retry: asyncio.TimerHandle | None = None
+        # Suspects on probation (dataplane.probation), node-wide with siblings.
+        self.suspects: Probation[ClientConn] = Probation(probation)
+        self._probation_timers: dict[str, asyncio.TimerHandle] = {}
         self.stats = stats or NodeStats()
         self.tracer = tracer or ConnTracer(config.node_id, config.service, None)
         self.marks: dict[str, ClientConn] = {}
@@ -474,7 +477,7 @@ class DataPlane:
         A suspect mark (its unacknowledged frames were in flight on a link
         that broke) goes only to a link with no other suspect on probation,
         and is on probation there until those frames are acknowledged
-        (DataPlane.cleared) or link.PROBATION_TIMEOUT passes. If it is the
+        (DataPlane.cleared) or PROBATION_TIMEOUT passes. If it is the
         poison, only it is in flight on the next link when that breaks too,
         so only it reaches the second strike; the marks that merely shared
         its first link wait their turn and are not charged.
@@ -486,18 +489,21 @@ class DataPlane:
                 return False
             conn.bind(link)
             return True
-        # The other workers' suspects count too (one node, several processes).
-        targets = [lk for lk in targets if lk.probation is None]
+        suspects = self.suspects
+        targets = [lk for lk in targets if suspects.free(lk.id)]
         while targets:
             link = self.balancer.pick(targets, key)
             if link is None:
                 break
-            if self.probation is None or self.probation.acquire(link.id):
-                link.start_probation(conn)
+            # The other workers' suspects count too (one node, several processes).
+            if suspects.begin(link.id, conn):
+                self._probation_timers[link.id] = asyncio.get_running_loop().call_later(
+                    PROBATION_TIMEOUT, self._probation_expired, link.id, conn
+                )
                 conn.bind(link)
                 return True
             targets = [lk for lk in targets if lk is not link]
-        if self.probation is not None and self._probation_retry is None:
+        if suspects.shared and self._probation_retry is None:
             # A sibling's probation ends without telling us: look again soon.
             self._probation_retry = asyncio.get_running_loop().call_later(
                 PROBATION_POLL, self._retry_suspects
@@ -518,18 +524,32 @@ class DataPlane:
 
     def cleared(self, conn: ClientConn) -> None:
         """``conn``'s frames from a broken link were acknowledged: not a poison."""
-        route = conn.route
-        if route is None:
-            return
-        # The link object itself (conn knows it only as its Route).
-        for link in (*self.links.values(), *self._retired):
-            if link is route and link.probation is conn:
-                link.end_probation()
-                return
+        upstream = self.suspects.cleared(conn)
+        if upstream is not None:
+            self._probation_ended(upstream)
 
-    def probation_over(self, link: UpstreamLink) -> None:
-        """The next suspect may be resumed on ``link``."""
+    def probation_left(self, link: UpstreamLink, conn: ClientConn) -> None:
+        if self.suspects.left(link.id, conn):
+            self._probation_ended(link.id)
+
+    def probation_broke(self, link: UpstreamLink) -> None:
+        if self.suspects.broke(link.id) is not None:
+            self._cancel_probation_timer(link.id)
+
+    def _probation_expired(self, upstream: str, conn: ClientConn) -> None:
+        self._probation_timers.pop(upstream, None)
+        if self.suspects.expired(upstream, conn):
+            self._bind_waiting()
+
+    def _probation_ended(self, upstream: str) -> None:
+        """The next suspect may be resumed on ``upstream``."""
+        self._cancel_probation_timer(upstream)
         self._bind_waiting()
+
+    def _cancel_probation_timer(self, upstream: str) -> None:
+        timer = self._probation_timers.pop(upstream, None)
+        if timer is not None:
+            timer.cancel()
 
     def _migrate(self, link: UpstreamLink, why: str) -> None:
         if link in self._migrations or not link.marks:

@@ -22,7 +22,8 @@ module is where the data plane gets them:
   message takes down the next upstream with nobody else's frames in flight.
   Workers hold separate links to the same upstream process, so "no other
   suspect" must count the siblings' too: a lock file per upstream (flock,
-  released by the kernel if a worker dies) in the run directory.
+  released by the kernel if a worker dies) in the run directory. The rules
+  are dataplane.probation's; this is the lock.
 """
 
 from __future__ import annotations
@@ -50,11 +51,6 @@ from pmlb.protocol.ids import parse_mark
 
 log = logging.getLogger("pmlb.siblings")
 
-# After a link broke with a suspect on probation (the upstream likely died of
-# it), the lock is kept this long: the siblings' links to the same process
-# notice the break by then (a dead process's kernel resets them at once), so
-# none of their suspects is resumed into a connection that is already dead.
-BREAK_HOLD: Final = 1.0
 # Calls handed to siblings and not yet answered; past it a push is refused
 # (counted, like any refused push) rather than queued without bound.
 MAX_FORWARDS: Final = 1024
