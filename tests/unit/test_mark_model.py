@@ -1,7 +1,8 @@
 """The I/O-free mark core (pmlb.dataplane.mark) against a model of upstreams.
 
-A hypothesis state machine interleaves client messages (empty ones included),
-upstreams processing frames and replying, replies and credit reaching the
+A hypothesis state machine interleaves client messages (empty ones included,
+and a read that lands after reading paused), the link congesting and
+draining, upstreams processing frames and replying, replies and credit reaching the
 node, links breaking, drain moves, move timeouts and late answers from the
 old upstream. Upstreams behave like the SDK: they skip sequence numbers they
 have seen since the Open, acknowledge on each reply and return credit for
@@ -29,9 +30,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pmlb.dataplane.mark import (
     BOUND,
     CLOSING,
+    DROP,
+    GRANT,
+    MOVE_DONE,
     MOVING,
     POISONED,
     RESUME,
+    STALE,
+    UNBLOCKED,
     WAITING,
     Mark,
     MarkLimits,
@@ -66,6 +72,8 @@ class MarkModel(RuleBasedStateMachine):
         self.received: list[int] = []  # seq of each reply the client got
         self.acked = 0
         self.closed = ""
+        self.late_read = False  # a read already landed since reading paused
+        self.congested = False  # the bound link's queue is over --link-buffer
         self._bind(self._new_route())
 
     # -- helpers ------------------------------------------------------------------
@@ -76,6 +84,7 @@ class MarkModel(RuleBasedStateMachine):
         return route
 
     def _bind(self, route: Route) -> None:
+        self.congested = False  # a new link
         next_seq, _ = self.mark.bind_to(route)
         route.up.append(("open", next_seq, b""))
         for seq, msg in self.mark.replay or ():
@@ -91,26 +100,24 @@ class MarkModel(RuleBasedStateMachine):
         if mark.state != BOUND:
             self.early.extend(messages)
             return
-        if mark.parked is not None:
-            mark.parked.extend(messages)
-            return
-        n = mark.take(messages)
+        n = mark.take(messages)  # behind any parked ones, as the node does
         route = mark.route
         assert route is not None
         for i, seq in enumerate(range(mark.seq - n + 1, mark.seq + 1)):
             route.up.append(("data", seq, messages[i]))
 
     def _unpark(self) -> None:
-        if self.mark.state == BOUND and self.mark.credit > 0:
+        # ClientConn.resume_if_unblocked's first step.
+        if self.mark.state == BOUND and self.mark.credit > 0 and not self.congested:
             parked = self.mark.unpark()
             if parked:
                 self._send(parked)
 
     @property
     def reading(self) -> bool:
-        """Whether the conn would read the socket now (else the kernel holds it)."""
-        m = self.mark
-        return m.state == BOUND and m.parked is None and m.credit > 0
+        """Whether the conn would read the socket now (else the kernel holds it):
+        the node's own rule."""
+        return self.mark.reads(self.congested)
 
     # -- rules ----------------------------------------------------------------------
 
@@ -121,6 +128,18 @@ class MarkModel(RuleBasedStateMachine):
         messages = [bytes([65 + len(self.sent) % 26]) * n for n in sizes]
         self.sent.extend(messages)
         self._send(messages)
+
+    @precondition(
+        lambda self: (
+            not self.closed and self.mark.state == BOUND and not self.reading and not self.late_read
+        )
+    )
+    @rule(sizes=st.lists(st.integers(0, MAX_MSG), min_size=1, max_size=40))
+    def client_read_lands_after_the_pause(self, sizes: list[int]) -> None:
+        """A read the loop delivers after pause_reading (uvloop may): the node
+        takes it, behind anything parked; at most one per pause."""
+        self.late_read = True
+        self.client_reads(sizes)
 
     @precondition(lambda self: not self.closed)
     @rule(which=st.integers(0, 7), steps=st.integers(1, 8))
@@ -158,24 +177,27 @@ class MarkModel(RuleBasedStateMachine):
             if not route.down or self.closed:
                 return
             kind, a, b = route.down.popleft()
+            # The node's decisions, as ClientConn.deliver, on_flow and
+            # upstream_close take them: Mark.reply, flow and upstream_closed.
             if kind == "data":
-                if mark.is_stale(route):
+                verdict = mark.reply(route, b, 1)
+                if verdict == DROP:
                     continue
                 if route is mark.route:
                     self.acked = max(self.acked, b)
-                    mark.ack(b)
                 self.received.append(a)
-                if mark.replied(1, route) and mark.grant_due():
+                if verdict & GRANT:
                     mark.take_grant()
             elif kind == "flow":
-                if route is mark.route and mark.add_credit(a):
+                if mark.flow(route, a, 0) & UNBLOCKED:
                     self._unpark()
             elif kind == "close":
-                if mark.stale_close(route):
-                    continue
-                if mark.state == MOVING and route is mark.route:
+                verdict = mark.upstream_closed(route)
+                if verdict == MOVE_DONE:
                     mark.end_move()
                     self._bind(self._new_route())
+                else:  # these upstreams close a mark only to answer a move
+                    assert verdict == STALE, verdict
 
     @precondition(lambda self: not self.closed and self.mark.route is not None)
     @rule()
@@ -208,6 +230,19 @@ class MarkModel(RuleBasedStateMachine):
         assert self.mark.end_move()
         self._bind(self._new_route())
 
+    @precondition(lambda self: not self.closed and self.mark.route is not None)
+    @rule()
+    def link_congests(self) -> None:
+        """The link's queue went over --link-buffer: its marks stop reading."""
+        self.congested = True
+
+    @precondition(lambda self: self.congested)
+    @rule()
+    def link_drains(self) -> None:
+        """Below half of it again: the link resumes its stalled marks."""
+        self.congested = False
+        self._unpark()
+
     @rule()
     def time_passes(self) -> None:
         """Nothing happens (also what is left once the mark is closed)."""
@@ -232,7 +267,10 @@ class MarkModel(RuleBasedStateMachine):
     def memory_per_mark_is_bounded(self) -> None:
         mark = self.mark
         assert mark.replay_bytes <= WINDOW + MAX_MSG + FRAME_OVERHEAD
-        assert len(mark.parked or ()) + len(self.early) <= 40, "at most one read held back"
+        # What was read past the credit, and one read that landed after the pause.
+        assert len(mark.parked or ()) + len(self.early) <= 80, "at most two reads held back"
+        if self.reading:
+            self.late_read = False  # reading again: the next pause may see one more
         assert mark.state != CLOSING or self.closed
 
 

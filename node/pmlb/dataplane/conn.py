@@ -32,14 +32,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pmlb.dataplane import proxyproto
 from pmlb.dataplane.mark import (
     BOUND,
+    CLEARED,
     CLIENT_EOF,
+    CLOSE_BOUND,
     CLOSED,
     CLOSING,
     FINISHED,
+    GRANT,
+    IGNORE,
+    MOVE_DONE,
     MOVING,
     POISONED,
     RESUME,
+    STALE,
     STATE_NAMES,
+    UNBLOCKED,
     WAITING,
     Mark,
 )
@@ -227,11 +234,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             return
         if not messages:
             return
-        if self.parked is not None:  # a read that arrived after we paused
-            self.parked.extend(messages)
-            self._pause_reading()
-            return
-        self._forward(messages)
+        self._forward(messages)  # behind any parked ones (Mark.take)
 
     def _forward(self, messages: list[bytes]) -> None:
         """Send what the mark's credit allows upstream (Mark.take parks the rest)."""
@@ -268,7 +271,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             stats.bytes_in += total
             if writer.pending_bytes > self.plane.config.link_buffer:
                 link.check_congestion()
-        if self.credit <= 0 or link.congested or self.parked is not None:
+        if not self.reads(link.congested):
             self._pause_reading()
 
     def _replay_overflow(self, link: Link) -> None:
@@ -429,13 +432,16 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
     def deliver(self, payload: bytes, acked: int, link: Link | None) -> None:
         """Data for the client from an upstream (``link``) or the control API (None);
         ``acked`` is the acknowledgement riding on it."""
-        if self.stale is not None and self.is_stale(link):
+        verdict = self.reply(link, acked, len(payload))
+        if not verdict:
             # A late reply of the upstream this mark was moved off after its
             # move timed out: the frames it answers were replayed to the next
             # upstream, which answers them; delivering both would duplicate.
             self.plane.stats.stale_replies += 1
             return
-        if acked and link is not None and link is self.route and self.replay and self.ack(acked):
+        if verdict & CLEARED:
+            # What was in flight when the last link broke has been processed:
+            # this mark did not break it.
             self.plane.cleared(self)
         transport = self.transport
         if self.state >= CLOSING or transport is None:
@@ -457,14 +463,9 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         n = len(payload)
         self.bytes_out += n
         self.frames_out += 1
-        if link is not None and link is self.route:
-            # Mark.replied and Mark.grant_due, inlined: this runs for every frame.
-            self.owed += n + link.overhead
-            if not self.write_paused:
-                if self.owed >= self.limits.grant_threshold:
-                    self._grant()
-                return
         if not self.write_paused:
+            if verdict & GRANT:
+                self._grant()
             return
         self.paused_frames += 1
         buffered = transport.get_write_buffer_size() + self.paused_frames * wire.FRAME_OVERHEAD
@@ -477,18 +478,11 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             )
             self.close(reasons.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
 
-    def on_ack(self, acked: int) -> None:
-        if self.ack(acked):
-            # What was in flight when the last link broke has been processed:
-            # this mark did not break it.
-            self.plane.cleared(self)
-
     def on_flow(self, credit: int, acked: int, link: Link) -> None:
-        if link is not self.route:
-            return
-        if acked:
-            self.on_ack(acked)
-        if self.add_credit(credit):
+        verdict = self.flow(link, credit, acked)
+        if verdict & CLEARED:
+            self.plane.cleared(self)
+        if verdict & UNBLOCKED:
             self.resume_if_unblocked()
 
     def on_meta(self, meta: pb.Meta, max_bytes: int) -> int:
@@ -505,18 +499,19 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         return 0
 
     def upstream_close(self, reason: str, detail: str, link: Link) -> None:
-        if self.stale_close(link):
+        verdict = self.upstream_closed(link)
+        if verdict == STALE:
             # The answer to our "moved" close, after the move had timed out.
             self.plane.stats.stale_replies += 1
             return
-        if self.state >= CLOSING:
+        if verdict == IGNORE:
             return
-        if self.state == MOVING and link is self.route:
+        if verdict == MOVE_DONE:
             # The old upstream acknowledged the move after answering everything
             # it had: now bind elsewhere and replay whatever is still unacked.
             self._finish_move()
             return
-        if link is not self.route and self.state == BOUND:
+        if verdict == CLOSE_BOUND:
             # Closed by another upstream (push): the bound one must forget it too.
             self._send_close(reason, detail)
         self.close(reason, detail, notify=False)
@@ -690,30 +685,26 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
                     self.route.stalled.add(self)
 
     def resume_if_unblocked(self) -> None:
-        """Resume reading when nothing holds it back any more."""
+        """Resume reading when nothing holds it back any more (Mark.reads):
+        first send what was parked, then the EOF that waited behind it."""
         link = self.route
-        if (
-            self.read_paused
-            and self.state == BOUND
-            and self.credit > 0
-            and link is not None
-            and not link.congested
-            and self.transport is not None
-        ):
-            parked = self.unpark()
-            if parked is not None:
-                self._forward(parked)
-                if self.parked is not None or self.state != BOUND:
-                    return
-                if self.parked_eof:
-                    self.parked_eof = False
-                    if not self.eof_received() and self.transport is not None:
-                        self.transport.close()
-                    return
-                if self.credit <= 0 or link.congested:
-                    return
+        transport = self.transport
+        if not self.read_paused or link is None or transport is None:
+            return
+        if self.state != BOUND or self.credit <= 0 or link.congested:
+            return
+        parked = self.unpark()
+        if parked is not None:
+            self._forward(parked)
+            if self.state != BOUND:
+                return
+            if self.eof_due():
+                if not self.eof_received() and self.transport is not None:
+                    self.transport.close()
+                return
+        if self.reads(link.congested):
             self.read_paused = False
-            self.transport.resume_reading()
+            transport.resume_reading()
 
     def _proxy_data(self, data: bytes) -> None:
         buf = self.proxy_buf + data if self.proxy_buf else data

@@ -37,6 +37,17 @@ STATE_NAMES: Final = ("waiting", "bound", "moving", "client_eof", "closing", "cl
 
 # What to do with a mark whose route broke (Mark.route_lost).
 RESUME, POISONED, FINISHED, UNAFFECTED = "resume", "poisoned", "finished", "unaffected"
+# What to do with an upstream's close (Mark.upstream_closed).
+STALE, IGNORE, MOVE_DONE, CLOSE_BOUND, CLOSE = (
+    "stale",
+    "ignore",
+    "move_done",
+    "close_bound",
+    "close",
+)
+# Answers of Mark.reply and Mark.flow, or'ed: bits, so the per-frame path
+# allocates nothing.
+DROP, DELIVER, CLEARED, GRANT, UNBLOCKED = 0, 1, 2, 4, 8
 
 
 class Route(Protocol):
@@ -119,7 +130,9 @@ class Mark(Generic[R]):
         assert route is not None
         assert self.state == BOUND
         budget = self.credit
-        if budget <= 0:
+        if budget <= 0 or self.parked is not None:
+            # Behind what is parked already (a read that came after the pause):
+            # messages go out in order.
             self._park(messages)
             return 0
         per_frame = route.overhead
@@ -151,6 +164,20 @@ class Mark(Generic[R]):
         else:
             self.parked.extend(messages)
 
+    def reads(self, congested: bool) -> bool:
+        """Whether the client's socket should be read now: bound, with credit,
+        nothing parked, and the link not congested. Otherwise the kernel
+        holds the client's bytes (backpressure)."""
+        return self.state == BOUND and self.credit > 0 and self.parked is None and not congested
+
+    def eof_due(self) -> bool:
+        """A client EOF was waiting behind parked messages, which are now all
+        sent: pass it on (once)."""
+        if self.parked_eof and self.parked is None:
+            self.parked_eof = False
+            return True
+        return False
+
     @property
     def replay_overflowed(self) -> bool:
         return self.replay_bytes > self.limits.replay_limit
@@ -161,6 +188,56 @@ class Mark(Generic[R]):
         return parked
 
     # -- upstream -> node ---------------------------------------------------------
+    # The node's link calls reply, flow and upstream_closed for each frame of
+    # the mark's; their answers say what to do (the model test acts on the
+    # same answers).
+
+    def reply(self, route: R | None, acked: int, size: int) -> int:
+        """A reply of ``size`` payload bytes from ``route`` (None: the control
+        API) carrying acknowledgement ``acked``. Returns DROP (a late answer
+        of a route a move timed out on: the next upstream answers the same
+        messages), or DELIVER with CLEARED (the strikes are cleared) and GRANT
+        (credit is due back to the route) or'ed in."""
+        if self.stale is not None and self.is_stale(route):
+            return DROP
+        if route is None or route is not self.route:
+            return DELIVER  # a push, or a reply of a route this mark moved off
+        out = DELIVER
+        if acked and self.replay and self.ack(acked):
+            out |= CLEARED
+        self.owed += size + route.overhead
+        if self.owed >= self.limits.grant_threshold:
+            out |= GRANT
+        return out
+
+    def flow(self, route: R, credit: int, acked: int) -> int:
+        """Credit (and an acknowledgement) from ``route``: CLEARED and
+        UNBLOCKED (credit came back to a mark that had none) or'ed, 0 for a
+        route the mark is not bound to."""
+        if route is not self.route:
+            return 0
+        out = 0
+        if acked and self.ack(acked):
+            out |= CLEARED
+        if self.add_credit(credit):
+            out |= UNBLOCKED
+        return out
+
+    def upstream_closed(self, route: R) -> str:
+        """``route`` closed the mark: STALE (the late answer to a timed-out
+        move: drop it), IGNORE (going away already), MOVE_DONE (the old
+        upstream answered the move: bind elsewhere), CLOSE_BOUND (another
+        upstream closed a mark bound here: tell the bound one, then close),
+        or CLOSE."""
+        if self.stale_close(route):
+            return STALE
+        if self.state >= CLOSING:
+            return IGNORE
+        if self.state == MOVING and route is self.route:
+            return MOVE_DONE
+        if route is not self.route and self.state == BOUND:
+            return CLOSE_BOUND
+        return CLOSE
 
     def ack(self, acked: int) -> bool:
         """Trim the replay buffer up to ``acked``; True when that clears the
