@@ -1,11 +1,11 @@
 """One client TCP connection: the socket side of a mark.
 
-A ClientConn is an ``asyncio.Protocol`` built on ``mark.Mark``, the I/O-free
-state of the mark (credits, replay buffer, bind / move / resume, strikes): the
-loop calls it back on reads, no task or stream per connection, which keeps an
-idle connection at a few hundred bytes of Python objects. This module turns
-socket events into Mark events and Mark answers into frames, pauses, closes.
-See mark.py for the states.
+A ClientConn is an ``asyncio.Protocol`` holding a ``mark.Mark`` (``core``),
+the I/O-free state of the mark (credits, replay buffer, bind / move / resume,
+strikes): the loop calls it back on reads, no task or stream per connection,
+which keeps an idle connection at a few hundred bytes of Python objects. This
+module turns socket events into Mark calls and Mark answers into frames,
+pauses, closes. See mark.py for the states and the decisions.
 
 Flow control, both ways, per mark:
 
@@ -127,7 +127,7 @@ class Plane(Protocol):
 __all__ = ["BOUND", "CLIENT_EOF", "CLOSED", "CLOSING", "MOVING", "WAITING", "ClientConn"]
 
 
-class ClientConn(Mark["Link"], asyncio.Protocol):
+class ClientConn(asyncio.Protocol):
     __slots__ = (
         "_proxied",
         "accepted_ms",
@@ -136,6 +136,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         "client_addr",
         "client_port",
         "close_reason",
+        "core",
         "decoder",
         "early",
         "frames_in",
@@ -155,7 +156,9 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
     )
 
     def __init__(self, plane: Plane, proxied: proxyproto.ProxyHeader | None = None) -> None:
-        super().__init__(plane.mark_limits)
+        # The I/O-free state of the mark (dataplane.mark): this class turns
+        # socket events into its calls and does what its answers say.
+        self.core: Mark[Link] = Mark(plane.mark_limits)
         # A PROXY header the acceptor already read (before a TLS handshake).
         self.proxy_buf: bytes | None = None
         self._proxied = proxied
@@ -212,8 +215,8 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         if self.proxy_buf is not None:
             self._proxy_data(data)
             return
-        if self.state != BOUND:
-            if self.state in (WAITING, MOVING) and data:
+        if self.core.state != BOUND:
+            if self.core.state in (WAITING, MOVING) and data:
                 self.read_paused = False  # the earlier pause did not take
                 self._pause_reading()
                 (self.early or self._start_early()).append(data)
@@ -238,13 +241,13 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
 
     def _forward(self, messages: list[bytes]) -> None:
         """Send what the mark's credit allows upstream (Mark.take parks the rest)."""
-        link = self.route
+        link = self.core.route
         assert link is not None
-        n = self.take(messages)
+        n = self.core.take(messages)
         if n:
             writer = link.writer
             mark = self.mark
-            seq = self.seq - n
+            seq = self.core.seq - n
             total = 0
             for i in range(n):
                 msg = messages[i]
@@ -257,7 +260,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
                 total += len(msg)
             if not link.expect_since:
                 link.expect_since = time.monotonic()
-            if self.replay_overflowed:
+            if self.core.replay_overflowed:
                 self._replay_overflow(link)
                 return
             # Every frame costs its bytes plus a fixed overhead, so empty
@@ -271,14 +274,14 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             stats.bytes_in += total
             if writer.pending_bytes > self.plane.config.link_buffer:
                 link.check_congestion()
-        if not self.reads(link.congested):
+        if not self.core.reads(link.congested):
             self._pause_reading()
 
     def _replay_overflow(self, link: Link) -> None:
         self.plane.stats.replay_overflows += 1
         if self.span is not None:
             self.plane.tracer.child(
-                self.span, "pmlb.replay_overflow", {"pmlb.replay_bytes": self.replay_bytes}
+                self.span, "pmlb.replay_overflow", {"pmlb.replay_bytes": self.core.replay_bytes}
             )
         log.warning(
             "mark=%s replay buffer over %d bytes (upstream %s is not acknowledging)",
@@ -289,8 +292,8 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         self.close(reasons.REPLAY_OVERFLOW, "unacknowledged client data over the replay bound")
 
     def eof_received(self) -> bool:
-        if self.state == BOUND:
-            if not self.client_eof():
+        if self.core.state == BOUND:
+            if not self.core.client_eof():
                 return True  # passed on once the parked messages are sent
             # Half-close: tell the upstream, keep our write side open so its
             # last replies still reach the client, bounded by close_linger.
@@ -299,10 +302,10 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             self._detach()
             self._arm(self.plane.config.close_linger, self._linger_expired)
             return True
-        if self.state == WAITING and not self.early and not self.replay:
+        if self.core.state == WAITING and not self.early and not self.core.replay:
             self.close(reasons.CLIENT_CLOSED, "client left before an upstream was bound")
             return False
-        if self.state in (WAITING, MOVING):
+        if self.core.state in (WAITING, MOVING):
             # Keep waiting: what the client sent before its EOF still goes out.
             (self.early or self._start_early()).append(b"")
             return True
@@ -314,23 +317,23 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.paused_frames = 0
-        if self.owed:
+        if self.core.owed:
             self._grant()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state in (WAITING, BOUND, MOVING):
+        if self.core.state in (WAITING, BOUND, MOVING):
             reason = reasons.CLIENT_RESET if exc is not None else reasons.CLIENT_CLOSED
             self.close_reason = reason
-            if self.state == BOUND:
+            if self.core.state == BOUND:
                 # The upstream learns why: "[Errno 110] Connection timed out"
                 # (keepalive gave up) reads differently from a reset.
                 self._send_close(reason, str(exc)[:200] if exc is not None else "")
                 self._detach()
-            elif self.state == MOVING:
+            elif self.core.state == MOVING:
                 self._detach()  # the old upstream was already told (Close "moved")
             else:
                 self.plane.unwait(self)
-        self.state = CLOSED
+        self.core.state = CLOSED
         self._disarm()
         self.plane.forget(self)
 
@@ -340,7 +343,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         """Bind this (waiting) mark to ``link``: send its Open, then replay what
         the previous upstream had not acknowledged, with the same seq numbers."""
         self._disarm()
-        next_seq, resumed = self.bind_to(link)
+        next_seq, resumed = self.core.bind_to(link)
         link.attach(self)
         cfg = self.plane.config
         writer = link.writer
@@ -351,7 +354,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         o.client_addr = self.client_addr
         o.client_port = self.client_port
         o.node_id = cfg.node_id
-        replay = self.replay
+        replay = self.core.replay
         o.next_seq = next_seq
         o.framing = cfg.framing
         o.max_frame = self.plane.max_frame
@@ -374,7 +377,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
                     "pmlb.replayed_frames": len(replay or ()),
                 },
             )
-            self.span.set_attribute(f"pmlb.upstream.{self.binds}", link.id)
+            self.span.set_attribute(f"pmlb.upstream.{self.core.binds}", link.id)
         if replay:
             for seq, msg in replay:
                 f = writer.frame()
@@ -382,7 +385,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
                 d = f.data
                 d.seq = seq
                 d.payload = msg
-            writer.add_payload(self.replay_bytes)
+            writer.add_payload(self.core.replay_bytes)
             if not link.expect_since:
                 link.expect_since = time.monotonic()
         writer.kick()
@@ -432,7 +435,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
     def deliver(self, payload: bytes, acked: int, link: Link | None) -> None:
         """Data for the client from an upstream (``link``) or the control API (None);
         ``acked`` is the acknowledgement riding on it."""
-        verdict = self.reply(link, acked, len(payload))
+        verdict = self.core.reply(link, acked, len(payload))
         if not verdict:
             # A late reply of the upstream this mark was moved off after its
             # move timed out: the frames it answers were replayed to the next
@@ -444,7 +447,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             # this mark did not break it.
             self.plane.cleared(self)
         transport = self.transport
-        if self.state >= CLOSING or transport is None:
+        if self.core.state >= CLOSING or transport is None:
             return
         try:
             out = self.plane.encode(payload)
@@ -479,7 +482,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             self.close(reasons.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
 
     def on_flow(self, credit: int, acked: int, link: Link) -> None:
-        verdict = self.flow(link, credit, acked)
+        verdict = self.core.flow(link, credit, acked)
         if verdict & CLEARED:
             self.plane.cleared(self)
         if verdict & UNBLOCKED:
@@ -499,7 +502,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         return 0
 
     def upstream_close(self, reason: str, detail: str, link: Link) -> None:
-        verdict = self.upstream_closed(link)
+        verdict = self.core.upstream_closed(link)
         if verdict == STALE:
             # The answer to our "moved" close, after the move had timed out.
             self.plane.stats.stale_replies += 1
@@ -519,9 +522,9 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
     def on_link_lost(self) -> None:
         """The bound upstream is gone: keep the mark and move it (failover),
         unless its frames were in flight on the previous broken link too."""
-        was_eof = self.state == CLIENT_EOF
-        link = self.route
-        verdict = self.route_lost()
+        was_eof = self.core.state == CLIENT_EOF
+        link = self.core.route
+        verdict = self.core.route_lost()
         if verdict == POISONED:
             self._poisoned()
         elif verdict == FINISHED:
@@ -540,7 +543,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         # Like a poison message in a queue: the frames this mark had in flight
         # took down two upstreams in a row. Replaying them to a third would
         # most likely take it down as well, and every mark on it.
-        replay = self.replay
+        replay = self.core.replay
         first, last = (replay[0][0], replay[-1][0]) if replay else (0, 0)
         self.plane.stats.poisoned += 1
         log.warning(
@@ -564,11 +567,11 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
     def start_move(self, detail: str) -> None:
         """Move this mark off its upstream gracefully (drain): stop reading, ask the
         upstream to close it after answering what it has, then rebind."""
-        link = self.route
-        if link is None or self.state != BOUND:
+        link = self.core.route
+        if link is None or self.core.state != BOUND:
             return
         self._send_close(reasons.MOVED, detail)
-        self.begin_move()
+        self.core.begin_move()
         if self.span is not None:
             self.plane.tracer.child(
                 self.span, "pmlb.move", {"pmlb.from_upstream": link.id, "pmlb.why": detail}
@@ -578,41 +581,41 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
 
     def _move_timed_out(self) -> None:
         self.timer = None
-        if self.state != MOVING:
+        if self.core.state != MOVING:
             return
-        self.move_timed_out()
+        self.core.move_timed_out()
         self.plane.stats.move_timeouts += 1
         log.warning(
             "mark=%s upstream %s did not answer the move within %.1fs; moving on, "
             "its late replies for this mark will be dropped",
             self.mark,
-            self.route.id if self.route else "-",
+            self.core.route.id if self.core.route else "-",
             self.plane.config.move_timeout,
         )
         self._finish_move()
 
     def _finish_move(self) -> None:
         self.timer = None
-        if self.state != MOVING:
+        if self.core.state != MOVING:
             return
         self._detach()
-        self.end_move()
+        self.core.end_move()
         self.plane.rebind(self)
 
     def close(
         self, reason: str, detail: str = "", *, notify: bool = True, abort: bool = False
     ) -> None:
         """Close the client connection (flushing what it has, unless ``abort``)."""
-        if self.state >= CLOSING:
+        if self.core.state >= CLOSING:
             return
-        if self.state == WAITING:
+        if self.core.state == WAITING:
             self.plane.unwait(self)
-        elif self.state in (BOUND, MOVING) and notify:
+        elif self.core.state in (BOUND, MOVING) and notify:
             self._send_close(reason, detail)
-        if self.state != CLIENT_EOF or not self.close_reason:
+        if self.core.state != CLIENT_EOF or not self.close_reason:
             self.close_reason = reason
         self._detach()
-        self.closing()
+        self.core.closing()
         self._disarm()
         transport = self.transport
         if transport is None:
@@ -625,32 +628,52 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
             # A client that does not read would keep close() pending forever.
             self._arm(self.plane.config.close_linger, transport.abort)
 
+    # What the plane, its links and the admin API read of the mark.
+    @property
+    def state(self) -> int:
+        return self.core.state
+
+    @property
+    def route(self) -> Link | None:
+        return self.core.route
+
+    @property
+    def strikes(self) -> int:
+        return self.core.strikes
+
+    @property
+    def binds(self) -> int:
+        return self.core.binds
+
+    def is_stale(self, route: object) -> bool:
+        return self.core.is_stale(route)  # type: ignore[arg-type]
+
     @property
     def upstream_id(self) -> str:
         """The id of the upstream the mark is bound to ("" while unbound)."""
-        return self.route.id if self.route is not None else ""
+        return self.core.route.id if self.core.route is not None else ""
 
     def describe(self) -> dict[str, Any]:
         return {
             "mark": self.mark,
             "client_addr": self.client_addr,
             "client_port": self.client_port,
-            "upstream": self.route.id if self.route else "",
-            "state": STATE_NAMES[self.state],
+            "upstream": self.core.route.id if self.core.route else "",
+            "state": STATE_NAMES[self.core.state],
             "metadata": dict(self.meta or {}),
             "accepted_at_unix_ms": self.accepted_ms,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
-            "binds": self.binds,
-            "unacked_frames": len(self.replay or ()),
+            "binds": self.core.binds,
+            "unacked_frames": len(self.core.replay or ()),
         }
 
     # -- internals ---------------------------------------------------------
 
     def _send_close(self, reason: str, detail: str) -> None:
-        link = self.route
+        link = self.core.route
         if link is None or not link.is_up:
             return
         f = link.writer.frame()
@@ -662,16 +685,16 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         link.writer.kick()
 
     def _grant(self) -> None:
-        link = self.route
+        link = self.core.route
         if link is None or not link.is_up:
             return
         f = link.writer.frame()
         f.mark = self.mark
-        f.flow.credit = self.take_grant()
+        f.flow.credit = self.core.take_grant()
         link.writer.kick()
 
     def _detach(self) -> None:
-        link = self.route
+        link = self.core.route
         if link is not None:
             link.detach(self)
 
@@ -679,30 +702,30 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         if not self.read_paused and self.transport is not None:
             self.read_paused = True
             self.transport.pause_reading()
-            if self.state == BOUND:
+            if self.core.state == BOUND:
                 self.plane.stats.credit_stalls += 1
-                if self.route is not None and self.route.congested:
-                    self.route.stalled.add(self)
+                if self.core.route is not None and self.core.route.congested:
+                    self.core.route.stalled.add(self)
 
     def resume_if_unblocked(self) -> None:
         """Resume reading when nothing holds it back any more (Mark.reads):
         first send what was parked, then the EOF that waited behind it."""
-        link = self.route
+        link = self.core.route
         transport = self.transport
         if not self.read_paused or link is None or transport is None:
             return
-        if self.state != BOUND or self.credit <= 0 or link.congested:
+        if self.core.state != BOUND or self.core.credit <= 0 or link.congested:
             return
-        parked = self.unpark()
+        parked = self.core.unpark()
         if parked is not None:
             self._forward(parked)
-            if self.state != BOUND:
+            if self.core.state != BOUND:
                 return
-            if self.eof_due():
+            if self.core.eof_due():
                 if not self.eof_received() and self.transport is not None:
                     self.transport.close()
                 return
-        if self.reads(link.congested):
+        if self.core.reads(link.congested):
             self.read_paused = False
             transport.resume_reading()
 
@@ -735,7 +758,7 @@ class ClientConn(Mark["Link"], asyncio.Protocol):
         )
         self.proxy_buf = None
         self._disarm()
-        self.closing()
+        self.core.closing()
         if self.transport is not None:
             self.transport.abort()
 

@@ -2,10 +2,11 @@
 and its acknowledgements, bind / move / resume / close, poison strikes.
 
 ``Mark`` knows nothing of sockets, gRPC or the event loop. The socket
-protocol (``conn.ClientConn``, a subclass that adds the transport) feeds it
-events - client messages, acknowledgements, credit, replies, a link lost, a
-move - and does what the answers say: send these frames, pause or resume
-reading, close with this reason, resume elsewhere. The link it is bound to is
+protocol (``conn.ClientConn``) holds one (as hypercorn's protocols hold their
+h11 or h2 state machine), feeds it events - client messages,
+acknowledgements, credit, replies, a link lost, a move - and does what the
+answers say: send these frames, pause or resume reading, close with this
+reason, resume elsewhere. The link it is bound to is
 an opaque ``Route`` (anything with ``peer_window`` and ``overhead``); the
 node's ``Link`` is one. This is what tests/unit/test_mark_model.py drives with
 a hypothesis state machine against a model of upstreams and links.
