@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from pmlb import __version__
 from pmlb.aio import Backoff
+from pmlb.dataplane.replies import Replies
 from pmlb.dataplane.watch import Watched
 from pmlb.errors import PmlbError
 from pmlb.protocol import reasons, wire
@@ -109,12 +110,8 @@ class Link(Generic[C]):
         # were skipped while congested, a new snapshot is due on drain.
         self.watch_marks = False
         self.watch_stale = False
-        # Pushes handed to sibling workers, not answered yet (see _to_sibling);
-        # the one task answering the upstream's pings that wait for them, and
-        # the next such ping (with the forwards it must wait for).
-        self._forwards: set[asyncio.Future[str]] = set()
-        self._late: asyncio.Task[None] | None = None
-        self._late_next: tuple[int, list[asyncio.Future[str]]] | None = None
+        # Refusals, closes for unknown marks and ping answers (dataplane.replies).
+        self.replies = Replies(self, plane.stats)
         self.peer_window = wire.DEFAULT_WINDOW
         # Per-frame credit charge agreed with the upstream (wire.frame_overhead)
         # and whether it answers pings (protocol 2).
@@ -128,9 +125,6 @@ class Link(Generic[C]):
         self._task: asyncio.Task[None] | None = None
         self._stream: ClientStream | None = None
         self._stopping = False
-        self._unknown_logged = 0.0
-        self._refused_logged = 0.0
-        self._foreign_logged = 0.0
         self._ping_id = 0
         self.last_received = 0.0
         # When we first sent something the upstream has not answered yet (0: all
@@ -238,6 +232,7 @@ class Link(Generic[C]):
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
+        """One Bridge stream, from the Hello to its end (LinkBroken, always)."""
         self.state = CONNECTING
         cfg = self.plane.config
         token = cfg.upstream_token
@@ -248,43 +243,10 @@ class Link(Generic[C]):
             metadata={"authorization": f"Bearer {token}"} if token else {},
         )
         self._stream = stream
-        writer = wire.BatchWriter(stream.write, on_drain=self._on_drain)
-        self.writer = writer
-        hello = writer.current.hello
-        hello.id = cfg.node_id
-        hello.protocol = wire.PROTOCOL_VERSION
-        hello.initial_window = cfg.window
-        hello.service = cfg.service
-        hello.software = f"pmlb/{__version__}"
-        hello.answers_pings = True
-        writer_task = writer.start()
-        # A write that fails ends the session: the read below fails at once.
-        writer_task.add_done_callback(
-            lambda t: None if t.cancelled() or t.exception() is None else stream.cancel()
-        )
-        writer.kick()
+        writer = self._say_hello(stream)
+        watchdog: asyncio.Task[None] | None = None
         try:
-            first = await asyncio.wait_for(stream.read(), HELLO_TIMEOUT)
-            if first is None or not first.HasField("hello"):
-                raise LinkBroken("upstream did not answer with a Hello")
-            self.peer_window = first.hello.initial_window or wire.DEFAULT_WINDOW
-            protocol = min(first.hello.protocol, wire.PROTOCOL_VERSION)
-            self.overhead = wire.frame_overhead(protocol)
-            self.pings = protocol >= 2
-            self.watch_marks = first.hello.watch_marks
-            self.state = UP
-            self.up_since = time.monotonic()
-            self.connects += 1
-            log.info(
-                "link %s (%s) up: upstream says %r, protocol %d, window %d",
-                self.id,
-                self.spec.addr,
-                first.hello.id,
-                first.hello.protocol,
-                self.peer_window,
-            )
-            self._hung = False
-            self.expect_since = 0.0
+            first = self._hello_answered(await asyncio.wait_for(stream.read(), HELLO_TIMEOUT))
             watchdog = asyncio.get_running_loop().create_task(self._watchdog(stream))
             self.plane.link_up(self)
             self._dispatch(first)
@@ -310,32 +272,79 @@ class Link(Generic[C]):
             self.last_error = str(exc)
             raise
         finally:
-            was_up = self.state == UP
-            self.state = DOWN
-            if was_up:
+            if watchdog is not None:
                 watchdog.cancel()
-            writer.cancel()
-            self.batches_sent += writer.batches_sent
-            self.frames_sent += writer.frames_sent
-            self.full_flushes += writer.cuts
-            self.writer = wire.BatchWriter(self._no_stream)
-            await stream.close()
-            self._stream = None
-            self.congested = False
-            self.stalled.clear()
-            self.plane.probation_broke(self)
-            if was_up and self._stopping:
-                log.info("link %s (%s) closed", self.id, self.spec.addr)
-            elif was_up:
-                self.plane.stats.link_breaks += 1
-                log.warning(
-                    "link %s (%s) lost: %s; %d marks affected",
-                    self.id,
-                    self.spec.addr,
-                    self.last_error or "stopped",
-                    len(self.marks),
-                )
-                self.plane.link_down(self)
+            await self._session_ended(stream, writer)
+
+    def _say_hello(self, stream: ClientStream) -> wire.BatchWriter:
+        """A new writer for ``stream``, its first batch our Hello."""
+        cfg = self.plane.config
+        writer = wire.BatchWriter(stream.write, on_drain=self._on_drain)
+        self.writer = writer
+        hello = writer.current.hello
+        hello.id = cfg.node_id
+        hello.protocol = wire.PROTOCOL_VERSION
+        hello.initial_window = cfg.window
+        hello.service = cfg.service
+        hello.software = f"pmlb/{__version__}"
+        hello.answers_pings = True
+        writer_task = writer.start()
+        # A write that fails ends the session: the read that waits fails at once.
+        writer_task.add_done_callback(
+            lambda t: None if t.cancelled() or t.exception() is None else stream.cancel()
+        )
+        writer.kick()
+        return writer
+
+    def _hello_answered(self, first: pb.Batch | None) -> pb.Batch:
+        """The upstream's first batch must carry its Hello: the link is up."""
+        if first is None or not first.HasField("hello"):
+            raise LinkBroken("upstream did not answer with a Hello")
+        self.peer_window = first.hello.initial_window or wire.DEFAULT_WINDOW
+        protocol = min(first.hello.protocol, wire.PROTOCOL_VERSION)
+        self.overhead = wire.frame_overhead(protocol)
+        self.pings = protocol >= 2
+        self.watch_marks = first.hello.watch_marks
+        self.state = UP
+        self.up_since = time.monotonic()
+        self.connects += 1
+        log.info(
+            "link %s (%s) up: upstream says %r, protocol %d, window %d",
+            self.id,
+            self.spec.addr,
+            first.hello.id,
+            first.hello.protocol,
+            self.peer_window,
+        )
+        self._hung = False
+        self.expect_since = 0.0
+        return first
+
+    async def _session_ended(self, stream: ClientStream, writer: wire.BatchWriter) -> None:
+        was_up = self.state == UP
+        self.state = DOWN
+        writer.cancel()
+        self.batches_sent += writer.batches_sent
+        self.frames_sent += writer.frames_sent
+        self.full_flushes += writer.cuts
+        self.writer = wire.BatchWriter(self._no_stream)
+        await stream.close()
+        self._stream = None
+        self.congested = False
+        self.stalled.clear()
+        self.plane.probation_broke(self)
+        if was_up and self._stopping:
+            log.info("link %s (%s) closed", self.id, self.spec.addr)
+        elif was_up:
+            self.plane.stats.link_breaks += 1
+            log.warning(
+                "link %s (%s) lost: %s; %d marks affected",
+                self.id,
+                self.spec.addr,
+                self.last_error or "stopped",
+                len(self.marks),
+            )
+            self.plane.link_down(self)
 
     async def _watchdog(self, stream: ClientStream) -> None:
         """Break the link when the upstream stops answering (alive TCP, no progress).
@@ -407,7 +416,7 @@ class Link(Generic[C]):
         if self.expect_since:
             stats.ack_latency.observe(now - self.expect_since)
             self.expect_since = 0.0
-        marks = plane.marks
+        marks, siblings = plane.marks, plane.siblings
         unknown: list[str] = []
         anywhere = self.acts_anywhere
         for f in batch.frames:
@@ -418,17 +427,17 @@ class Link(Generic[C]):
                     # before it is applied by now, this loop being in order;
                     # the marks it named that we do not hold are told first.
                     if unknown:
-                        self._reject_unknown(unknown)
+                        self.replies.reject_unknown(unknown)
                         unknown = []
-                    self._answer_ping(f.ping.id)
+                    self.replies.answer_ping(f.ping.id)
                 # An answer to ours: receiving it was the point.
                 continue
             conn = marks.get(f.mark)
             if conn is None:
-                if plane.siblings is not None and kind in ("data", "close"):
-                    worker = plane.siblings.owner(f.mark)
+                if siblings is not None and kind in ("data", "close"):
+                    worker = siblings.owner(f.mark)
                     if worker is not None:
-                        self._to_sibling(worker, f, anywhere)
+                        self.replies.to_sibling(siblings, worker, f, anywhere, plane.max_frame)
                         continue
                 if kind != "close":
                     stats.unknown_mark_frames += 1
@@ -437,7 +446,7 @@ class Link(Generic[C]):
             if conn.route is not self and not anywhere and not conn.is_stale(self):
                 # Push, close or metadata for a mark bound elsewhere: only from
                 # upstreams allowed to act on any mark (--push-upstreams).
-                self._refuse_foreign(conn.mark, kind)
+                self.replies.refuse_foreign(conn.mark, kind)
                 continue
             if kind == "data":
                 d = f.data
@@ -445,7 +454,9 @@ class Link(Generic[C]):
                 if len(payload) > plane.max_frame:
                     # Not delivered; the upstream is told and may answer otherwise.
                     stats.bad_frames_from_upstream += 1
-                    self._refuse(conn.mark, "payload_too_large", len(payload), plane.max_frame)
+                    self.replies.refuse(
+                        conn.mark, "payload_too_large", len(payload), plane.max_frame
+                    )
                     continue
                 stats.frames_out += 1
                 stats.bytes_out += len(payload)
@@ -466,7 +477,7 @@ class Link(Generic[C]):
                 size = conn.on_meta(f.meta, plane.max_meta)
                 if size:
                     stats.bad_frames_from_upstream += 1
-                    self._refuse(conn.mark, "metadata_too_large", size, plane.max_meta)
+                    self.replies.refuse(conn.mark, "metadata_too_large", size, plane.max_meta)
                 elif plane.watch.watchers:
                     plane.watch.changed(conn)
             else:
@@ -475,141 +486,10 @@ class Link(Generic[C]):
                     "mark=%s upstream %s sent an unexpected frame kind %s", f.mark, self.id, kind
                 )
         if unknown:
-            self._reject_unknown(unknown)
-
-    def _to_sibling(self, worker: int, f: pb.Frame, anywhere: bool) -> None:
-        """A push or close for a mark another worker of this node holds: it is
-        bound elsewhere by definition (this link's marks are this worker's)."""
-        siblings = self.plane.siblings
-        assert siblings is not None
-        kind = f.WhichOneof("kind")
-        if not anywhere:
-            self._refuse_foreign(f.mark, kind)
-            return
-        if kind == "data":
-            if len(f.data.payload) > self.plane.max_frame:
-                self.plane.stats.bad_frames_from_upstream += 1
-                self._refuse(f.mark, "payload_too_large", len(f.data.payload), self.plane.max_frame)
-                return
-            done = siblings.push(worker, f.mark, f.data.payload)
-        else:
-            reason = reasons.clean(f.close.reason) or reasons.UPSTREAM_CLOSED
-            done = siblings.push(worker, f.mark, None, reason)
-        if done is None:  # too many handed on and not answered yet: say so
-            self.plane.stats.refused_pushes += 1
-            f2 = self.writer.frame()
-            f2.mark = f.mark
-            f2.refused.reason = "overloaded"
-            self.writer.kick()
-            return
-        # Until the sibling answers, a ping from the upstream waits (the push
-        # is not accepted yet); a mark the sibling does not hold is answered
-        # like one of ours (unknown_mark), before that ping's answer.
-        self._forwards.add(done)
-        mark = f.mark
-        done.add_done_callback(lambda d: self._forward_done(d, mark))
-
-    def _forward_done(self, done: asyncio.Future[str], mark: str) -> None:
-        self._forwards.discard(done)
-        if not done.cancelled() and done.result() == "not_found" and self.state == UP:
-            self.plane.stats.unknown_mark_frames += 1
-            self._reject_unknown([mark])
+            self.replies.reject_unknown(unknown)
 
     @property
     def acts_anywhere(self) -> bool:
         """Whether this upstream may act on marks bound to other upstreams."""
         allowed = self.plane.config.push_upstreams
         return "*" in allowed or self.id in allowed
-
-    def _answer_ping(self, ping_id: int) -> None:
-        if not self._forwards and self._late is None:
-            f = self.writer.frame()
-            f.ping.id = ping_id
-            f.ping.reply = True
-            self.writer.kick()
-            return
-        # Pushes handed to sibling workers are not applied yet (or an earlier
-        # ping waits for some): answer once they are, in order. A later ping
-        # replaces a waiting one, as its answer confirms everything before it
-        # too (the SDKs take an answer for every ping up to its id), so one
-        # task and one waiting ping is all a flood of pings costs.
-        self._late_next = (ping_id, list(self._forwards))
-        if self._late is None:
-            self._late = asyncio.get_running_loop().create_task(self._answer_late())
-
-    async def _answer_late(self) -> None:
-        writer = self.writer
-        try:
-            while self._late_next is not None:
-                ping_id, pending = self._late_next
-                self._late_next = None
-                if pending:  # each bounded by siblings.FORWARD_TIMEOUT
-                    await asyncio.wait(pending)
-                if writer is not self.writer or self.state != UP:
-                    return  # another stream now: nobody asked it
-                f = writer.frame()
-                f.ping.id = ping_id
-                f.ping.reply = True
-                writer.kick()
-        finally:
-            self._late = None
-            self._late_next = None
-
-    def _refuse_foreign(self, mark: str, kind: str | None) -> None:
-        self.plane.stats.refused_pushes += 1
-        # Told, so that an SDK can fail the push instead of calling it accepted.
-        f = self.writer.frame()
-        f.mark = mark
-        f.refused.reason = "not_permitted"
-        self.writer.kick()
-        now = time.monotonic()
-        if now - self._foreign_logged > 1.0:  # at most once a second
-            self._foreign_logged = now
-            log.warning(
-                "link %s: %s for mark %s, which is bound elsewhere: refused (the upstream "
-                "is not in --push-upstreams); %d refused so far",
-                self.id,
-                kind,
-                mark,
-                self.plane.stats.refused_pushes,
-            )
-
-    def _refuse(self, mark: str, reason: str, size: int, limit: int) -> None:
-        """Tell the upstream a frame of its was not applied (pb.Refused); log
-        at most once a second."""
-        f = self.writer.frame()
-        f.mark = mark
-        r = f.refused
-        r.reason = reason
-        r.size = size
-        r.limit = limit
-        self.writer.kick()
-        now = time.monotonic()
-        if now - self._refused_logged > 1.0:
-            self._refused_logged = now
-            log.warning(
-                "mark=%s upstream %s: %s (%d bytes, limit %d): refused back to it",
-                mark,
-                self.id,
-                reason,
-                size,
-                limit,
-            )
-
-    def _reject_unknown(self, marks: list[str]) -> None:
-        """Tell the upstream these marks are gone; log at most once a second."""
-        writer = self.writer
-        for mark in dict.fromkeys(marks):
-            f = writer.frame()
-            f.mark = mark
-            f.close.reason = reasons.UNKNOWN_MARK
-        writer.kick()
-        now = time.monotonic()
-        if now - self._unknown_logged > 1.0:
-            self._unknown_logged = now
-            log.warning(
-                "link %s: %d frames for marks this node does not hold (e.g. %r)",
-                self.id,
-                len(marks),
-                marks[0],
-            )
