@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import random
 import time
 from collections.abc import Iterable
 from typing import Final
@@ -33,8 +32,10 @@ from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
 from pmlb.dataplane.link import Link
 from pmlb.dataplane.mark import MarkLimits
-from pmlb.dataplane.probation import PROBATION_TIMEOUT, Probation
+from pmlb.dataplane.placement import Placement
+from pmlb.dataplane.probation import Probation
 from pmlb.dataplane.siblings import NodeCounters, NodeProbation, Siblings
+from pmlb.dataplane.upstreams import UpstreamLink, Upstreams
 from pmlb.dataplane.watch import MarkWatch
 from pmlb.observability.logs import fields
 from pmlb.observability.stats import NodeStats
@@ -45,21 +46,13 @@ from pmlb.protocol.ids import MarkFactory
 from pmlb.tlsconf import ListenerTLS, upstream_channel_credentials
 from pmlb.transport import ClientTLS
 
-# A link whose marks are client connections.
-UpstreamLink = Link[ClientConn]
-
 log = logging.getLogger("pmlb.plane")
 
 # Closed marks the admin API (and dashboard) still describes, newest last.
 RECENTLY_CLOSED: Final = 512
-# How often parked suspects look again for an upstream whose probation lock a
-# sibling worker holds.
-PROBATION_POLL: Final = 0.05
 # How often a worker paused at --max-connections looks whether its siblings'
 # clients left room.
 LIMIT_POLL: Final = 0.05
-SERVING: Final = "SERVING"
-UNKNOWN: Final = "UNKNOWN"
 
 
 class DataPlane:
@@ -76,16 +69,22 @@ class DataPlane:
         self.siblings = siblings
         self.counters = counters
         self._limit_poll: asyncio.TimerHandle | None = None
-        self._probation_retry: asyncio.TimerHandle | None = None
-        # Suspects on probation (dataplane.probation), node-wide with siblings.
-        self.suspects: Probation[ClientConn] = Probation(probation)
-        self._probation_timers: dict[str, asyncio.TimerHandle] = {}
         self.stats = stats or NodeStats()
         self.tracer = tracer or ConnTracer(config.node_id, config.service, None)
         self.marks: dict[str, ClientConn] = {}
-        self.links: dict[str, UpstreamLink] = {}
-        self.waiting: dict[ClientConn, None] = {}  # insertion-ordered set
-        self.balancer = make_balancer(config.balancer)
+        self.upstreams = Upstreams(
+            lambda spec: Link(spec, self),
+            self.stats,
+            lambda: self.config.drain_rate,
+            self._bind_waiting,
+        )
+        self.links = self.upstreams.links  # by id (the admin API and tests read it)
+        self.placement = Placement(
+            make_balancer(config.balancer),
+            Probation(probation),
+            self.routable,
+            lambda: self.config.connect_timeout,
+        )
         self.factory = MarkFactory(
             config.node_id, worker=siblings.index if siblings is not None else None
         )
@@ -116,9 +115,7 @@ class DataPlane:
         self.acceptors: list[Acceptor] = []
         self.accepting = False
         self.started_at = time.time()
-        self._retired: list[UpstreamLink] = []
         self._idle = asyncio.Event()
-        self._migrations: dict[UpstreamLink, asyncio.Task[None]] = {}
         self.per_client: dict[str, int] = {}
         self._limit_logged = 0.0
         self._sweeper: asyncio.Task[None] | None = None
@@ -230,87 +227,6 @@ class DataPlane:
             if acceptor.paused_at_limit and not self._at_limit():
                 acceptor.resume()
 
-    def set_upstreams(self, specs: Iterable[UpstreamSpec]) -> None:
-        """Make the link set match ``specs``: start new ones, update, retire gone ones."""
-        wanted = {s.id: s for s in specs}
-        for uid, link in list(self.links.items()):
-            spec = wanted.get(uid)
-            if spec is None or spec.addr != link.spec.addr:
-                del self.links[uid]
-                self._retire(link)
-        for uid, spec in wanted.items():
-            existing = self.links.get(uid)
-            if existing is None and (revived := self._revive(spec)) is not None:
-                existing = self.links[uid] = revived
-            if existing is None:
-                link = Link(spec, self)
-                self.links[uid] = link
-                link.start()
-                log.info(
-                    "upstream %s at %s added (weight %d%s)",
-                    uid,
-                    spec.addr,
-                    spec.weight,
-                    ", draining" if spec.drain else "",
-                )
-            elif existing.spec != spec:
-                if spec.drain and not existing.spec.drain:
-                    self._migrate(existing, "upstream draining")
-                log.info(
-                    "upstream %s changed: weight %d -> %d, drain %s -> %s, health %s -> %s",
-                    uid,
-                    existing.spec.weight,
-                    spec.weight,
-                    existing.spec.drain,
-                    spec.drain,
-                    existing.spec.health,
-                    spec.health,
-                )
-                existing.spec = spec
-        self._bind_waiting()
-
-    def _revive(self, spec: UpstreamSpec) -> UpstreamLink | None:
-        """A retired link to the same upstream (id and address) that still
-        carries marks, taken back into service: an upstream removed and
-        re-added (an etcd restored from scratch, a hand-made mistake undone)
-        keeps its marks instead of having them all moved."""
-        for link in self._retired:
-            if link.id == spec.id and link.spec.addr == spec.addr and not link.stopped:
-                self._retired.remove(link)
-                link.retired = False
-                log.info(
-                    "upstream %s at %s is back: its %d marks stay",
-                    spec.id,
-                    spec.addr,
-                    len(link.marks),
-                )
-                return link
-        return None
-
-    def _retire(self, link: UpstreamLink) -> None:
-        # No new marks go there; existing ones are moved off gradually.
-        link.retired = True
-        self._migrate(link, "upstream removed")
-        log.info(
-            "upstream %s at %s removed; %d marks stay on it until they close",
-            link.id,
-            link.spec.addr,
-            len(link.marks),
-        )
-        if link.marks:
-            self._retired = [lk for lk in self._retired if not lk.stopped]
-            self._retired.append(link)
-        else:
-            link.stop()
-
-    def routable(self) -> list[UpstreamLink]:
-        """The routing rule: up, registered, not draining, and SERVING; when none
-        is SERVING, those with no health entry (UNKNOWN); never NOT_SERVING.
-        A link that is down is out at once (the passive check)."""
-        usable = [link for link in self.links.values() if link.routable]
-        serving = [link for link in usable if link.spec.health == SERVING]
-        return serving or [link for link in usable if link.spec.health == UNKNOWN]
-
     # -- marks -----------------------------------------------------------------------
 
     def accept(self, conn: ClientConn) -> None:
@@ -348,12 +264,7 @@ class DataPlane:
                 trace_id=self.tracer.trace_id(conn.span),
             ),
         )
-        link = self.balancer.pick(self.routable(), _client_key(conn.client_addr))
-        if link is not None:
-            conn.bind(link)
-        else:
-            self.waiting[conn] = None
-            conn.wait_for_upstream(self.config.connect_timeout)
+        if not self.placement.place_new(conn):
             log.info(
                 "mark=%s client=%s:%d waiting for a routable upstream",
                 mark,
@@ -402,9 +313,6 @@ class DataPlane:
                     if wall_ms - conn.accepted_ms > life * 1000:
                         conn.close(reasons.MAX_LIFETIME, f"open for {cfg.max_lifetime:g}s")
 
-    def unwait(self, conn: ClientConn) -> None:
-        self.waiting.pop(conn, None)
-
     def forget(self, conn: ClientConn) -> None:
         if self.marks.pop(conn.mark, None) is None:
             return
@@ -430,30 +338,7 @@ class DataPlane:
         self.recently_closed[conn.mark] = gone
         if len(self.recently_closed) > RECENTLY_CLOSED:
             self.recently_closed.pop(next(iter(self.recently_closed)))
-        log.info(
-            "mark=%s client=%s:%d closed reason=%s upstream=%s in=%d/%d out=%d/%d",
-            conn.mark,
-            conn.client_addr,
-            conn.client_port,
-            reasons.for_log(reason),
-            conn.route.id if conn.route else "-",
-            conn.frames_in,
-            conn.bytes_in,
-            conn.frames_out,
-            conn.bytes_out,
-            extra=fields(
-                mark=conn.mark,
-                client=f"{conn.client_addr}:{conn.client_port}",
-                upstream=conn.route.id if conn.route else "",
-                reason=reason,
-                trace_id=self.tracer.trace_id(conn.span),
-            ),
-        )
-        if conn.span is not None:
-            upstreams = [
-                v for k, v in sorted(conn.span.attributes.items()) if k.startswith("pmlb.upstream.")
-            ]
-            self.tracer.end(conn, upstreams)
+        _closed(conn, reason, self.tracer)
         if not self.marks:
             self._idle.set()
         if self.config.max_connections and self.accepting:
@@ -461,125 +346,32 @@ class DataPlane:
                 if acceptor.paused_at_limit and not self._at_limit():
                     acceptor.resume()
 
+    # -- placing marks on links (dataplane.placement) -------------------------------------
+
     def _bind_waiting(self) -> None:
-        if not self.waiting:
-            return
-        targets = self.routable()
-        if not targets:
-            return
-        for conn in list(self.waiting):
-            if self._place(conn, targets):
-                del self.waiting[conn]
-
-    def _place(self, conn: ClientConn, targets: list[UpstreamLink]) -> bool:
-        """Bind ``conn`` to one of ``targets``; False when it has to wait.
-
-        A suspect mark (its unacknowledged frames were in flight on a link
-        that broke) goes only to a link with no other suspect on probation,
-        and is on probation there until those frames are acknowledged
-        (DataPlane.cleared) or PROBATION_TIMEOUT passes. If it is the
-        poison, only it is in flight on the next link when that breaks too,
-        so only it reaches the second strike; the marks that merely shared
-        its first link wait their turn and are not charged.
-        """
-        key = _client_key(conn.client_addr)
-        if not conn.strikes:
-            link = self.balancer.pick(targets, key) if targets else None
-            if link is None:
-                return False
-            conn.bind(link)
-            return True
-        suspects = self.suspects
-        targets = [lk for lk in targets if suspects.free(lk.id)]
-        while targets:
-            link = self.balancer.pick(targets, key)
-            if link is None:
-                break
-            # The other workers' suspects count too (one node, several processes).
-            if suspects.begin(link.id, conn):
-                self._probation_timers[link.id] = asyncio.get_running_loop().call_later(
-                    PROBATION_TIMEOUT, self._probation_expired, link.id, conn
-                )
-                conn.bind(link)
-                return True
-            targets = [lk for lk in targets if lk is not link]
-        if suspects.shared and self._probation_retry is None:
-            # A sibling's probation ends without telling us: look again soon.
-            self._probation_retry = asyncio.get_running_loop().call_later(
-                PROBATION_POLL, self._retry_suspects
-            )
-        return False
-
-    def _retry_suspects(self) -> None:
-        self._probation_retry = None
-        self._bind_waiting()
+        self.placement.bind_waiting()
 
     def rebind(self, conn: ClientConn) -> None:
-        """Resume a mark whose upstream went away on another routable one, or park
-        it (reading paused) until one appears, at most --connect-timeout."""
-        if self._place(conn, self.routable()):
-            return
-        self.waiting[conn] = None
-        conn.wait_for_failover(self.config.connect_timeout)
+        self.placement.rebind(conn)
+
+    def unwait(self, conn: ClientConn) -> None:
+        self.placement.unwait(conn)
 
     def cleared(self, conn: ClientConn) -> None:
-        """``conn``'s frames from a broken link were acknowledged: not a poison."""
-        upstream = self.suspects.cleared(conn)
-        if upstream is not None:
-            self._probation_ended(upstream)
+        self.placement.cleared(conn)
 
     def probation_left(self, link: UpstreamLink, conn: ClientConn) -> None:
-        if self.suspects.left(link.id, conn):
-            self._probation_ended(link.id)
+        self.placement.probation_left(link, conn)
 
     def probation_broke(self, link: UpstreamLink) -> None:
-        if self.suspects.broke(link.id) is not None:
-            self._cancel_probation_timer(link.id)
+        self.placement.probation_broke(link)
 
-    def _probation_expired(self, upstream: str, conn: ClientConn) -> None:
-        self._probation_timers.pop(upstream, None)
-        if self.suspects.expired(upstream, conn):
-            self._bind_waiting()
+    def set_upstreams(self, specs: Iterable[UpstreamSpec]) -> None:
+        """Make the link set match ``specs`` (dataplane.upstreams)."""
+        self.upstreams.set(specs)
 
-    def _probation_ended(self, upstream: str) -> None:
-        """The next suspect may be resumed on ``upstream``."""
-        self._cancel_probation_timer(upstream)
-        self._bind_waiting()
-
-    def _cancel_probation_timer(self, upstream: str) -> None:
-        timer = self._probation_timers.pop(upstream, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _migrate(self, link: UpstreamLink, why: str) -> None:
-        if link in self._migrations or not link.marks:
-            return
-        task = asyncio.get_running_loop().create_task(self._migration(link, why))
-        self._migrations[link] = task
-        task.add_done_callback(lambda _t: self._migrations.pop(link, None))
-
-    async def _migration(self, link: UpstreamLink, why: str) -> None:
-        """Move marks off ``link`` at --drain-rate, jittered, so nothing stampedes."""
-        total = len(link.marks)
-        log.info("moving %d marks off upstream %s (%s)", total, link.id, why)
-        moved = 0
-        while link.marks and (link.retired or link.spec.drain):
-            others = [lk for lk in self.routable() if lk is not link]
-            if not others:
-                # Nowhere to go: the draining upstream keeps serving them for now.
-                await asyncio.sleep(1.0)
-                continue
-            conn = next((c for c in link.marks.values() if c.state == BOUND), None)
-            if conn is None:  # only moves in flight: wait for their acknowledgements
-                await asyncio.sleep(0.05)
-                continue
-            conn.start_move(why)
-            self.stats.moves += 1
-            moved += 1
-            await asyncio.sleep(random.uniform(0.5, 1.5) / self.config.drain_rate)
-        log.info("upstream %s: %d marks moved (%s)", link.id, moved, why)
-
-    # -- link events ------------------------------------------------------------------
+    def routable(self) -> list[UpstreamLink]:
+        return self.upstreams.routable()
 
     def link_up(self, link: UpstreamLink) -> None:
         if link.watch_marks:
@@ -644,11 +436,10 @@ class DataPlane:
             for conn in list(self.marks.values()):
                 if conn.transport is not None:
                     conn.transport.abort()
-        for task in list(self._migrations.values()):
-            task.cancel()
+        self.upstreams.stop_migrations()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        links = list(self.links.values()) + self._retired
+        links = self.upstreams.all()
         await asyncio.gather(
             *(link.close(max(0.1, deadline - time.monotonic())) for link in links),
             return_exceptions=True,
@@ -679,8 +470,29 @@ class _Admission:
             self._plane.counters.__exit__()
 
 
-def _client_key(addr: str) -> bytes:
-    try:
-        return ipaddress.ip_address(addr).packed
-    except ValueError:
-        return addr.encode()
+def _closed(conn: ClientConn, reason: str, tracer: ConnTracer) -> None:
+    """The line (and the trace's end) every closed mark gets."""
+    log.info(
+        "mark=%s client=%s:%d closed reason=%s upstream=%s in=%d/%d out=%d/%d",
+        conn.mark,
+        conn.client_addr,
+        conn.client_port,
+        reasons.for_log(reason),
+        conn.route.id if conn.route else "-",
+        conn.frames_in,
+        conn.bytes_in,
+        conn.frames_out,
+        conn.bytes_out,
+        extra=fields(
+            mark=conn.mark,
+            client=f"{conn.client_addr}:{conn.client_port}",
+            upstream=conn.route.id if conn.route else "",
+            reason=reason,
+            trace_id=tracer.trace_id(conn.span),
+        ),
+    )
+    if conn.span is not None:
+        upstreams = [
+            v for k, v in sorted(conn.span.attributes.items()) if k.startswith("pmlb.upstream.")
+        ]
+        tracer.end(conn, upstreams)
