@@ -1,4 +1,6 @@
-"""One client TCP connection: the socket side of a mark.
+"""One client TCP connection: the socket side of a mark (the class the plane
+makes, in three layers: ``connbase`` (its state and shared helpers),
+``clientside`` (the client's socket) and, here, the mark's upstream side).
 
 A ClientConn is an ``asyncio.Protocol`` holding a ``mark.Mark`` (``core``),
 the I/O-free state of the mark (credits, replay buffer, bind / move / resume,
@@ -22,14 +24,13 @@ Flow control, both ways, per mark:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pmlb.dataplane import proxyproto
+from pmlb.dataplane.clientside import ClientSide
+from pmlb.dataplane.connbase import Link, Plane
 from pmlb.dataplane.mark import (
     BOUND,
     CLEARED,
@@ -45,301 +46,32 @@ from pmlb.dataplane.mark import (
     POISONED,
     RESUME,
     STALE,
-    STATE_NAMES,
     UNBLOCKED,
     WAITING,
-    Mark,
 )
-from pmlb.errors import FrameTooLarge, FramingError
+from pmlb.errors import FrameTooLarge
 from pmlb.observability.logs import fields
 from pmlb.protocol import reasons, wire
 
 if TYPE_CHECKING:
     from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
-    from pmlb.config import NodeConfig
-    from pmlb.dataplane.framing import Decoder
-    from pmlb.dataplane.mark import MarkLimits
-    from pmlb.dataplane.watch import MarkWatch
-    from pmlb.observability.stats import NodeStats
-    from pmlb.observability.tracing import ConnTracer
 
 log = logging.getLogger("pmlb.conn")
-
-
-# What a connection needs of the link it is bound to (dataplane.link.Link)
-# and of its data plane (dataplane.plane.DataPlane), declared here so that
-# neither module is imported by this one: the plane and its links are built
-# on connections, not the other way round.
-class Link(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def writer(self) -> wire.BatchWriter: ...
-    @property
-    def overhead(self) -> int: ...
-    @property
-    def peer_window(self) -> int: ...
-    @property
-    def is_up(self) -> bool: ...
-    @property
-    def congested(self) -> bool: ...
-    @property
-    def stalled(self) -> set[ClientConn]: ...
-
-    expect_since: float  # when the link began to wait for an answer (0: not)
-
-    def attach(self, conn: ClientConn) -> None: ...
-    def detach(self, conn: ClientConn) -> None: ...
-    def check_congestion(self) -> None: ...
-
-
-class Plane(Protocol):
-    @property
-    def config(self) -> NodeConfig: ...
-    @property
-    def stats(self) -> NodeStats: ...
-    @property
-    def tracer(self) -> ConnTracer: ...
-    @property
-    def watch(self) -> MarkWatch: ...
-    @property
-    def mark_limits(self) -> MarkLimits: ...
-    @property
-    def max_frame(self) -> int: ...
-    @property
-    def max_meta(self) -> int: ...
-    @property
-    def listener_name(self) -> str: ...
-    @property
-    def write_hard_limit(self) -> int: ...
-    @property
-    def encode(self) -> Callable[[bytes], bytes]: ...
-
-    def new_decoder(self) -> Decoder: ...
-    def expects_proxy(self, addr: str) -> bool: ...
-    def accept(self, conn: ClientConn) -> None: ...
-    def rebind(self, conn: ClientConn) -> None: ...
-    def unwait(self, conn: ClientConn) -> None: ...
-    def forget(self, conn: ClientConn) -> None: ...
-    def cleared(self, conn: ClientConn) -> None: ...
-
 
 __all__ = ["BOUND", "CLIENT_EOF", "CLOSED", "CLOSING", "MOVING", "WAITING", "ClientConn"]
 
 
-class ClientConn(asyncio.Protocol):
-    __slots__ = (
-        "_proxied",
-        "accepted_ms",
-        "bytes_in",
-        "bytes_out",
-        "client_addr",
-        "client_port",
-        "close_reason",
-        "core",
-        "decoder",
-        "early",
-        "frames_in",
-        "frames_out",
-        "last_active",
-        "lost_at",
-        "mark",
-        "meta",
-        "paused_frames",
-        "plane",
-        "proxy_buf",
-        "read_paused",
-        "span",
-        "timer",
-        "transport",
-        "write_paused",
-    )
+class ClientConn(ClientSide):
+    """A client connection, as the plane makes it; its upstream side here."""
 
-    def __init__(self, plane: Plane, proxied: proxyproto.ProxyHeader | None = None) -> None:
-        # The I/O-free state of the mark (dataplane.mark): this class turns
-        # socket events into its calls and does what its answers say.
-        self.core: Mark[Link] = Mark(plane.mark_limits)
-        # A PROXY header the acceptor already read (before a TLS handshake).
-        self.proxy_buf: bytes | None = None
-        self._proxied = proxied
-        self.plane = plane
-        self.transport: asyncio.Transport | None = None
-        self.mark = ""
-        self.decoder = plane.new_decoder()
-        self.bytes_in = self.bytes_out = self.frames_in = self.frames_out = 0
-        self.read_paused = False
-        self.write_paused = False
-        self.meta: dict[str, str] | None = None
-        # Reads (and EOF) that arrived before a bind. uvloop ignores a
-        # pause_reading() made inside connection_made, so a waiting client's
-        # first read can still arrive; it is kept (at most one read per pause)
-        # and forwarded after the Open. b"" marks an EOF.
-        self.early: list[bytes] | None = None
-        # Frames written to the client while its transport was paused.
-        self.paused_frames = 0
-        self.span: Any = None  # the connection's root span when tracing is on
-        self.timer: asyncio.TimerHandle | None = None
-        self.close_reason = ""
-        self.client_addr = ""
-        self.client_port = 0
-        self.accepted_ms = 0
-        self.last_active = 0.0  # monotonic time of the last byte either way
-        self.lost_at = 0.0  # when its link broke, until it resumes (failover time)
+    __slots__ = ()
 
-    # -- asyncio.Protocol -------------------------------------------------
+    def __init__(
+        self, plane: Plane[ClientConn], proxied: proxyproto.ProxyHeader | None = None
+    ) -> None:
+        super().__init__(plane, proxied)
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if peer:
-            # Interned: clients behind one NAT or proxy share one string.
-            self.client_addr, self.client_port = sys.intern(peer[0]), peer[1]
-        self.accepted_ms = int(time.time() * 1000)
-        transport.set_write_buffer_limits(high=self.plane.config.client_buffer)
-        header = self._proxied
-        if header is not None:
-            self._proxied = None
-            if not header.local:
-                self.client_addr, self.client_port = header.src_addr, header.src_port
-            self.plane.accept(self)
-            return
-        if self.plane.expects_proxy(self.client_addr):
-            # The mark is made once the PROXY header says who the client is.
-            self.proxy_buf = b""
-            self._arm(self.plane.config.proxy_timeout, self._proxy_timeout)
-            return
-        self.plane.accept(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
-        if self.proxy_buf is not None:
-            self._proxy_data(data)
-            return
-        if self.core.state != BOUND:
-            if self.core.state in (WAITING, MOVING) and data:
-                self.read_paused = False  # the earlier pause did not take
-                self._pause_reading()
-                (self.early or self._start_early()).append(data)
-            return  # after EOF or while closing nothing more is forwarded
-        try:
-            messages = self.decoder.feed(data)
-        except FrameTooLarge as exc:
-            self.plane.stats.frames_too_large += 1
-            log.warning("mark=%s client sent an oversized frame: %s", self.mark, exc)
-            self.close(reasons.FRAME_TOO_LARGE, str(exc))
-            return
-        except FramingError as exc:
-            self.plane.stats.framing_errors += 1
-            log.warning(
-                "mark=%s client broke the %s framing: %s", self.mark, self.plane.config.framing, exc
-            )
-            self.close(reasons.PROTOCOL_ERROR, f"bad framing: {exc}")
-            return
-        if not messages:
-            return
-        self._forward(messages)  # behind any parked ones (Mark.take)
-
-    def _forward(self, messages: list[bytes]) -> None:
-        """Send what the mark's credit allows upstream (Mark.take parks the rest)."""
-        link = self.core.route
-        assert link is not None
-        n = self.core.take(messages)
-        if n:
-            writer = link.writer
-            mark = self.mark
-            seq = self.core.seq - n
-            total = 0
-            for i in range(n):
-                msg = messages[i]
-                seq += 1
-                f = writer.frame()
-                f.mark = mark
-                d = f.data
-                d.seq = seq
-                d.payload = msg
-                total += len(msg)
-            if not link.expect_since:
-                link.expect_since = time.monotonic()
-            if self.core.replay_overflowed:
-                self._replay_overflow(link)
-                return
-            # Every frame costs its bytes plus a fixed overhead, so empty
-            # messages are not free: a flood of them fills the link like any other.
-            writer.add_payload(total + n * wire.FRAME_OVERHEAD)
-            writer.kick()
-            self.frames_in += n
-            self.bytes_in += total
-            stats = self.plane.stats
-            stats.frames_in += n
-            stats.bytes_in += total
-            if writer.pending_bytes > self.plane.config.link_buffer:
-                link.check_congestion()
-        if not self.core.reads(link.congested):
-            self._pause_reading()
-
-    def _replay_overflow(self, link: Link) -> None:
-        self.plane.stats.replay_overflows += 1
-        if self.span is not None:
-            self.plane.tracer.child(
-                self.span, "pmlb.replay_overflow", {"pmlb.replay_bytes": self.core.replay_bytes}
-            )
-        log.warning(
-            "mark=%s replay buffer over %d bytes (upstream %s is not acknowledging)",
-            self.mark,
-            self.plane.config.replay_buffer,
-            link.id,
-        )
-        self.close(reasons.REPLAY_OVERFLOW, "unacknowledged client data over the replay bound")
-
-    def eof_received(self) -> bool:
-        if self.core.state == BOUND:
-            if not self.core.client_eof():
-                return True  # passed on once the parked messages are sent
-            # Half-close: tell the upstream, keep our write side open so its
-            # last replies still reach the client, bounded by close_linger.
-            self._send_close(reasons.CLIENT_CLOSED, "")
-            self.close_reason = reasons.CLIENT_CLOSED
-            self._detach()
-            self._arm(self.plane.config.close_linger, self._linger_expired)
-            return True
-        if self.core.state == WAITING and not self.early and not self.core.replay:
-            self.close(reasons.CLIENT_CLOSED, "client left before an upstream was bound")
-            return False
-        if self.core.state in (WAITING, MOVING):
-            # Keep waiting: what the client sent before its EOF still goes out.
-            (self.early or self._start_early()).append(b"")
-            return True
-        return False
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self.paused_frames = 0
-        if self.core.owed:
-            self._grant()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.core.state in (WAITING, BOUND, MOVING):
-            reason = reasons.CLIENT_RESET if exc is not None else reasons.CLIENT_CLOSED
-            self.close_reason = reason
-            if self.core.state == BOUND:
-                # The upstream learns why: "[Errno 110] Connection timed out"
-                # (keepalive gave up) reads differently from a reset.
-                self._send_close(reason, str(exc)[:200] if exc is not None else "")
-                self._detach()
-            elif self.core.state == MOVING:
-                self._detach()  # the old upstream was already told (Close "moved")
-            else:
-                self.plane.unwait(self)
-        self.core.state = CLOSED
-        self._disarm()
-        self.plane.forget(self)
-
-    # -- called by the plane and links ------------------------------------
-
-    def bind(self, link: Link) -> None:
+    def bind(self, link: Link[ClientConn]) -> None:
         """Bind this (waiting) mark to ``link``: send its Open, then replay what
         the previous upstream had not acknowledged, with the same seq numbers."""
         self._disarm()
@@ -415,24 +147,7 @@ class ClientConn(asyncio.Protocol):
         if self.read_paused:
             self.resume_if_unblocked()
 
-    def wait_for_upstream(self, timeout: float) -> None:
-        self._pause_reading()
-        self._arm(timeout, self._no_upstream)
-
-    def wait_for_failover(self, timeout: float) -> None:
-        self._pause_reading()
-        self._arm(timeout, self._failover_expired)
-
-    def _failover_expired(self) -> None:
-        self.timer = None
-        log.warning(
-            "mark=%s no upstream to resume on within %.1fs, closing",
-            self.mark,
-            self.plane.config.connect_timeout,
-        )
-        self.close(reasons.UPSTREAM_LOST, "no routable upstream to resume on", notify=False)
-
-    def deliver(self, payload: bytes, acked: int, link: Link | None) -> None:
+    def deliver(self, payload: bytes, acked: int, link: Link[Any] | None) -> None:
         """Data for the client from an upstream (``link``) or the control API (None);
         ``acked`` is the acknowledgement riding on it."""
         verdict = self.core.reply(link, acked, len(payload))
@@ -481,7 +196,7 @@ class ClientConn(asyncio.Protocol):
             )
             self.close(reasons.WRITE_OVERFLOW, "client buffer bound exceeded", abort=True)
 
-    def on_flow(self, credit: int, acked: int, link: Link) -> None:
+    def on_flow(self, credit: int, acked: int, link: Link[Any]) -> None:
         verdict = self.core.flow(link, credit, acked)
         if verdict & CLEARED:
             self.plane.cleared(self)
@@ -501,7 +216,7 @@ class ClientConn(asyncio.Protocol):
         self.meta = current or None
         return 0
 
-    def upstream_close(self, reason: str, detail: str, link: Link) -> None:
+    def upstream_close(self, reason: str, detail: str, link: Link[Any]) -> None:
         verdict = self.core.upstream_closed(link)
         if verdict == STALE:
             # The answer to our "moved" close, after the move had timed out.
@@ -601,192 +316,3 @@ class ClientConn(asyncio.Protocol):
         self._detach()
         self.core.end_move()
         self.plane.rebind(self)
-
-    def close(
-        self, reason: str, detail: str = "", *, notify: bool = True, abort: bool = False
-    ) -> None:
-        """Close the client connection (flushing what it has, unless ``abort``)."""
-        if self.core.state >= CLOSING:
-            return
-        if self.core.state == WAITING:
-            self.plane.unwait(self)
-        elif self.core.state in (BOUND, MOVING) and notify:
-            self._send_close(reason, detail)
-        if self.core.state != CLIENT_EOF or not self.close_reason:
-            self.close_reason = reason
-        self._detach()
-        self.core.closing()
-        self._disarm()
-        transport = self.transport
-        if transport is None:
-            return
-        if abort:
-            transport.abort()
-            return
-        transport.close()
-        if transport.get_write_buffer_size():
-            # A client that does not read would keep close() pending forever.
-            self._arm(self.plane.config.close_linger, transport.abort)
-
-    # What the plane, its links and the admin API read of the mark.
-    @property
-    def state(self) -> int:
-        return self.core.state
-
-    @property
-    def route(self) -> Link | None:
-        return self.core.route
-
-    @property
-    def strikes(self) -> int:
-        return self.core.strikes
-
-    @property
-    def binds(self) -> int:
-        return self.core.binds
-
-    def is_stale(self, route: object) -> bool:
-        return self.core.is_stale(route)  # type: ignore[arg-type]
-
-    @property
-    def upstream_id(self) -> str:
-        """The id of the upstream the mark is bound to ("" while unbound)."""
-        return self.core.route.id if self.core.route is not None else ""
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "mark": self.mark,
-            "client_addr": self.client_addr,
-            "client_port": self.client_port,
-            "upstream": self.core.route.id if self.core.route else "",
-            "state": STATE_NAMES[self.core.state],
-            "metadata": dict(self.meta or {}),
-            "accepted_at_unix_ms": self.accepted_ms,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
-            "binds": self.core.binds,
-            "unacked_frames": len(self.core.replay or ()),
-        }
-
-    # -- internals ---------------------------------------------------------
-
-    def _send_close(self, reason: str, detail: str) -> None:
-        link = self.core.route
-        if link is None or not link.is_up:
-            return
-        f = link.writer.frame()
-        f.mark = self.mark
-        c = f.close
-        c.reason = reason
-        if detail:
-            c.detail = detail
-        link.writer.kick()
-
-    def _grant(self) -> None:
-        link = self.core.route
-        if link is None or not link.is_up:
-            return
-        f = link.writer.frame()
-        f.mark = self.mark
-        f.flow.credit = self.core.take_grant()
-        link.writer.kick()
-
-    def _detach(self) -> None:
-        link = self.core.route
-        if link is not None:
-            link.detach(self)
-
-    def _pause_reading(self) -> None:
-        if not self.read_paused and self.transport is not None:
-            self.read_paused = True
-            self.transport.pause_reading()
-            if self.core.state == BOUND:
-                self.plane.stats.credit_stalls += 1
-                if self.core.route is not None and self.core.route.congested:
-                    self.core.route.stalled.add(self)
-
-    def resume_if_unblocked(self) -> None:
-        """Resume reading when nothing holds it back any more (Mark.reads):
-        first send what was parked, then the EOF that waited behind it."""
-        link = self.core.route
-        transport = self.transport
-        if not self.read_paused or link is None or transport is None:
-            return
-        if self.core.state != BOUND or self.core.credit <= 0 or link.congested:
-            return
-        parked = self.core.unpark()
-        if parked is not None:
-            self._forward(parked)
-            if self.core.state != BOUND:
-                return
-            if self.core.eof_due():
-                if not self.eof_received() and self.transport is not None:
-                    self.transport.close()
-                return
-        if self.core.reads(link.congested):
-            self.read_paused = False
-            transport.resume_reading()
-
-    def _proxy_data(self, data: bytes) -> None:
-        buf = self.proxy_buf + data if self.proxy_buf else data
-        try:
-            header, used = proxyproto.parse(buf)
-        except proxyproto.BadProxyHeader as exc:
-            self._proxy_failed(str(exc))
-            return
-        if header is None:
-            self.proxy_buf = buf
-            return
-        self.proxy_buf = None
-        self._disarm()
-        if not header.local:
-            self.client_addr, self.client_port = header.src_addr, header.src_port
-        self.plane.accept(self)
-        if used < len(buf) and self.transport is not None:
-            self.data_received(buf[used:])
-
-    def _proxy_timeout(self) -> None:
-        self.timer = None
-        self._proxy_failed(f"no PROXY header within {self.plane.config.proxy_timeout:.1f}s")
-
-    def _proxy_failed(self, why: str) -> None:
-        self.plane.stats.proxy_errors += 1
-        log.warning(
-            "client=%s:%d (trusted proxy) closed: %s", self.client_addr, self.client_port, why
-        )
-        self.proxy_buf = None
-        self._disarm()
-        self.core.closing()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _start_early(self) -> list[bytes]:
-        self.early = []
-        return self.early
-
-    def _arm(self, delay: float, callback: Any) -> None:
-        self._disarm()
-        self.timer = asyncio.get_running_loop().call_later(delay, callback)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _no_upstream(self) -> None:
-        self.timer = None
-        self.plane.stats.no_upstream += 1
-        log.warning(
-            "mark=%s client=%s:%d no routable upstream within %.1fs, closing",
-            self.mark,
-            self.client_addr,
-            self.client_port,
-            self.plane.config.connect_timeout,
-        )
-        self.close(reasons.NO_UPSTREAM, "no routable upstream")
-
-    def _linger_expired(self) -> None:
-        self.timer = None
-        self.close(reasons.CLIENT_CLOSED, "upstream did not close within the linger time")
