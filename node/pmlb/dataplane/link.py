@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from pmlb import __version__
@@ -53,6 +54,35 @@ class LinkBroken(PmlbError):
     """The Bridge stream ended or could not be established."""
 
 
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """What a link reads of the node's configuration: a slice of it, as
+    MarkLimits is the marks'. The plane makes a new one when SIGHUP changes
+    one of these (--ack-timeout, --link-buffer, --push-upstreams are live)."""
+
+    node_id: str
+    service: str
+    window: int  # --window: the credit we grant the upstream per mark
+    transport: str  # --link-transport
+    token: str | None = field(repr=False)  # --upstream-token, never logged
+    ack_timeout: float  # --ack-timeout: the hung-peer watchdog
+    link_buffer: int  # --link-buffer: queued on the link before clients pause
+    push_upstreams: tuple[str, ...]
+
+    @classmethod
+    def of(cls, config: NodeConfig) -> LinkSettings:
+        return cls(
+            config.node_id,
+            config.service,
+            config.window,
+            config.link_transport,
+            config.upstream_token,
+            config.ack_timeout,
+            config.link_buffer,
+            config.push_upstreams,
+        )
+
+
 # What a link needs of the connections of its marks (dataplane.conn.ClientConn)
 # and of its data plane (dataplane.plane.DataPlane), declared here so that
 # neither module is imported by this one.
@@ -73,7 +103,7 @@ C = TypeVar("C", bound=Conn)
 
 class Plane(Protocol[C]):
     @property
-    def config(self) -> NodeConfig: ...
+    def link_settings(self) -> LinkSettings: ...
     @property
     def stats(self) -> NodeStats: ...
     @property
@@ -234,10 +264,10 @@ class Link(Generic[C]):
     async def _session(self) -> None:
         """One Bridge stream, from the Hello to its end (LinkBroken, always)."""
         self.state = CONNECTING
-        cfg = self.plane.config
-        token = cfg.upstream_token
+        cfg = self.plane.link_settings
+        token = cfg.token
         stream = open_client(
-            cfg.link_transport,
+            cfg.transport,
             self.spec.addr,
             tls=self.plane.link_tls,
             metadata={"authorization": f"Bearer {token}"} if token else {},
@@ -278,7 +308,7 @@ class Link(Generic[C]):
 
     def _say_hello(self, stream: ClientStream) -> wire.BatchWriter:
         """A new writer for ``stream``, its first batch our Hello."""
-        cfg = self.plane.config
+        cfg = self.plane.link_settings
         writer = wire.BatchWriter(stream.write, on_drain=self._on_drain)
         self.writer = writer
         hello = writer.current.hello
@@ -356,7 +386,7 @@ class Link(Generic[C]):
         handler keeps its link alive and only a hung process (or a dead path)
         leaves it unanswered for the whole --ack-timeout.
         """
-        timeout = self.plane.config.ack_timeout
+        timeout = self.plane.link_settings.ack_timeout
         period = timeout / 4
         while True:
             await asyncio.sleep(period)
@@ -395,7 +425,7 @@ class Link(Generic[C]):
 
     def _on_drain(self) -> None:
         """The writer caught up: lift link-level backpressure."""
-        if self.congested and self.writer.pending_bytes < self.plane.config.link_buffer // 2:
+        if self.congested and self.writer.pending_bytes < self.plane.link_settings.link_buffer // 2:
             self.congested = False
             stalled, self.stalled = self.stalled, set()
             for conn in stalled:
@@ -404,7 +434,7 @@ class Link(Generic[C]):
             self.plane.watch.snapshot(self, self.plane.marks.values())
 
     def check_congestion(self) -> None:
-        if not self.congested and self.writer.pending_bytes > self.plane.config.link_buffer:
+        if not self.congested and self.writer.pending_bytes > self.plane.link_settings.link_buffer:
             self.congested = True
             log.info("link %s congested: %d bytes queued", self.id, self.writer.pending_bytes)
 
@@ -491,5 +521,5 @@ class Link(Generic[C]):
     @property
     def acts_anywhere(self) -> bool:
         """Whether this upstream may act on marks bound to other upstreams."""
-        allowed = self.plane.config.push_upstreams
+        allowed = self.plane.link_settings.push_upstreams
         return "*" in allowed or self.id in allowed

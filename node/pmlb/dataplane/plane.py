@@ -30,7 +30,7 @@ from pmlb.dataplane.acceptor import Acceptor
 from pmlb.dataplane.balancer import make_balancer
 from pmlb.dataplane.conn import BOUND, CLIENT_EOF, CLOSING, MOVING, ClientConn
 from pmlb.dataplane.framing import Decoder, encoder_for, make_decoder
-from pmlb.dataplane.link import Link
+from pmlb.dataplane.link import Link, LinkSettings
 from pmlb.dataplane.mark import MarkLimits
 from pmlb.dataplane.placement import Placement
 from pmlb.dataplane.probation import Probation
@@ -66,6 +66,7 @@ class DataPlane:
         counters: NodeCounters | None = None,
     ) -> None:
         self.config = config
+        self.link_settings = LinkSettings.of(config)
         self.siblings = siblings
         self.counters = counters
         self._limit_poll: asyncio.TimerHandle | None = None
@@ -129,6 +130,7 @@ class DataPlane:
         they use them; cached copies and the sweeper follow here."""
         limits_before = (self.config.idle_timeout, self.config.max_lifetime)
         self.config = config
+        self.link_settings = LinkSettings.of(config)
         self.max_meta = config.max_meta
         for acceptor in self.acceptors:
             acceptor.set_rate(config.accept_rate)
