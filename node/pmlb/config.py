@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -164,263 +164,424 @@ ETCD_OPTIONS: tuple[Option, ...] = (
     Option("etcd-key", "client key (PEM) for etcd"),
 )
 
-NODE_OPTIONS: tuple[Option, ...] = (
-    Option("listen", "client listener HOST:PORT (repeatable)", repeated=True, type=_hostport),
-    Option("service", "the service this node's listeners serve", "default"),
-    Option("node-id", "node id, part of every mark (default: <hostname>-<first port>)"),
-    Option(
-        "workers",
-        "worker processes of this node, sharing its listeners (SO_REUSEPORT) and its one "
-        "node id, admin and control address; 0 = one per CPU this process may use",
-        0,
-        _non_negative_int,
-    ),
-    Option(
-        "reuse-port",
-        "bind the listeners with SO_REUSEPORT (set for each worker by --workers)",
-        False,
-        metavar="BOOL",
-    ),
-    Option(
-        "upstream",
-        "static upstream HOST:PORT or ID=HOST:PORT, optionally ' weight=N'; no etcd (repeatable)",
-        repeated=True,
-        reloadable=True,
-    ),
-    Option("etcd", "etcd endpoints URL[,URL]; upstreams then come from etcd", repeated=True),
-    *(o for o in ETCD_OPTIONS if o.name != "etcd"),
-    Option(
-        "lease-ttl", "how long the node's etcd lease lives without keepalive", 10, _whole_seconds
-    ),
-    Option(
-        "check-interval",
-        "time between health checks (checker only)",
-        1.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option(
-        "check-timeout", "time one health check may take", 0.5, _positive_duration, reloadable=True
-    ),
-    Option("check-rise", "successes in a row to turn SERVING", 2, _positive_int, reloadable=True),
-    Option(
-        "check-fall", "failures in a row to turn NOT_SERVING", 2, _positive_int, reloadable=True
-    ),
-    Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport),
-    Option("control-token", "bearer token the control API requires (prefer PMLB_CONTROL_TOKEN)"),
-    Option("control-cert", "serve the control API over TLS with this certificate chain (PEM)"),
-    Option("control-key", "private key (PEM) for --control-cert"),
-    Option("control-client-ca", "control API clients must show a certificate signed by this CA"),
-    Option(
-        "admin",
-        "admin HTTP HOST:PORT (/healthz, /readyz, /metrics, the /dashboard page)",
-        type=_hostport,
-    ),
-    Option(
-        "trace-url",
-        "link from a mark on the dashboard to its trace: a URL with {trace_id}, e.g. "
-        "http://jaeger:16686/trace/{trace_id}",
-    ),
-    Option(
-        "admin-token",
-        "bearer token POST /drain and /connections require (prefer PMLB_ADMIN_TOKEN); "
-        "without one they answer only on a loopback admin address",
-    ),
-    Option(
-        "upstream-token",
-        "shared token sent to upstreams on every Bridge stream; SDK upstreams given the "
-        "same PMLB_UPSTREAM_TOKEN refuse streams without it",
-    ),
-    Option(
-        "push-upstreams",
-        "upstream ids allowed to send to, close or set metadata on marks bound elsewhere "
-        "(* for all); others act only on their own marks (repeatable, or comma-separated)",
-        repeated=True,
-    ),
-    Option(
-        "link-transport",
-        "gRPC implementation of the links to upstreams (both speak the same gRPC; "
-        "grpclib measured cheaper per frame, see README Performance)",
-        DEFAULT_TRANSPORT,
-        choices=TRANSPORTS,
-    ),
-    Option(
-        "framing",
-        "client framing: raw (reads as they come: a message may be split on failover), line, "
-        "len16, len32, mqtt, modbus-tcp, smpp, stomp, "
-        "length-field:offset=N,size=1|2|3|4|8|varint,order=big|little,adjust=N,strip=N, "
-        "delimiter:hex=HEX|text=TEXT,keep=yes|no, or plugin:NAME (entry point group "
-        "pmlb.framings)",
-        "raw",
-    ),
-    Option("max-frame", "maximum message size", 65535, _positive_size),
-    Option(
-        "balancer",
-        "how new marks pick an upstream, all weighted (hash: by client IP)",
-        "round-robin",
-        choices=BALANCERS,
-    ),
-    Option("window", "per-mark flow-control window, each way", DEFAULT_WINDOW, _positive_size),
-    Option(
-        "client-buffer",
-        "buffered for a slow client before its mark stops taking upstream data",
-        65536,
-        _positive_size,
-    ),
-    Option(
-        "link-buffer",
-        "queued on one link before its clients stop being read",
-        8 << 20,
-        _positive_size,
-    ),
-    Option(
-        "connect-timeout",
-        "how long a new client waits for a routable upstream",
-        5.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option(
-        "close-linger",
-        "how long a client that closed its side waits for the upstream's last replies",
-        5.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option(
-        "replay-buffer",
-        "unacknowledged client data kept per mark for failover (each frame + 64 bytes)",
-        1 << 20,
-        _positive_size,
-    ),
-    Option(
-        "ack-timeout",
-        "how long an upstream may leave the link unanswered before it counts as hung",
-        5.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option(
-        "move-timeout",
-        "how long an upstream has to answer a mark's move (drain, removal) with its "
-        "last replies before the mark moves on without them",
-        5.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option(
-        "drain-rate",
-        "marks per second moved off a draining upstream",
-        200.0,
-        _positive_float,
-        reloadable=True,
-    ),
-    Option(
-        "drain-timeout",
-        "how long a draining node keeps serving its marks",
-        30.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option(
-        "drain-window",
-        "time over which a draining node closes what is left",
-        5.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option(
-        "shutdown-timeout",
-        "time to flush links at the end of a stop",
-        10.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option("backlog", "listen backlog", 4096, _positive_int),
-    Option(
-        "tls-cert",
-        "serve clients TLS with this certificate chain (PEM); SIGHUP reloads",
-        reloadable=True,
-    ),
-    Option("tls-key", "private key (PEM) for --tls-cert", reloadable=True),
-    Option("tls-client-ca", "require client certificates signed by this CA (PEM)"),
-    Option("upstream-ca", "CA (PEM) that signs upstreams' certificates: links use TLS"),
-    Option("upstream-cert", "client certificate (PEM) the node shows upstreams (mTLS)"),
-    Option("upstream-key", "private key (PEM) for --upstream-cert"),
-    Option(
-        "max-connections",
-        "open client connections of the whole node (every worker's counted); 0 = no limit",
-        0,
-        _non_negative_int,
-        reloadable=True,
-    ),
-    Option(
-        "max-per-client",
-        "open connections per client IP, per worker process (with N workers a client may hold "
-        "up to N times this); 0 = no limit",
-        0,
-        _non_negative_int,
-        reloadable=True,
-    ),
-    Option(
-        "accept-rate",
-        "new connections the whole node accepts per second (workers take equal shares); "
-        "0 = no limit",
-        0.0,
-        _non_negative_float,
-        reloadable=True,
-    ),
-    Option(
-        "max-meta", "upstream-set metadata kept per mark", 16384, _positive_size, reloadable=True
-    ),
-    Option(
-        "idle-timeout",
-        "close a client silent both ways this long; 0 = never",
-        0.0,
-        _duration,
-        reloadable=True,
-    ),
-    Option(
-        "client-keepalive",
-        "TCP keepalive on client connections: probe one silent this long, close it "
-        "(client_reset) when 3 probes go unanswered, at 1.5x; the same bound on data "
-        "it does not acknowledge; 0 = the system's settings (no probes by default)",
-        60.0,
-        _duration,
-        reloadable=True,
-    ),
-    Option(
-        "max-lifetime",
-        "close a connection after this long (-10% jitter); 0 = never",
-        0.0,
-        _duration,
-        reloadable=True,
-    ),
-    Option(
-        "proxy-trusted",
-        "networks whose connections must start with a PROXY v1/v2 header (repeatable CIDR)",
-        repeated=True,
-    ),
-    Option(
-        "proxy-timeout",
-        "how long a trusted peer has to send its PROXY header",
-        5.0,
-        _positive_duration,
-        reloadable=True,
-    ),
-    Option("dns-name", "publish this node under a DNS name (CoreDNS etcd plugin keys)"),
-    Option("dns-prefix", "etcd prefix of the CoreDNS etcd plugin", "/skydns"),
-    Option("dns-address", "IP to publish in DNS (default: the advertised address)"),
-    Option(
-        "advertise",
-        "host other nodes, tools and upstreams reach this node at, for every address it "
-        "registers (default: the bind address; for a wildcard bind, the local address "
-        "the node reaches etcd from)",
-    ),
-    Option("otlp-endpoint", "OTLP/gRPC trace endpoint (default: the OTEL_* variables; off)"),
-    Option("log-level", "debug, info, warning or error", "info", reloadable=True),
-    Option("log-format", "text or json", "text", choices=("text", "json")),
-)
+_ETCD: Final = {o.name: o for o in ETCD_OPTIONS}
+
+
+def _declared(option: Option, *, secret: bool = False) -> Any:
+    """A NodeConfig field declared by its option: the option (flag, variable,
+    TOML key, default, parsing, help) is the field's only declaration; the
+    field adds its type. ``secret``: never in the config's repr (logs)."""
+    return field(repr=not secret, metadata={"option": option})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A node's configuration. Each field is declared once, with its option:
+    ``node_config`` fills it with the option's resolved value, or derives it
+    (addresses parsed, upstreams, the node id's default); NODE_OPTIONS, the
+    CLI, the variables, the TOML keys and the README's table come from here.
+    Fields in the order ``--help`` and README list them."""
+
+    listen: tuple[tuple[str, int], ...] = _declared(
+        Option("listen", "client listener HOST:PORT (repeatable)", repeated=True, type=_hostport)
+    )
+    service: str = _declared(
+        Option("service", "the service this node's listeners serve", "default")
+    )
+    node_id: str = _declared(
+        Option("node-id", "node id, part of every mark (default: <hostname>-<first port>)")
+    )
+    workers: int = _declared(
+        Option(
+            "workers",
+            "worker processes of this node, sharing its listeners (SO_REUSEPORT) and its one "
+            "node id, admin and control address; 0 = one per CPU this process may use",
+            0,
+            _non_negative_int,
+        )
+    )
+    reuse_port: bool = _declared(
+        Option(
+            "reuse-port",
+            "bind the listeners with SO_REUSEPORT (set for each worker by --workers)",
+            False,
+            metavar="BOOL",
+        )
+    )
+    upstreams: tuple[UpstreamSpec, ...] = _declared(
+        Option(
+            "upstream",
+            "static upstream HOST:PORT or ID=HOST:PORT, optionally ' weight=N'; "
+            "no etcd (repeatable)",
+            repeated=True,
+            reloadable=True,
+        )
+    )
+    etcd: tuple[str, ...] = _declared(
+        Option("etcd", "etcd endpoints URL[,URL]; upstreams then come from etcd", repeated=True)
+    )
+    etcd_prefix: str = _declared(_ETCD["etcd-prefix"])
+    etcd_user: str | None = _declared(_ETCD["etcd-user"])
+    etcd_password: str | None = _declared(_ETCD["etcd-password"], secret=True)
+    etcd_ca: str | None = _declared(_ETCD["etcd-ca"])
+    etcd_cert: str | None = _declared(_ETCD["etcd-cert"])
+    etcd_key: str | None = _declared(_ETCD["etcd-key"])
+    lease_ttl: int = _declared(
+        Option(
+            "lease-ttl",
+            "how long the node's etcd lease lives without keepalive",
+            10,
+            _whole_seconds,
+        )
+    )
+    check_interval: float = _declared(
+        Option(
+            "check-interval",
+            "time between health checks (checker only)",
+            1.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    check_timeout: float = _declared(
+        Option(
+            "check-timeout",
+            "time one health check may take",
+            0.5,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    check_rise: int = _declared(
+        Option(
+            "check-rise", "successes in a row to turn SERVING", 2, _positive_int, reloadable=True
+        )
+    )
+    check_fall: int = _declared(
+        Option(
+            "check-fall", "failures in a row to turn NOT_SERVING", 2, _positive_int, reloadable=True
+        )
+    )
+    control: tuple[str, int] | None = _declared(
+        Option("control", "control API HOST:PORT (pmlb.v1.Node)", type=_hostport)
+    )
+    control_token: str | None = _declared(
+        Option(
+            "control-token", "bearer token the control API requires (prefer PMLB_CONTROL_TOKEN)"
+        ),
+        secret=True,
+    )
+    control_cert: str | None = _declared(
+        Option("control-cert", "serve the control API over TLS with this certificate chain (PEM)")
+    )
+    control_key: str | None = _declared(
+        Option("control-key", "private key (PEM) for --control-cert")
+    )
+    control_client_ca: str | None = _declared(
+        Option("control-client-ca", "control API clients must show a certificate signed by this CA")
+    )
+    admin: tuple[str, int] | None = _declared(
+        Option(
+            "admin",
+            "admin HTTP HOST:PORT (/healthz, /readyz, /metrics, the /dashboard page)",
+            type=_hostport,
+        )
+    )
+    trace_url: str | None = _declared(
+        Option(
+            "trace-url",
+            "link from a mark on the dashboard to its trace: a URL with {trace_id}, e.g. "
+            "http://jaeger:16686/trace/{trace_id}",
+        )
+    )
+    admin_token: str | None = _declared(
+        Option(
+            "admin-token",
+            "bearer token POST /drain and /connections require (prefer PMLB_ADMIN_TOKEN); "
+            "without one they answer only on a loopback admin address",
+        ),
+        secret=True,
+    )
+    upstream_token: str | None = _declared(
+        Option(
+            "upstream-token",
+            "shared token sent to upstreams on every Bridge stream; SDK upstreams given the "
+            "same PMLB_UPSTREAM_TOKEN refuse streams without it",
+        ),
+        secret=True,
+    )
+    push_upstreams: tuple[str, ...] = _declared(
+        Option(
+            "push-upstreams",
+            "upstream ids allowed to send to, close or set metadata on marks bound elsewhere "
+            "(* for all); others act only on their own marks (repeatable, or comma-separated)",
+            repeated=True,
+        )
+    )
+    link_transport: str = _declared(
+        Option(
+            "link-transport",
+            "gRPC implementation of the links to upstreams (both speak the same gRPC; "
+            "grpclib measured cheaper per frame, see README Performance)",
+            DEFAULT_TRANSPORT,
+            choices=TRANSPORTS,
+        )
+    )
+    framing: str = _declared(
+        Option(
+            "framing",
+            "client framing: raw (reads as they come: a message may be split on failover), line, "
+            "len16, len32, mqtt, modbus-tcp, smpp, stomp, "
+            "length-field:offset=N,size=1|2|3|4|8|varint,order=big|little,adjust=N,strip=N, "
+            "delimiter:hex=HEX|text=TEXT,keep=yes|no, or plugin:NAME (entry point group "
+            "pmlb.framings)",
+            "raw",
+        )
+    )
+    max_frame: int = _declared(Option("max-frame", "maximum message size", 65535, _positive_size))
+    balancer: str = _declared(
+        Option(
+            "balancer",
+            "how new marks pick an upstream, all weighted (hash: by client IP)",
+            "round-robin",
+            choices=BALANCERS,
+        )
+    )
+    window: int = _declared(
+        Option("window", "per-mark flow-control window, each way", DEFAULT_WINDOW, _positive_size)
+    )
+    client_buffer: int = _declared(
+        Option(
+            "client-buffer",
+            "buffered for a slow client before its mark stops taking upstream data",
+            65536,
+            _positive_size,
+        )
+    )
+    link_buffer: int = _declared(
+        Option(
+            "link-buffer",
+            "queued on one link before its clients stop being read",
+            8 << 20,
+            _positive_size,
+        )
+    )
+    connect_timeout: float = _declared(
+        Option(
+            "connect-timeout",
+            "how long a new client waits for a routable upstream",
+            5.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    close_linger: float = _declared(
+        Option(
+            "close-linger",
+            "how long a client that closed its side waits for the upstream's last replies",
+            5.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    replay_buffer: int = _declared(
+        Option(
+            "replay-buffer",
+            "unacknowledged client data kept per mark for failover (each frame + 64 bytes)",
+            1 << 20,
+            _positive_size,
+        )
+    )
+    ack_timeout: float = _declared(
+        Option(
+            "ack-timeout",
+            "how long an upstream may leave the link unanswered before it counts as hung",
+            5.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    move_timeout: float = _declared(
+        Option(
+            "move-timeout",
+            "how long an upstream has to answer a mark's move (drain, removal) with its "
+            "last replies before the mark moves on without them",
+            5.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    drain_rate: float = _declared(
+        Option(
+            "drain-rate",
+            "marks per second moved off a draining upstream",
+            200.0,
+            _positive_float,
+            reloadable=True,
+        )
+    )
+    drain_timeout: float = _declared(
+        Option(
+            "drain-timeout",
+            "how long a draining node keeps serving its marks",
+            30.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    drain_window: float = _declared(
+        Option(
+            "drain-window",
+            "time over which a draining node closes what is left",
+            5.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    shutdown_timeout: float = _declared(
+        Option(
+            "shutdown-timeout",
+            "time to flush links at the end of a stop",
+            10.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    backlog: int = _declared(Option("backlog", "listen backlog", 4096, _positive_int))
+    tls_cert: str | None = _declared(
+        Option(
+            "tls-cert",
+            "serve clients TLS with this certificate chain (PEM); SIGHUP reloads",
+            reloadable=True,
+        )
+    )
+    tls_key: str | None = _declared(
+        Option("tls-key", "private key (PEM) for --tls-cert", reloadable=True)
+    )
+    tls_client_ca: str | None = _declared(
+        Option("tls-client-ca", "require client certificates signed by this CA (PEM)")
+    )
+    upstream_ca: str | None = _declared(
+        Option("upstream-ca", "CA (PEM) that signs upstreams' certificates: links use TLS")
+    )
+    upstream_cert: str | None = _declared(
+        Option("upstream-cert", "client certificate (PEM) the node shows upstreams (mTLS)")
+    )
+    upstream_key: str | None = _declared(
+        Option("upstream-key", "private key (PEM) for --upstream-cert")
+    )
+    max_connections: int = _declared(
+        Option(
+            "max-connections",
+            "open client connections of the whole node (every worker's counted); 0 = no limit",
+            0,
+            _non_negative_int,
+            reloadable=True,
+        )
+    )
+    max_per_client: int = _declared(
+        Option(
+            "max-per-client",
+            "open connections per client IP, per worker process (with N workers a client may hold "
+            "up to N times this); 0 = no limit",
+            0,
+            _non_negative_int,
+            reloadable=True,
+        )
+    )
+    accept_rate: float = _declared(
+        Option(
+            "accept-rate",
+            "new connections the whole node accepts per second (workers take equal shares); "
+            "0 = no limit",
+            0.0,
+            _non_negative_float,
+            reloadable=True,
+        )
+    )
+    max_meta: int = _declared(
+        Option(
+            "max-meta",
+            "upstream-set metadata kept per mark",
+            16384,
+            _positive_size,
+            reloadable=True,
+        )
+    )
+    idle_timeout: float = _declared(
+        Option(
+            "idle-timeout",
+            "close a client silent both ways this long; 0 = never",
+            0.0,
+            _duration,
+            reloadable=True,
+        )
+    )
+    client_keepalive: float = _declared(
+        Option(
+            "client-keepalive",
+            "TCP keepalive on client connections: probe one silent this long, close it "
+            "(client_reset) when 3 probes go unanswered, at 1.5x; the same bound on data "
+            "it does not acknowledge; 0 = the system's settings (no probes by default)",
+            60.0,
+            _duration,
+            reloadable=True,
+        )
+    )
+    max_lifetime: float = _declared(
+        Option(
+            "max-lifetime",
+            "close a connection after this long (-10% jitter); 0 = never",
+            0.0,
+            _duration,
+            reloadable=True,
+        )
+    )
+    proxy_trusted: tuple[str, ...] = _declared(
+        Option(
+            "proxy-trusted",
+            "networks whose connections must start with a PROXY v1/v2 header (repeatable CIDR)",
+            repeated=True,
+        )
+    )
+    proxy_timeout: float = _declared(
+        Option(
+            "proxy-timeout",
+            "how long a trusted peer has to send its PROXY header",
+            5.0,
+            _positive_duration,
+            reloadable=True,
+        )
+    )
+    dns_name: str | None = _declared(
+        Option("dns-name", "publish this node under a DNS name (CoreDNS etcd plugin keys)")
+    )
+    dns_prefix: str = _declared(
+        Option("dns-prefix", "etcd prefix of the CoreDNS etcd plugin", "/skydns")
+    )
+    dns_address: str | None = _declared(
+        Option("dns-address", "IP to publish in DNS (default: the advertised address)")
+    )
+    advertise: str | None = _declared(
+        Option(
+            "advertise",
+            "host other nodes, tools and upstreams reach this node at, for every address it "
+            "registers (default: the bind address; for a wildcard bind, the local address "
+            "the node reaches etcd from)",
+        )
+    )
+    otlp_endpoint: str | None = _declared(
+        Option("otlp-endpoint", "OTLP/gRPC trace endpoint (default: the OTEL_* variables; off)")
+    )
+    log_level: str = _declared(
+        Option("log-level", "debug, info, warning or error", "info", reloadable=True)
+    )
+    log_format: str = _declared(
+        Option("log-format", "text or json", "text", choices=("text", "json"))
+    )
+
+
+NODE_OPTIONS: tuple[Option, ...] = tuple(f.metadata["option"] for f in fields(NodeConfig))
 
 ECHO_OPTIONS: tuple[Option, ...] = (
     Option("listen", "gRPC HOST:PORT to serve on", "127.0.0.1:4770", _hostport),
@@ -671,82 +832,6 @@ def config_changes(old: NodeConfig, new: NodeConfig) -> tuple[dict[str, Any], li
         else:
             refused.append(name)
     return apply, refused
-
-
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    """A node's configuration, made by ``node_config`` only: each field is
-    its option's value (the default, help and parsing are declared once, in
-    NODE_OPTIONS), except the few ``node_config`` derives (addresses parsed,
-    upstreams, the node id)."""
-
-    listen: tuple[tuple[str, int], ...]
-    service: str
-    node_id: str
-    upstreams: tuple[UpstreamSpec, ...]
-    etcd: tuple[str, ...]
-    etcd_prefix: str
-    etcd_user: str | None
-    etcd_password: str | None = field(repr=False)  # never logged
-    etcd_ca: str | None
-    etcd_cert: str | None
-    etcd_key: str | None
-    lease_ttl: int
-    check_interval: float
-    check_timeout: float
-    check_rise: int
-    check_fall: int
-    control: tuple[str, int] | None
-    admin: tuple[str, int] | None
-    framing: str
-    link_transport: str
-    max_frame: int
-    balancer: str
-    window: int
-    client_buffer: int
-    link_buffer: int
-    connect_timeout: float
-    close_linger: float
-    replay_buffer: int
-    ack_timeout: float
-    move_timeout: float
-    drain_rate: float
-    drain_timeout: float
-    drain_window: float
-    shutdown_timeout: float
-    backlog: int
-    workers: int
-    reuse_port: bool
-    trace_url: str | None
-    control_token: str | None = field(repr=False)  # never logged
-    admin_token: str | None = field(repr=False)  # never logged
-    control_cert: str | None
-    control_key: str | None
-    control_client_ca: str | None
-    upstream_token: str | None = field(repr=False)  # never logged
-    push_upstreams: tuple[str, ...]
-    tls_cert: str | None
-    tls_key: str | None
-    tls_client_ca: str | None
-    upstream_ca: str | None
-    upstream_cert: str | None
-    upstream_key: str | None
-    max_connections: int
-    max_per_client: int
-    accept_rate: float
-    max_meta: int
-    idle_timeout: float
-    client_keepalive: float
-    max_lifetime: float
-    proxy_trusted: tuple[str, ...]
-    proxy_timeout: float
-    dns_name: str | None
-    dns_prefix: str
-    dns_address: str | None
-    advertise: str | None
-    otlp_endpoint: str | None
-    log_level: str
-    log_format: str
 
 
 def parse_static_upstream(value: str) -> UpstreamSpec:

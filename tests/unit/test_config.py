@@ -179,23 +179,28 @@ def test_bad_units_are_one_clear_line(flag: str, value: str) -> None:
 
 def test_each_option_is_declared_once() -> None:
     """Issue [18]: an option was written three times (Option, a NodeConfig
-    field with its own default, a line in node_config). Now NodeConfig has
-    no defaults: every field is an option's resolved value or one of the few
-    node_config derives, so a default lives only in NODE_OPTIONS."""
+    field with its own default, a line in node_config). Now each NodeConfig
+    field carries its Option (metadata) and no default of its own;
+    NODE_OPTIONS is read off the fields, and node_config fills every field
+    from its option's resolved value but the few it derives."""
     import dataclasses
 
     from pmlb.config import NodeConfig
     from pmlb.protocol.wire import DEFAULT_WINDOW
 
-    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
-    assert all(f.default is dataclasses.MISSING for f in fields.values())
-    dests = {o.dest for o in NODE_OPTIONS}
-    derived = {"upstreams"}  # from --upstream, parsed
-    assert set(fields) == (dests - {"upstream"}) | derived
+    fields = dataclasses.fields(NodeConfig)
+    assert all(f.default is dataclasses.MISSING for f in fields)
+    assert tuple(f.metadata["option"] for f in fields) == NODE_OPTIONS
+    names = {f.name for f in fields}
+    assert names == ({o.dest for o in NODE_OPTIONS} - {"upstream"}) | {"upstreams"}
     c = _cfg(["--listen", "127.0.0.1:9000", "--upstream", "127.0.0.1:7001"])
     defaults = {o.dest: o.default for o in NODE_OPTIONS}
     assert c.window == defaults["window"] == DEFAULT_WINDOW
     assert c.replay_buffer == defaults["replay_buffer"]
+    # Secrets stay out of the config's repr (and so out of logs).
+    secret = _cfg(["--listen", "127.0.0.1:9000", "--upstream", "127.0.0.1:7001",
+                   "--admin-token", "s3cret-admin", "--upstream-token", "s3cret-up"])  # fmt: skip
+    assert "s3cret" not in repr(secret)
 
 
 def test_the_move_timeout_is_its_own_setting() -> None:
