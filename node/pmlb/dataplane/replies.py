@@ -71,11 +71,7 @@ class Replies:
         upstream not in --push-upstreams."""
         self.stats.refused_pushes += 1
         # Told, so that an SDK can fail the push instead of calling it accepted.
-        writer = self.link.writer
-        f = writer.frame()
-        f.mark = mark
-        f.refused.reason = "not_permitted"
-        writer.kick()
+        self._refused(mark, "not_permitted")
         now = time.monotonic()
         if now - self._foreign_logged > LOG_EVERY:
             self._foreign_logged = now
@@ -90,14 +86,7 @@ class Replies:
 
     def refuse(self, mark: str, reason: str, size: int, limit: int) -> None:
         """Tell the upstream a frame of its was not applied (pb.Refused)."""
-        writer = self.link.writer
-        f = writer.frame()
-        f.mark = mark
-        r = f.refused
-        r.reason = reason
-        r.size = size
-        r.limit = limit
-        writer.kick()
+        self._refused(mark, reason, size, limit)
         now = time.monotonic()
         if now - self._refused_logged > LOG_EVERY:
             self._refused_logged = now
@@ -113,10 +102,17 @@ class Replies:
     def overloaded(self, mark: str) -> None:
         """A push the node cannot hand on now (too many in flight to siblings)."""
         self.stats.refused_pushes += 1
+        self._refused(mark, "overloaded")
+
+    def _refused(self, mark: str, reason: str, size: int = 0, limit: int = 0) -> None:
         writer = self.link.writer
         f = writer.frame()
         f.mark = mark
-        f.refused.reason = "overloaded"
+        r = f.refused
+        r.reason = reason
+        if size:
+            r.size = size
+            r.limit = limit
         writer.kick()
 
     def reject_unknown(self, marks: list[str]) -> None:
