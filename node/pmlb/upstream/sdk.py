@@ -347,6 +347,63 @@ class Conn:
             self._queued_bytes -= len(payload) + wire.FRAME_OVERHEAD
             self._emit(payload, acked)
 
+    # -- what its session (the node's stream) does with it ----------------------
+    # _Session calls these, never the fields they keep: the mark's delivery
+    # bookkeeping (the seq received and handled, credit owed, the handler
+    # queue) is the Conn's own.
+
+    def _touch(self, stamp: int) -> bool:
+        """First frame of batch ``stamp`` for this mark: settle it after."""
+        if self._stamp == stamp:
+            return False
+        self._stamp = stamp
+        return True
+
+    def _fresh(self, seq: int, cost: int) -> bool:
+        """Message ``seq`` is new (not a replay of one received since the
+        Open); a replayed one is not handled again, but its credit returns."""
+        if seq <= self._recv_seq:
+            self._owed += cost
+            return False
+        self._recv_seq = seq
+        return True
+
+    def _handled(self, seq: int, cost: int) -> None:
+        """The handler of message ``seq`` returned: acknowledge it, owe its credit."""
+        self._done_seq = max(self._done_seq, seq)
+        self._owed += cost
+
+    def _later(self, work: _Work) -> bool:
+        """Queue ``work`` behind the handler running for this mark; False
+        when none is (then the caller runs it now)."""
+        if not self._busy:
+            return False
+        if self._inbox is None:
+            self._inbox = deque()
+        self._inbox.append(work)
+        return True
+
+    def _running(self) -> None:
+        """An async handler of this mark is now running (or waiting for a slot)."""
+        self._busy = True
+
+    def _next(self) -> _Work | None:
+        """The next queued work, None when there is none (or the mark is gone)."""
+        inbox = self._inbox
+        if not inbox or self.closed:
+            return None
+        return inbox.popleft()
+
+    def _idle(self) -> None:
+        """No handler of this mark runs any more: settle what they did."""
+        self._busy = False
+        self._settle()
+
+    def _gone(self) -> None:
+        """Forgotten by its session: queued work is dropped."""
+        self.closed = True
+        self._inbox = None
+
     def _settle(self) -> None:
         """Acknowledge what the handlers finished and return credit for it,
         unless our queue towards the client is long."""
@@ -439,12 +496,10 @@ class _Session:
         self.writer.kick()
 
     def forget(self, conn: Conn) -> None:
-        conn.closed = True
-        conn._inbox = None
+        conn._gone()
         if self.conns.get(conn.mark) is conn:
             del self.conns[conn.mark]
-        if self.server._marks.get(conn.mark) is conn:
-            del self.server._marks[conn.mark]
+        self.server._release(conn)
 
     def process(self, batch: pb.Batch) -> None:
         """Apply one batch: frames in order, handlers started (not awaited)."""
@@ -465,16 +520,12 @@ class _Session:
                 d = f.data
                 payload = d.payload
                 cost = len(payload) + overhead
-                if conn._stamp != stamp:
-                    conn._stamp = stamp
+                if conn._touch(stamp):
                     touched.append(conn)
                 seq = d.seq
-                if seq:
-                    if seq <= conn._recv_seq:
-                        stats["duplicates_skipped"] += 1
-                        conn._owed += cost  # not handled again, but its credit returns
-                        continue
-                    conn._recv_seq = seq
+                if seq and not conn._fresh(seq, cost):
+                    stats["duplicates_skipped"] += 1
+                    continue
                 self._submit(conn, (_DATA, seq, payload, cost))
             elif kind == "open":
                 self._open(mark, f.open)
@@ -482,8 +533,7 @@ class _Session:
                 conn = conns.get(mark)
                 if conn is not None and f.flow.credit:
                     conn._on_credit(f.flow.credit)
-                    if conn._stamp != stamp:
-                        conn._stamp = stamp
+                    if conn._touch(stamp):
                         touched.append(conn)
             elif kind == "close":
                 self._close_frame(mark, f.close.reason)
@@ -519,7 +569,7 @@ class _Session:
             self.forget(old)
         conn = Conn(self, mark, o)
         self.conns[mark] = conn
-        self.server._marks[mark] = conn
+        self.server._hold(conn)
         self._submit(conn, (_OPEN, 0, None, 0))
 
     def _close_frame(self, mark: str, reason: str) -> None:
@@ -565,11 +615,7 @@ class _Session:
     # -- running handlers -------------------------------------------------------
 
     def _submit(self, conn: Conn, work: _Work) -> None:
-        if conn._busy:
-            inbox = conn._inbox
-            if inbox is None:
-                inbox = conn._inbox = deque()
-            inbox.append(work)
+        if conn._later(work):
             return
         try:
             result = self._call(conn, work)
@@ -577,7 +623,7 @@ class _Session:
             self._failed(conn, work, exc)
             return
         if result is not None and inspect.isawaitable(result):
-            conn._busy = True
+            conn._running()
             if self.running < self.server.concurrency:
                 self._spawn(conn, result, work)
             else:
@@ -629,8 +675,7 @@ class _Session:
     def _done(self, conn: Conn, work: _Work) -> None:
         kind, seq, _, cost = work
         if kind == _DATA:
-            conn._done_seq = max(conn._done_seq, seq)
-            conn._owed += cost
+            conn._handled(seq, cost)
         elif kind == _CLOSE and seq == 0:
             self.send_close(conn.mark, reasons.UPSTREAM_CLOSED, "close acknowledged")
 
@@ -688,10 +733,10 @@ class _Session:
                 else:
                     self._done(conn, work)
                 pending = None
-                inbox = conn._inbox
-                if not inbox or conn.closed:
+                queued = conn._next()
+                if queued is None:
                     break
-                work = inbox.popleft()
+                work = queued
                 try:
                     result = self._call(conn, work)
                 except Exception as exc:
@@ -700,8 +745,7 @@ class _Session:
                 if result is not None and inspect.isawaitable(result):
                     pending = result
         finally:
-            conn._busy = False
-            conn._settle()
+            conn._idle()
             self.running -= 1
             while self.ready and self.running < self.server.concurrency:
                 nxt, coro, w = self.ready.popleft()
@@ -921,6 +965,15 @@ class UpstreamServer:
     def conn(self, mark: str) -> Conn | None:
         """The Conn of a mark bound to this upstream, if any."""
         return self._marks.get(mark)
+
+    def _hold(self, conn: Conn) -> None:
+        """A session opened ``conn``: the server reaches it by its mark."""
+        self._marks[conn.mark] = conn
+
+    def _release(self, conn: Conn) -> None:
+        """Its session forgot ``conn`` (unless a newer Open replaced it)."""
+        if self._marks.get(conn.mark) is conn:
+            del self._marks[conn.mark]
 
     def push(self, mark: str, payload: bytes) -> asyncio.Future[None]:
         """Send one message to any mark in the cluster; the returned future is
