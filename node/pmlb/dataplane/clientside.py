@@ -51,8 +51,9 @@ class ClientSide(ConnBase):
         if self.proxy_buf is not None:
             self._proxy_data(data)
             return
-        if self.core.state != BOUND:
-            if self.core.state in (WAITING, MOVING) and data:
+        state = self.core.state
+        if state != BOUND:
+            if state in (WAITING, MOVING) and data:
                 self.read_paused = False  # the earlier pause did not take
                 self._pause_reading()
                 (self.early or self._start_early()).append(data)
@@ -77,13 +78,14 @@ class ClientSide(ConnBase):
 
     def _forward(self, messages: list[bytes]) -> None:
         """Send what the mark's credit allows upstream (Mark.take parks the rest)."""
-        link = self.core.route
+        core = self.core
+        link = core.route
         assert link is not None
-        n = self.core.take(messages)
+        n = core.take(messages)
         if n:
             writer = link.writer
             mark = self.mark
-            seq = self.core.seq - n
+            seq = core.seq - n
             total = 0
             for i in range(n):
                 msg = messages[i]
@@ -96,7 +98,7 @@ class ClientSide(ConnBase):
                 total += len(msg)
             if not link.expect_since:
                 link.expect_since = time.monotonic()
-            if self.core.replay_overflowed:
+            if core.replay_overflowed:
                 self._replay_overflow(link)
                 return
             # Every frame costs its bytes plus a fixed overhead, so empty
@@ -110,7 +112,7 @@ class ClientSide(ConnBase):
             stats.bytes_in += total
             if writer.pending_bytes > self.plane.config.link_buffer:
                 link.check_congestion()
-        if not self.core.reads(link.congested):
+        if not core.reads(link.congested):
             self._pause_reading()
 
     def _replay_overflow(self, link: Link[Any]) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from pmlb import __version__
 from pmlb.aio import Backoff
+from pmlb.dataplane.mark import Mark
 from pmlb.dataplane.replies import Replies
 from pmlb.dataplane.watch import Watched
 from pmlb.errors import PmlbError
@@ -88,7 +89,8 @@ class LinkSettings:
 # neither module is imported by this one.
 class Conn(Watched, Protocol):
     @property
-    def route(self) -> object: ...
+    def core(self) -> Mark[Any]:
+        """The mark's I/O-free state (read per frame: its bound route)."""
 
     def is_stale(self, route: Any) -> bool: ...
     def deliver(self, payload: bytes, acked: int, link: Any) -> None: ...
@@ -473,7 +475,7 @@ class Link(Generic[C]):
                     stats.unknown_mark_frames += 1
                     unknown.append(f.mark)
                 continue
-            if conn.route is not self and not anywhere and not conn.is_stale(self):
+            if conn.core.route is not self and not anywhere and not conn.is_stale(self):
                 # Push, close or metadata for a mark bound elsewhere: only from
                 # upstreams allowed to act on any mark (--push-upstreams).
                 self.replies.refuse_foreign(conn.mark, kind)
