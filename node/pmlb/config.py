@@ -170,17 +170,17 @@ _ETCD: Final = {o.name: o for o in ETCD_OPTIONS}
 def _declared(option: Option, *, secret: bool = False) -> Any:
     """A NodeConfig field declared by its option: the option (flag, variable,
     TOML key, default, parsing, help) is the field's only declaration; the
-    field adds its type. ``secret``: never in the config's repr (logs)."""
+    field adds its type. NODE_OPTIONS, the CLI, the variables, the TOML keys
+    and README's table come from the fields. node_config fills each with its
+    option's resolved value, or derives it (addresses parsed, upstreams, the
+    node id's default). ``secret``: never in the config's repr (logs)."""
     return field(repr=not secret, metadata={"option": option})
 
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """A node's configuration. Each field is declared once, with its option:
-    ``node_config`` fills it with the option's resolved value, or derives it
-    (addresses parsed, upstreams, the node id's default); NODE_OPTIONS, the
-    CLI, the variables, the TOML keys and the README's table come from here.
-    Fields in the order ``--help`` and README list them."""
+    """A node's configuration; each field declared once, with its option (see
+    _declared), in the order --help and README list them. node_config fills it."""
 
     listen: tuple[tuple[str, int], ...] = _declared(
         Option("listen", "client listener HOST:PORT (repeatable)", repeated=True, type=_hostport)
