@@ -179,8 +179,7 @@ def _declared(option: Option, *, secret: bool = False) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """A node's configuration; each field declared once, with its option (see
-    _declared), in the order --help and README list them. node_config fills it."""
+    """A node's configuration; each field declared once, with its option."""
 
     listen: tuple[tuple[str, int], ...] = _declared(
         Option("listen", "client listener HOST:PORT (repeatable)", repeated=True, type=_hostport)
