@@ -51,6 +51,7 @@ WORKER_MODULES = frozenset(
         "test_upstream_faults",
         "test_persistent",
         "test_etcd_cluster",
+        "test_etcd_members",
         "test_limits",
         "test_dns_cluster",
         "test_dataplane",
