@@ -174,8 +174,8 @@ class ConnBase(asyncio.Protocol):
     def binds(self) -> int:
         return self.core.binds
 
-    def is_stale(self, route: object) -> bool:
-        return self.core.is_stale(route)  # type: ignore[arg-type]
+    def is_stale(self, route: Link[Any] | None) -> bool:
+        return self.core.is_stale(route)
 
     @property
     def upstream_id(self) -> str:
