@@ -130,6 +130,7 @@ def run(
     main: Callable[[asyncio.Event], Coroutine[Any, Any, T]],
     on_hup: Callable[[], object] | None = None,
     on_force: Callable[[], object] | None = None,
+    on_usr2: Callable[[], object] | None = None,
 ) -> T:
     """Run ``main(stop_event)`` on uvloop when available.
 
@@ -137,7 +138,8 @@ def run(
     exits at once with status 1, like uvicorn. SIGHUP calls ``on_hup`` (a
     reload) and never stops the process; without ``on_hup`` it is logged and
     ignored (its default action would kill the process). ``on_force`` runs
-    just before a forced exit (a supervisor passes the signal on).
+    just before a forced exit (a supervisor passes the signal on). SIGUSR2
+    calls ``on_usr2`` (a live handover); without it, it is logged and ignored.
     """
     try:
         import uvloop
@@ -173,9 +175,20 @@ def run(
             except Exception:  # a reload must never take the process down
                 log.exception("reload failed; the running configuration is kept")
 
+        def on_sigusr2() -> None:
+            if on_usr2 is None:
+                log.info("SIGUSR2 received: nothing to hand over here")
+                return
+            log.info("SIGUSR2 received: handing over to a successor")
+            try:
+                on_usr2()
+            except Exception:  # never takes the process down
+                log.exception("handover could not start; carrying on")
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        loop.add_signal_handler(signal.SIGUSR2, on_sigusr2)
         return await main(stop)
 
     return runner(wrapper())

@@ -160,9 +160,12 @@ def _node(args: argparse.Namespace) -> int:
     try:
         # SIGHUP re-reads the same flags, variables and --config file.
         app = NodeApp(
-            config, reload_config=lambda: node_config(resolve(NODE_OPTIONS, args)), role=role
+            config,
+            reload_config=lambda: node_config(resolve(NODE_OPTIONS, args)),
+            role=role,
+            argv=args.raw_argv,
         )
-        return aio.run(app.run, on_hup=app.reload)
+        return aio.run(app.run, on_hup=app.reload, on_usr2=app.hand_over)
     except Exception as exc:
         if role is not None:  # the supervisor says why the node cannot start, in one line
             supervisor_channel(role).say(

@@ -48,6 +48,7 @@ class Acceptor:
         keepalive: float = 0.0,
         gate: AbstractContextManager[Any] | None = None,
         counted: Callable[[int], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         # A node of several workers (pmlb.dataplane.siblings.NodeCounters):
         # the limit check, the accept and counting the new socket happen under
@@ -75,7 +76,8 @@ class Acceptor:
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.create_server(
+        # ``sock``: a listener handed over by the node's previous process.
+        self.sock = sock or socket.create_server(
             (host, port), family=family, backlog=backlog, reuse_port=reuse_port
         )
         self.sock.setblocking(False)

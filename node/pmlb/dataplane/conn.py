@@ -294,6 +294,19 @@ class ClientConn(ClientSide):
         self._pause_reading()
         self._arm(self.plane.config.move_timeout, self._move_timed_out)
 
+    def pause_for_handover(self) -> None:
+        """An unbound mark about to be handed over (dataplane.handoff):
+        nothing more is read, no timer runs."""
+        self._disarm()
+        self._pause_reading()
+
+    def handed_off(self) -> None:
+        """The successor holds the socket now: close ours, telling nobody."""
+        self.core.closing()
+        self._disarm()
+        if self.transport is not None:
+            self.transport.close()
+
     def _move_timed_out(self) -> None:
         self.timer = None
         if self.core.state != MOVING:

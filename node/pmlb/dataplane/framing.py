@@ -70,6 +70,10 @@ class RawDecoder:
             return [data] if data else []
         return [data[i : i + limit] for i in range(0, len(data), limit)]
 
+    def buffered(self) -> bytes:
+        """The incomplete message held back (a live handover carries it over)."""
+        return b""
+
     @property
     def pending(self) -> int:
         return 0
@@ -94,6 +98,10 @@ class LineDecoder:
             raise FrameTooLarge(max(map(len, parts)), limit)
         self._buf = tail
         return parts
+
+    def buffered(self) -> bytes:
+        """The incomplete message held back (a live handover carries it over)."""
+        return self._buf
 
     @property
     def pending(self) -> int:
@@ -125,6 +133,10 @@ class LengthPrefixDecoder:
             pos = stop
         self._buf = buf[pos:] if pos < end else b""
         return out
+
+    def buffered(self) -> bytes:
+        """The incomplete message held back (a live handover carries it over)."""
+        return self._buf
 
     @property
     def pending(self) -> int:
@@ -181,6 +193,10 @@ class LengthFieldDecoder:
         self._buf = buf[pos:] if pos < end else b""
         return out
 
+    def buffered(self) -> bytes:
+        """The incomplete message held back (a live handover carries it over)."""
+        return self._buf
+
     @property
     def pending(self) -> int:
         return len(self._buf)
@@ -220,6 +236,10 @@ class DelimiterDecoder:
             raise FrameTooLarge(tail, limit)
         self._buf = buf[pos:]
         return out
+
+    def buffered(self) -> bytes:
+        """The incomplete message held back (a live handover carries it over)."""
+        return self._buf
 
     @property
     def pending(self) -> int:
@@ -307,6 +327,10 @@ class StompDecoder:
             pos = stop
         self._buf = buf[pos:] if pos < end else b""
         return out
+
+    def buffered(self) -> bytes:
+        """The incomplete message held back (a live handover carries it over)."""
+        return self._buf
 
     @property
     def pending(self) -> int:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, Protocol
 
 from pmlb.aio import wait_event
 from pmlb.config import NodeConfig
@@ -38,7 +39,7 @@ from pmlb.dataplane.siblings import NodeCounters, NodeProbation, Siblings
 from pmlb.dataplane.upstreams import UpstreamLink, Upstreams
 from pmlb.dataplane.watch import MarkWatch
 from pmlb.observability.logs import fields
-from pmlb.observability.stats import NodeStats
+from pmlb.observability.stats import HandoverStats, NodeStats
 from pmlb.observability.tracing import ConnTracer
 from pmlb.protocol import reasons
 from pmlb.protocol.domain import UpstreamSpec, format_hostport
@@ -53,6 +54,12 @@ RECENTLY_CLOSED: Final = 512
 # How often a worker paused at --max-connections looks whether its siblings'
 # clients left room.
 LIMIT_POLL: Final = 0.05
+
+
+class Claims(Protocol):
+    """A handover batch being let go (dataplane.handoff.Release)."""
+
+    def claim(self, conn: ClientConn) -> bool: ...
 
 
 class DataPlane:
@@ -123,6 +130,8 @@ class DataPlane:
         self._raw_decoder: Decoder | None = None
         self.recently_closed: dict[str, dict[str, object]] = {}
         self.watch = MarkWatch()
+        self.handover_stats = HandoverStats()
+        self.handoff: Claims | None = None  # a handover batch on its way out
 
     def reconfigure(self, config: NodeConfig) -> None:
         """Take a reloaded config (only config.RELOADABLE fields differ): the
@@ -166,8 +175,10 @@ class DataPlane:
             return self._raw_decoder
         return make_decoder(self.config.framing, self.config.max_frame)
 
-    async def start(self) -> None:
-        for host, port in self.config.listen:
+    async def start(self, socks: list[socket.socket] | None = None) -> None:
+        """Listen on the configured addresses, or on ``socks``: the listeners
+        the node's previous process handed over, in the same order."""
+        for i, (host, port) in enumerate(self.config.listen):
             acceptor = Acceptor(
                 host,
                 port,
@@ -183,6 +194,7 @@ class DataPlane:
                 keepalive=self.config.client_keepalive,
                 gate=_Admission(self) if self.counters is not None else None,
                 counted=self.publish_open if self.counters is not None else None,
+                sock=socks[i] if socks else None,
             )
             self.acceptors.append(acceptor)
             log.info(
@@ -295,25 +307,7 @@ class DataPlane:
         limits = [t for t in (cfg.idle_timeout, cfg.max_lifetime) if t]
         if limits:
             period = min(10.0, max(0.1, min(limits) / 4))
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(period))
-
-    async def _sweep(self, period: float) -> None:
-        cfg = self.config
-        while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            idle_before = now - cfg.idle_timeout if cfg.idle_timeout else -1.0
-            wall_ms = time.time() * 1000
-            for conn in list(self.marks.values()):
-                if conn.state >= CLOSING:
-                    continue
-                if cfg.idle_timeout and conn.last_active < idle_before:
-                    conn.close(reasons.IDLE_TIMEOUT, f"silent for {cfg.idle_timeout:g}s")
-                elif cfg.max_lifetime:
-                    # Jitter (up to -10%, stable per mark) spreads reconnects out.
-                    life = cfg.max_lifetime * (1 - 0.1 * (hash(conn.mark) % 1000) / 1000)
-                    if wall_ms - conn.accepted_ms > life * 1000:
-                        conn.close(reasons.MAX_LIFETIME, f"open for {cfg.max_lifetime:g}s")
+            self._sweeper = asyncio.get_running_loop().create_task(_sweep(self, period))
 
     def forget(self, conn: ClientConn) -> None:
         if self.marks.pop(conn.mark, None) is None:
@@ -354,7 +348,15 @@ class DataPlane:
         self.placement.bind_waiting()
 
     def rebind(self, conn: ClientConn) -> None:
-        self.placement.rebind(conn)
+        if self.handoff is None or not self.handoff.claim(conn):
+            self.placement.rebind(conn)
+
+    def adopt(self, conn: ClientConn) -> None:
+        """A mark the node's previous process handed over (dataplane.handoff)."""
+        self.stats.open += 1
+        self.publish_open()
+        self.marks[conn.mark] = conn
+        self._idle.clear()
 
     def unwait(self, conn: ClientConn) -> None:
         self.placement.unwait(conn)
@@ -498,3 +500,23 @@ def _closed(conn: ClientConn, reason: str, tracer: ConnTracer) -> None:
             v for k, v in sorted(conn.span.attributes.items()) if k.startswith("pmlb.upstream.")
         ]
         tracer.end(conn, upstreams)
+
+
+async def _sweep(plane: DataPlane, period: float) -> None:
+    """The sweeper's loop: idle timeout and max lifetime (DataPlane.start_sweeper)."""
+    while True:
+        cfg = plane.config
+        await asyncio.sleep(period)
+        now = time.monotonic()
+        idle_before = now - cfg.idle_timeout if cfg.idle_timeout else -1.0
+        wall_ms = time.time() * 1000
+        for conn in list(plane.marks.values()):
+            if conn.state >= CLOSING:
+                continue
+            if cfg.idle_timeout and conn.last_active < idle_before:
+                conn.close(reasons.IDLE_TIMEOUT, f"silent for {cfg.idle_timeout:g}s")
+            elif cfg.max_lifetime:
+                # Jitter (up to -10%, stable per mark) spreads reconnects out.
+                life = cfg.max_lifetime * (1 - 0.1 * (hash(conn.mark) % 1000) / 1000)
+                if wall_ms - conn.accepted_ms > life * 1000:
+                    conn.close(reasons.MAX_LIFETIME, f"open for {cfg.max_lifetime:g}s")

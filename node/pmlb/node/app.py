@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from pmlb import __version__
+from pmlb.aio import Backoff
 from pmlb.cluster.membership import EtcdMembership, Membership, StaticMembership
 from pmlb.cluster.registration import node_entry
 from pmlb.config import NodeConfig, config_changes
@@ -41,6 +43,7 @@ from pmlb.dataplane.siblings import (
 )
 from pmlb.errors import ConfigError
 from pmlb.node import sdnotify
+from pmlb.node.handover import Giver, Taker, successor_argv, taker_channel
 from pmlb.node.routes import add_node_routes
 from pmlb.node.workers import SupervisorChannel, WorkerRole, supervisor_channel
 from pmlb.observability import metrics
@@ -60,9 +63,16 @@ class NodeApp:
         config: NodeConfig,
         reload_config: Callable[[], NodeConfig] | None = None,
         role: WorkerRole | None = None,
+        argv: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.role = role
+        # The command line a successor is started from (SIGUSR2), and the
+        # channel to the predecessor when this process is one.
+        self.argv = list(argv)
+        self.taker_chan = taker_channel()
+        self._giving: asyncio.Task[None] | None = None
+        self.handed_over = False
         self._reload_config = reload_config
         self.reloads = 0
         self.stats = NodeStats()
@@ -98,6 +108,7 @@ class NodeApp:
             self._routes(self.admin)
         self.started_at = now_rfc3339()
         self._stop_event: asyncio.Event | None = None
+        self._taking: asyncio.Task[None] | None = None
         self.control: grpc.aio.Server | None = None
         self.control_port = 0
         self.membership: Membership = self._membership(config, role)
@@ -121,36 +132,21 @@ class NodeApp:
         # if etcd is down, start anyway (clients wait up to --connect-timeout).
         if not await self.membership.follow():
             log.warning("etcd not reachable yet: listening without an upstream view")
-        if self.admin is not None:
-            await self.admin.start()
-        cfg = self.config
-        if self.role is not None:
-            self.internal_control, _ = await start_control(
-                self.plane, "unix:" + control_socket(self.role.rundir, self.role.index), 0
-            )
-        if cfg.control is not None:
-            creds = (
-                grpc_server_credentials(cfg.control_cert, cfg.control_key, cfg.control_client_ca)
-                if cfg.control_cert and cfg.control_key
-                else None
-            )
-            host, port = cfg.control
-            self.control, self.control_port = await start_control(
-                self.plane,
-                host,
-                port,
-                token=cfg.control_token,
-                credentials=creds,
-                siblings=self.siblings,
-            )
-        if self.channel is not None:
-            # Every sibling bound what it needs before any of them takes a client.
-            self.channel.say("prepared")
-            await self.channel.wait_go()
-        await self.plane.start()
+        taker = None
+        if self.taker_chan is not None:
+            taker = Taker(self.taker_chan, self.plane, self.role.index if self.role else None)
+        try:
+            await self._bind(taker)
+        except Exception as exc:
+            if taker is not None:  # the predecessor carries on, and logs why
+                await taker.refuse(f"the successor could not start: {exc}")
+            raise
         # Registers once the listeners are bound; READY=1 for systemd once
         # registered (a supervisor speaks for its workers).
-        await self.membership.join(sdnotify.ReadyOnce() if self.channel is None else None)
+        ready = sdnotify.ReadyOnce(main_pid=taker is not None)
+        await self.membership.join(ready if self.channel is None else None)
+        if taker is not None:
+            self._taking = asyncio.get_running_loop().create_task(taker.take_marks())
         log.info(
             "node %s (pmlb %s) ready: service %r, %d upstreams (%s)",
             self.config.node_id,
@@ -162,9 +158,108 @@ class NodeApp:
         if self.channel is not None:
             self.channel.say("ready")
 
+    async def _bind(self, taker: Taker | None) -> None:
+        """Admin, control API, then the client listeners: bound here, or
+        taken from the predecessor (a live handover)."""
+        socks: list[socket.socket] = []
+        admin_sock = None
+        if taker is not None:
+            socks, admin_sock = await taker.listeners()
+        if self.admin is not None:
+            await self.admin.start(admin_sock)
+        if self.role is not None:
+            self.internal_control, _ = await start_control(
+                self.plane, "unix:" + control_socket(self.role.rundir, self.role.index), 0
+            )
+        await self._start_control()
+        if self.channel is not None:
+            # Every sibling bound what it needs before any of them takes a client.
+            self.channel.say("prepared")
+            await self.channel.wait_go()
+        await self.plane.start(socks or None)
+        if taker is not None:
+            await taker.listening()
+
+    async def _start_control(self) -> None:
+        cfg = self.config
+        if cfg.control is None:
+            return
+        creds = (
+            grpc_server_credentials(cfg.control_cert, cfg.control_key, cfg.control_client_ca)
+            if cfg.control_cert and cfg.control_key
+            else None
+        )
+        host, port = cfg.control
+        self.control, self.control_port = await start_control(
+            self.plane,
+            host,
+            port,
+            token=cfg.control_token,
+            credentials=creds,
+            siblings=self.siblings,
+        )
+
+    # -- live handover (SIGUSR2, pmlb.node.handover) ---------------------------------
+
+    def hand_over(self) -> None:
+        """Start a successor from this command line and hand it the
+        listeners and every connection that can move; on success this
+        process drains what stayed and exits."""
+        if self._giving is not None and not self._giving.done():
+            log.warning("handover: one is under way already; this request is ignored")
+            return
+        if self.draining() or self.handed_over:
+            log.warning("handover: this node is stopping; nothing to hand over")
+            return
+        if not self.argv:
+            log.warning("handover: no command line to start a successor from")
+            return
+        self._giving = asyncio.get_running_loop().create_task(self._give())
+
+    async def _give(self) -> None:
+        giver = Giver(
+            self.plane,
+            successor_argv(self.argv),
+            lambda: (
+                [a.sock for a in self.plane.acceptors],
+                self.admin.listening_socket() if self.admin is not None else None,
+            ),
+            self._quiesce,
+            self._revive,
+            self.role.index if self.role else None,
+        )
+        if await giver.run():
+            self.handed_over = True
+            self.request_stop()
+
+    async def _quiesce(self) -> None:
+        """The successor serves admin and control requests from now on."""
+        if self.admin is not None and self.role is None:
+            await self.admin.stop()
+        if self.control is not None:
+            await self.control.stop(1.0)
+            self.control = None
+
+    async def _revive(self) -> None:
+        """The handover failed after _quiesce: serve admin and control again
+        (the successor is gone, so are its sockets: retry briefly)."""
+        backoff = Backoff(0.05, 1.0)
+        for _ in range(20):
+            try:
+                if self.admin is not None and self.role is None:
+                    await self.admin.start()
+                if self.control is None:
+                    await self._start_control()
+                return
+            except (OSError, RuntimeError) as exc:
+                log.info("handover: admin or control not bindable yet (%s); retrying", exc)
+                await asyncio.sleep(backoff.next())
+        log.error("handover: could not serve admin and control again")
+
     async def stop(self) -> None:
         log.info("node %s stopping", self.config.node_id)
-        if self.channel is None:
+        if self.channel is None and not self.handed_over:
+            # After a handover the successor is systemd's main process now.
             sdnotify.notify("STOPPING=1")
         # Leave the cluster first: give up the checker role and revoke the lease,
         # so other nodes take over and stop seeing us before we stop serving.

@@ -10,6 +10,7 @@ several workers answers for all of them through node.aggregate.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import urllib.parse
 from typing import TYPE_CHECKING, Protocol
@@ -77,7 +78,9 @@ class NodeRoutes:
         self.plane = app.plane
         self._routable_ids: set[str] = set()
         self.registry = metrics.make_registry(
-            metrics.NodeCollector(app.stats, self._link_samples, app.node_sample)
+            metrics.NodeCollector(
+                app.stats, self._link_samples, app.node_sample, app.plane.handover_stats
+            )
         )
 
     async def healthz(self, query: str) -> Reply:
@@ -165,6 +168,8 @@ class NodeRoutes:
                 "etcd_session_up": self.app.membership.session_up,
                 "checker": self.app.membership.checker_id,
                 "worker": self.app.role.index if self.app.role is not None else None,
+                "pid": os.getpid(),
+                "handover": self.plane.handover_stats.describe(),
             },
             "upstreams": [
                 {

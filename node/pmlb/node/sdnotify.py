@@ -43,10 +43,13 @@ class ReadyOnce:
     callback, added after the registration's, it runs once the node's key is
     in etcd; without etcd, call it once listening."""
 
-    def __init__(self) -> None:
+    def __init__(self, main_pid: bool = False) -> None:
         self.sent = False
+        # A successor after a live handover (pmlb.node.handover) tells systemd
+        # it is the service's main process now (needs NotifyAccess=all).
+        self.main_pid = main_pid
 
     async def __call__(self, lease: int = 0) -> None:
         if not self.sent:
             self.sent = True
-            notify("READY=1")
+            notify(f"MAINPID={os.getpid()}\nREADY=1" if self.main_pid else "READY=1")

@@ -112,17 +112,29 @@ class AdminServer:
         # "null" (sandboxed frames, file: pages) or another host:port.
         return not sep or rest.rstrip("/").lower() != headers.get("host", "").lower()
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on ``host:port``, or on ``sock`` (the listener a live
+        handover passed on from the node's previous process)."""
         if self.unix_path is not None:
             self._server = await asyncio.start_unix_server(self._handle, self.unix_path)
             return
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        if sock is not None:
+            self._server = await asyncio.start_server(self._handle, sock=sock)
+        else:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("admin HTTP on %s:%d", self.host, self.port)
+
+    def listening_socket(self) -> socket.socket | None:
+        """The TCP listener, for a live handover (None on a Unix socket)."""
+        if self._server is None or self.unix_path is not None or not self._server.sockets:
+            return None
+        return self._server.sockets[0]
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from pmlb import __version__
 from pmlb.aio import RESTARTS
-from pmlb.observability.stats import NodeStats
+from pmlb.observability.stats import HandoverStats, NodeStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -244,16 +244,49 @@ def _family(name: str, kind: str, help_: str, value: float) -> Metric:
     return GaugeMetricFamily(name, help_, value=value)
 
 
+def _handover(h: HandoverStats) -> Iterator[Metric]:
+    """Live handovers (SIGUSR2, pmlb.node.handover) of this process."""
+    marks = CounterMetricFamily(
+        "pmlb_handover_marks",
+        "Marks handed to a successor process (out) or taken from a predecessor (in).",
+        labels=["direction"],
+    )
+    marks.add_metric(["out"], h.marks_out)
+    marks.add_metric(["in"], h.marks_in)
+    yield marks
+    yield GaugeMetricFamily(
+        "pmlb_handover_in_progress",
+        "1 while this process hands over or takes over connections.",
+        value=1 if h.state in ("giving", "taking") else 0,
+    )
+    yield GaugeMetricFamily(
+        "pmlb_handover_kept_marks",
+        "Marks the last handover left here to drain (TLS, half-closed, ...).",
+        value=h.kept,
+    )
+    yield CounterMetricFamily(
+        "pmlb_handovers_failed", "Handovers that did not complete.", value=h.failed
+    )
+    pause = HistogramMetricFamily(
+        "pmlb_handover_pause_seconds",
+        "Per client: from the old process pausing its reads to the new one resuming it.",
+    )
+    pause.add_metric([], h.pause.cumulative(), sum_value=h.pause.total)
+    yield pause
+
+
 class NodeCollector(Collector):
     def __init__(
         self,
         stats: NodeStats,
         links: Callable[[], Iterable[LinkSample]],
         sample: Callable[[], NodeSample],
+        handover: HandoverStats | None = None,
     ) -> None:
         self.stats = stats
         self.links = links
         self.sample = sample
+        self.handover = handover
 
     def collect(self) -> Iterator[Metric]:
         yield from self._node()
@@ -264,6 +297,8 @@ class NodeCollector(Collector):
         if node.etcd is not None:
             for name, kind, help_, get_e in _ETCD:
                 yield _family(name, kind, help_, float(get_e(node.etcd)))
+        if self.handover is not None:
+            yield from _handover(self.handover)
 
     def _node(self) -> Iterator[Metric]:
         s = self.stats

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Final
+from typing import Any, Final
 
 # Bucket upper bounds, in seconds.
 DURATION_BUCKETS: Final = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 6 * 3600.0, 24 * 3600.0)
@@ -112,3 +112,46 @@ class NodeStats:
         self.move_timeouts = 0
         self.pings = 0  # liveness pings sent on links
         self.refused_pushes = 0  # frames for marks bound elsewhere, not allowed
+
+
+class HandoverStats:
+    """What /metrics and the dashboards say of handovers, in this process."""
+
+    __slots__ = (
+        "failed",
+        "kept",
+        "last_error",
+        "last_seconds",
+        "marks_in",
+        "marks_out",
+        "pause",
+        "pause_max",
+        "state",
+    )
+
+    def __init__(self) -> None:
+        self.state = "none"  # none, giving, taking, given, taken, failed
+        self.marks_out = 0  # handed to a successor
+        self.marks_in = 0  # taken from a predecessor
+        self.kept = 0  # not movable: left to drain here
+        self.failed = 0  # handovers that did not complete
+        self.last_error = ""
+        self.last_seconds = 0.0
+        # Per client: from the giver pausing its reads to the taker binding it.
+        self.pause = Histogram(LATENCY_BUCKETS)
+        self.pause_max = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "marks_out": self.marks_out,
+            "marks_in": self.marks_in,
+            "kept": self.kept,
+            "failed": self.failed,
+            "last_error": self.last_error,
+            "last_seconds": round(self.last_seconds, 3),
+            "pause_mean_ms": round(1000 * self.pause.total / self.pause.count, 1)
+            if self.pause.count
+            else 0.0,
+            "pause_max_ms": round(1000 * self.pause_max, 1),
+        }

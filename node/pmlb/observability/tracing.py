@@ -132,6 +132,25 @@ class ConnTracer:
         self.child(span, "pmlb.accept", {"pmlb.mark": conn.mark})
         return span
 
+    def resume(self, conn: Any, carrier: dict[str, str]) -> Any:
+        """The root span of a connection the node's previous process handed
+        over: a new span in the same trace, a child of the old process's."""
+        span = self._tracer.start_span(
+            "pmlb.connection",
+            context=self._propagator.extract(carrier),
+            kind=self._trace.SpanKind.SERVER,
+            attributes={
+                "pmlb.mark": conn.mark,
+                "pmlb.service": self.service,
+                "pmlb.node_id": self.node_id,
+                "client.address": conn.client_addr,
+                "client.port": conn.client_port,
+                "pmlb.handed_over": True,
+            },
+        )
+        self.child(span, "pmlb.taken_over", {"pmlb.mark": conn.mark})
+        return span
+
     def child(self, span: Any, name: str, attributes: dict[str, Any]) -> None:
         if span is None:
             return
