@@ -99,7 +99,7 @@ MATRIX_MODULES := tests/integration/test_failover.py tests/integration/test_host
 	tests/faults/test_poison_workers.py tests/faults/test_faults.py \
 	tests/integration/test_mqtt.py tests/integration/test_close_reasons.py \
 	tests/integration/test_balancers.py tests/integration/test_sdk_parity.py \
-	tests/integration/test_sdk_marks.py
+	tests/integration/test_sdk_marks.py tests/integration/test_handover.py
 
 test-matrix: install
 	PMLB_TEST_MATRIX=full $(PY) -m pytest $(MATRIX_MODULES) $(PYTEST_ARGS)

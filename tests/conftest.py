@@ -58,6 +58,7 @@ WORKER_MODULES = frozenset(
         "test_dashboard_browser",
         "test_modbus",
         "test_resp_plugin",
+        "test_handover",
     }
 )
 WORKERS = ("w1", "wdefault")

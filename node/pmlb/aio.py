@@ -192,3 +192,27 @@ def run(
         return await main(stop)
 
     return runner(wrapper())
+
+
+async def fd_ready(fd: int, write: bool = False) -> None:
+    """Until ``fd`` is readable (or writable): one wait on the running loop,
+    for sockets read with calls asyncio has no coroutine for (recvmsg with
+    descriptors, MSG_DONTWAIT on a blocking socket)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)

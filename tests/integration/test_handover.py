@@ -202,7 +202,8 @@ async def test_a_successor_that_cannot_start_leaves_the_node_serving(
 
         handover = await async_wait_until(failed, 30, "the handover failed")
         assert isinstance(handover, dict)
-        assert "closed the channel" in str(handover["last_error"]), handover
+        assert "the successor" in str(handover["last_error"]), handover
+        assert "exited" in str(handover["last_error"]), handover
         assert node.proc.alive()
         assert _status(node.admin)["pid"] == node.proc.pid
         assert "handover failed, this process carries on serving" in node.proc.log()
@@ -212,7 +213,9 @@ async def test_a_successor_that_cannot_start_leaves_the_node_serving(
             assert line.split(b" ", 1)[0] == mark
         assert await asyncio.to_thread(tcp_open, "127.0.0.1", node.port), "still accepting"
         m = await asyncio.to_thread(scrape, node.admin)
-        assert m["pmlb_handovers_failed_total"] == 1
+        # Counted by each process that tried: every worker of a node of several.
+        processes = len(_status(node.admin).get("workers") or [None])  # type: ignore[arg-type]
+        assert m["pmlb_handovers_failed_total"] == processes
         # Mended: the next try hands over.
         config.write_text('log-level = "info"\n')
         status = await _hand_over(node.admin, node.proc.pid, successors)

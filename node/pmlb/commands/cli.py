@@ -156,7 +156,12 @@ def _node(args: argparse.Namespace) -> int:
     workers = config.workers or default_workers()
     if workers > 1:
         supervisor = Supervisor(config, args.raw_argv, workers)
-        return aio.run(supervisor.run, on_hup=supervisor.reload, on_force=supervisor.force)
+        return aio.run(
+            supervisor.run,
+            on_hup=supervisor.reload,
+            on_force=supervisor.force,
+            on_usr2=supervisor.hand_over,
+        )
     try:
         # SIGHUP re-reads the same flags, variables and --config file.
         app = NodeApp(

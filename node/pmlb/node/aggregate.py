@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
@@ -322,6 +323,8 @@ class NodeAdmin:
                 "marks_open": sum(int(n.get("marks_open", 0)) for n in nodes),
                 "accepted_total": sum(int(n.get("accepted_total", 0)) for n in nodes),
                 "etcd_session_up": bool(session and session.healthy),
+                "pid": os.getpid(),
+                "handover": merge_handover([n.get("handover") for n in nodes]),
                 "checker": next((n["checker"] for n in nodes if n.get("checker")), ""),
                 "workers": [
                     {
@@ -368,3 +371,34 @@ def node_admin(supervisor: Supervisor) -> AdminServer:
     admin.route("POST", "/api/mark/close", node.close_mark, protected=True)
     admin.route("POST", "/drain", node.drain, protected=True)
     return admin
+
+
+# The node's handover state is its workers' least settled one.
+_HANDOVER_ORDER: Final = ("giving", "taking", "failed", "given", "taken", "none")
+
+
+def merge_handover(parts: Iterable[object]) -> dict[str, Any]:
+    """The workers' handover figures as the node's: marks summed, the
+    longest pause, the least settled state, the first error."""
+    got = [p for p in parts if isinstance(p, dict)]
+    states = [str(p.get("state", "none")) for p in got]
+    out: dict[str, Any] = {
+        "state": min(states, key=lambda s: _HANDOVER_ORDER.index(s) if s in _HANDOVER_ORDER else 0)
+        if states
+        else "none",
+        "last_error": next((str(p["last_error"]) for p in got if p.get("last_error")), ""),
+    }
+    for key in ("marks_out", "marks_in", "kept", "failed"):
+        out[key] = sum(int(p.get(key, 0)) for p in got)
+    for key in ("last_seconds", "pause_max_ms"):
+        out[key] = max((float(p.get(key, 0)) for p in got), default=0.0)
+    moved = out["marks_in"]
+    out["pause_mean_ms"] = (
+        round(
+            sum(float(p.get("pause_mean_ms", 0)) * int(p.get("marks_in", 0)) for p in got) / moved,
+            1,
+        )
+        if moved
+        else 0.0
+    )
+    return out

@@ -43,7 +43,7 @@ from pmlb.dataplane.siblings import (
 )
 from pmlb.errors import ConfigError
 from pmlb.node import sdnotify
-from pmlb.node.handover import Giver, Taker, successor_argv, taker_channel
+from pmlb.node.handover import Giver, Taker, handover_socket, successor_argv, taker_channel
 from pmlb.node.routes import add_node_routes
 from pmlb.node.workers import SupervisorChannel, WorkerRole, supervisor_channel
 from pmlb.observability import metrics
@@ -109,6 +109,8 @@ class NodeApp:
         self.started_at = now_rfc3339()
         self._stop_event: asyncio.Event | None = None
         self._taking: asyncio.Task[None] | None = None
+        self._commands: asyncio.Task[None] | None = None
+        self._giver: Giver | None = None
         self.control: grpc.aio.Server | None = None
         self.control_port = 0
         self.membership: Membership = self._membership(config, role)
@@ -157,6 +159,9 @@ class NodeApp:
         )
         if self.channel is not None:
             self.channel.say("ready")
+            self._commands = asyncio.get_running_loop().create_task(
+                self.channel.commands(self._command)
+            )
 
     async def _bind(self, taker: Taker | None) -> None:
         """Admin, control API, then the client listeners: bound here, or
@@ -211,13 +216,24 @@ class NodeApp:
         if self.draining() or self.handed_over:
             log.warning("handover: this node is stopping; nothing to hand over")
             return
-        if not self.argv:
+        if not self.argv and self.role is None:
             log.warning("handover: no command line to start a successor from")
             return
         self._giving = asyncio.get_running_loop().create_task(self._give())
 
+    def _command(self, line: str) -> None:
+        """A line from the supervisor after "go" (a node of several)."""
+        if line == "handover":
+            self.hand_over()
+        elif line == "handover-cancel":
+            if self._giver is not None:
+                self._giver.abandon()
+        elif line:
+            log.warning("the supervisor said %r; not understood", line[:40])
+
     async def _give(self) -> None:
-        giver = Giver(
+        role = self.role
+        self._giver = giver = Giver(
             self.plane,
             successor_argv(self.argv),
             lambda: (
@@ -226,9 +242,14 @@ class NodeApp:
             ),
             self._quiesce,
             self._revive,
-            self.role.index if self.role else None,
+            role.index if role else None,
         )
-        if await giver.run():
+        # A worker's successor is started by the successor's supervisor and
+        # comes to the rendezvous socket; the supervisor hears how it went.
+        done = await giver.run(handover_socket(role.rundir, role.index) if role else "")
+        if self.channel is not None:
+            self.channel.say("handover", error="" if done else giver.why)
+        if done:
             self.handed_over = True
             self.request_stop()
 

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pmlb import __version__
 from pmlb._proto.pmlb.v1 import handover_pb2 as hpb
+from pmlb.aio import fd_ready
 from pmlb.dataplane import handoff
 from pmlb.errors import PmlbError
 
@@ -67,6 +68,7 @@ FORMAT: Final = 1  # HandoverHello.format this version speaks
 HELLO_TIMEOUT: Final = 60.0
 STEP_TIMEOUT: Final = 30.0
 LINKS_WAIT: Final = 5.0
+CONNECT_WAIT: Final = 10.0
 MAX_MESSAGE: Final = 64 << 20  # a batch is bounded by handoff.BATCH_BYTES
 MAX_FDS: Final = 253  # SCM_MAX_FD
 _HEADER: Final = struct.Struct(">I")
@@ -87,25 +89,6 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    async def _ready(self, write: bool) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        fd = self.sock.fileno()
-        if write:
-            add, remove = loop.add_writer, loop.remove_writer
-        else:
-            add, remove = loop.add_reader, loop.remove_reader
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        add(fd, ready)
-        try:
-            await fut
-        finally:
-            remove(fd)
-
     async def send(self, msg: hpb.HandoverMessage, fds: Sequence[int] = ()) -> None:
         body = msg.SerializeToString()
         data = memoryview(_HEADER.pack(len(body)) + body)
@@ -114,7 +97,7 @@ class Channel:
             try:
                 sent = self.sock.sendmsg([data], anc)
             except BlockingIOError:
-                await self._ready(write=True)
+                await fd_ready(self.sock.fileno(), write=True)
                 continue
             except OSError as exc:
                 raise HandoverError(f"the other process is gone ({exc.strerror})") from None
@@ -146,7 +129,7 @@ class Channel:
             try:
                 data, anc, flags, _ = self.sock.recvmsg(n - len(buf), space)
             except BlockingIOError:
-                await self._ready(write=False)
+                await fd_ready(self.sock.fileno())
                 continue
             except OSError as exc:
                 raise HandoverError(f"the other process is gone ({exc.strerror})") from None
@@ -217,19 +200,30 @@ class Giver:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.successor_pid = 0
+        self.why = ""  # why it failed
+        self._abandoned = asyncio.Event()
 
-    async def run(self) -> bool:
+    async def run(self, rendezvous: str = "") -> bool:
+        """Hand over to a successor started here, or (``rendezvous``, a worker
+        of a node of several) to the one that connects to that Unix socket:
+        the successor's supervisor starts it."""
         stats = self.plane.handover_stats
         stats.state = "giving"
         started = time.monotonic()
-        ours, theirs = socket.socketpair()
-        try:
-            await self._spawn(theirs)
-        except OSError as exc:
-            ours.close()
-            return self._failed(f"the successor could not start: {exc}")
-        finally:
-            theirs.close()
+        if rendezvous:
+            try:
+                ours = await self._rendezvous(rendezvous)
+            except HandoverError as exc:
+                return self._failed(str(exc))
+        else:
+            ours, theirs = socket.socketpair()
+            try:
+                await self._spawn(theirs)
+            except OSError as exc:
+                ours.close()
+                return self._failed(f"the successor could not start: {exc}")
+            finally:
+                theirs.close()
         chan = Channel(ours)
         stopped = False
         try:
@@ -250,6 +244,22 @@ class Giver:
             stats.kept,
         )
         return True
+
+    def abandon(self) -> None:
+        """The successor's supervisor says it exited: stop waiting for it."""
+        self._abandoned.set()
+
+    async def _rendezvous(self, path: str) -> socket.socket:
+        accept = asyncio.ensure_future(accept_taker(path, HELLO_TIMEOUT))
+        give_up = asyncio.ensure_future(self._abandoned.wait())
+        await asyncio.wait({accept, give_up}, return_when=asyncio.FIRST_COMPLETED)
+        give_up.cancel()
+        if not accept.done():
+            accept.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await accept
+            raise HandoverError("the successor node exited before its worker connected")
+        return accept.result()
 
     async def _spawn(self, theirs: socket.socket) -> None:
         env = dict(self.env if self.env is not None else os.environ)
@@ -338,6 +348,12 @@ class Giver:
         log.warning("handover: took back %d marks the successor had not confirmed", taken)
 
     async def _recover(self, chan: Channel, why: str, stopped: bool) -> bool:
+        proc = self.proc
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):  # did it exit, and how?
+                await asyncio.wait_for(proc.wait(), 1.0)
+            if proc.returncode is not None and proc.returncode != -signal.SIGKILL:
+                why = f"the successor exited with status {proc.returncode} ({why})"
         self._kill()
         if stopped:
             plane = self.plane
@@ -354,6 +370,7 @@ class Giver:
                 proc.send_signal(signal.SIGKILL)
 
     def _failed(self, why: str) -> bool:
+        self.why = why
         stats = self.plane.handover_stats
         stats.state = "failed"
         stats.failed += 1
@@ -367,23 +384,78 @@ def _addr(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def handover_socket(rundir: str, index: int) -> str:
+    """Where worker ``index`` of a node of several waits for its successor
+    (in the node's private run directory, mode 0700)."""
+    return os.path.join(rundir, f"handover-{index}.sock")
+
+
+async def accept_taker(path: str, timeout: float) -> socket.socket:
+    """The one connection of this worker's successor on ``path`` (a process
+    of this user only), within ``timeout``."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        srv.bind(path)
+        os.chmod(path, 0o600)
+        srv.listen(1)
+        srv.setblocking(False)
+        async with asyncio.timeout(timeout):
+            conn, _ = await asyncio.get_running_loop().sock_accept(srv)
+    except TimeoutError:
+        raise HandoverError(f"no successor connected within {timeout:.0f}s") from None
+    except OSError as exc:
+        raise HandoverError(f"cannot wait for the successor on {path}: {exc}") from None
+    finally:
+        srv.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    if uid != os.getuid():
+        conn.close()
+        raise HandoverError(f"a process of uid {uid} connected; only this user's may take over")
+    return conn
+
+
 # -- the taker ---------------------------------------------------------------------
 
 
 def taker_channel() -> Channel | None:
-    """The channel to the predecessor, when this process is a successor."""
+    """The channel to the predecessor, when this process is a successor: an
+    inherited descriptor (``fd``) or a worker's rendezvous socket (``path``)."""
     raw = os.environ.pop(ENV, None)
     if not raw:
         return None
     try:
-        fd = int(json.loads(raw)["fd"])
-        sock = socket.socket(fileno=fd)
+        spec = json.loads(raw)
+        if "path" in spec:
+            return Channel(_connect(str(spec["path"])))
+        sock = socket.socket(fileno=int(spec["fd"]))
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise HandoverError(f"${ENV} is not usable: {exc}") from None
     if sock.family != socket.AF_UNIX:
         sock.detach()
         raise HandoverError(f"${ENV} does not name a Unix socket")
     return Channel(sock)
+
+
+def _connect(path: str) -> socket.socket:
+    """Connect to the predecessor worker's rendezvous socket, which it makes
+    when its supervisor asks (just before starting ours): retried briefly.
+    Runs before the event loop, at start-up, when there is nothing else to do."""
+    deadline = time.monotonic() + CONNECT_WAIT
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class Taker:

@@ -54,15 +54,17 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pmlb.aio import Backoff, wait_event
+from pmlb.aio import Backoff, fd_ready, wait_event
 from pmlb.config import NodeConfig
 from pmlb.dataplane.siblings import create_counters
 from pmlb.errors import ConfigError, PmlbError
 from pmlb.node import sdnotify
+from pmlb.node.handover import ENV as HANDOVER_ENV
+from pmlb.node.handover import handover_socket
 from pmlb.protocol.domain import format_hostport
 
 log = logging.getLogger("pmlb.workers")
@@ -146,6 +148,27 @@ class SupervisorChannel:
         if line.strip() != b"go":
             raise PmlbError("the supervisor went away before the node started")
 
+    async def commands(self, handler: Callable[[str], object]) -> None:
+        """The supervisor's lines after "go" ("handover"), until it goes away.
+        The socket stays blocking for say(); reads never block (MSG_DONTWAIT)."""
+        fd = self._sock.fileno()
+        buf = b""
+        while True:
+            await fd_ready(fd)
+            try:
+                data = self._sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                handler(line.decode(errors="replace").strip())
+            buf = buf[-256:]  # a line is a word: nothing longer is kept
+
     def close(self) -> None:
         self._sock.close()
 
@@ -178,6 +201,26 @@ def check_bindable(host: str, port: int, what: str) -> None:
             ) from None
 
 
+def _predecessor(workers: int) -> dict[str, Any] | None:
+    """What the node's previous supervisor passed on (a live handover), or
+    None; the worker count must be the same (worker i takes over from i)."""
+    raw = os.environ.pop(HANDOVER_ENV, None)
+    if not raw:
+        return None
+    try:
+        taking = json.loads(raw)
+        count = int(taking["workers"])
+        str(taking["rundir"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PmlbError(f"${HANDOVER_ENV} is not what a node sets: {exc}") from None
+    if count != workers:
+        raise PmlbError(
+            f"the running node has {count} workers and this one would have {workers}: "
+            "a handover needs the same --workers (restart the node to change it)"
+        )
+    return dict(taking)
+
+
 def free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -200,6 +243,11 @@ class Worker:
         self.exited = asyncio.Event()
         self.error = ""  # what stopped it from starting, in its own words
         self.config_error = False  # ... and whether that was its configuration
+        # Live handover (pmlb.node.handover): where the first start of a
+        # successor's worker finds its predecessor; what this one reported.
+        self.handover_env = ""
+        self.handover: asyncio.Future[str] | None = None  # "" done, else why not
+        self.handed_over = False
         self._go: asyncio.StreamWriter | None = None
         self._listener: asyncio.Task[None] | None = None
 
@@ -219,6 +267,20 @@ class Worker:
         if self._go is not None:
             self._go.write(b"go\n")
 
+    def cancel_handover(self) -> None:
+        if self._go is not None and self.handover is not None and not self.handover.done():
+            self._go.write(b"handover-cancel\n")
+
+    def hand_over(self) -> asyncio.Future[str]:
+        """Ask the worker to hand over to its successor (which will connect to
+        handover_socket(rundir, index)); resolves to "" or why it failed."""
+        self.handover = asyncio.get_running_loop().create_future()
+        if self._go is None or not self.up:
+            self.handover.set_result("the worker is not running")
+        else:
+            self._go.write(b"handover\n")
+        return self.handover
+
     async def spawn(self) -> None:
         self.prepared.clear()
         self.ready.clear()
@@ -228,6 +290,9 @@ class Worker:
         role = {"index": self.index, "count": self.count, "rundir": self.rundir}
         env = {**os.environ, ROLE_ENV: json.dumps({**role, "fd": theirs.fileno()})}
         env.pop(sdnotify.ENV, None)  # the supervisor alone speaks to systemd
+        env.pop(HANDOVER_ENV, None)
+        if self.handover_env:  # the first start only: a restart starts afresh
+            env[HANDOVER_ENV], self.handover_env = self.handover_env, ""
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -265,6 +330,10 @@ class Worker:
             elif kind == "error":
                 self.error = str(event.get("error", ""))[:500]
                 self.config_error = bool(event.get("config"))
+            elif kind == "handover" and self.handover is not None and not self.handover.done():
+                why = str(event.get("error", ""))[:500]
+                self.handed_over = not why
+                self.handover.set_result(why)
         rc = await proc.wait()
         if not self.error and not self.ready.is_set():
             self.error = f"exited with status {rc} before it was ready"
@@ -290,11 +359,86 @@ class Supervisor:
         self.stop_event: asyncio.Event | None = None
         self.session: Any = None  # pmlb.cluster.session.Session with --etcd
         self.admin: Any = None  # pmlb.observability.admin.AdminServer with --admin
+        # Live handover: what the predecessor said (this supervisor is a
+        # successor), and this one's own handover to a successor.
+        self.taking: dict[str, Any] | None = None
+        self._handing: asyncio.Task[None] | None = None
+        self.handed_over = False
 
     def reload(self) -> None:
         """SIGHUP: every worker re-reads its configuration."""
         for w in self.workers:
             w.signal(signal.SIGHUP)
+
+    def hand_over(self) -> None:
+        """SIGUSR2: start a successor node from this command line; each worker
+        hands its listeners and connections to the successor's namesake."""
+        if self._handing is not None and not self._handing.done():
+            log.warning("handover: one is under way already; this request is ignored")
+            return
+        if self.stop_event is None or self.stop_event.is_set() or not self.workers:
+            log.warning("handover: this node is not serving; nothing to hand over")
+            return
+        self._handing = asyncio.get_running_loop().create_task(self._give())
+
+    async def _give(self) -> None:
+        results = [w.hand_over() for w in self.workers]  # each waits for its successor
+        admin = self.admin.listening_socket() if self.admin is not None else None
+        env = {**os.environ}
+        env[HANDOVER_ENV] = json.dumps(
+            {
+                "rundir": self.rundir,
+                "workers": self.count,
+                "control_port": self.control_port,
+                "admin_fd": admin.fileno() if admin is not None else -1,
+            }
+        )
+        argv = [sys.executable, "-m", "pmlb", *self.argv]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # it outlives us
+                pass_fds=(admin.fileno(),) if admin is not None else (),
+                env=env,
+            )
+        except OSError as exc:
+            log.error("handover failed, the node carries on: cannot start a successor: %s", exc)
+            return  # the workers stop waiting for it after their HELLO_TIMEOUT
+        log.info("handover: started the successor node (pid %d)", proc.pid)
+        exited = asyncio.ensure_future(proc.wait())
+        waits: set[asyncio.Future[Any]] = {exited, *results}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        while exited.done() and not all(r.done() for r in results):
+            # It will not connect now: the workers still waiting stop waiting.
+            log.error("handover: the successor node exited with status %d", exited.result())
+            for w in self.workers:
+                w.cancel_handover()
+            await asyncio.wait(results)
+        whys = await asyncio.gather(*results)
+        failed = [f"worker {i}: {why}" for i, why in enumerate(whys) if why]
+        if not failed:
+            log.info(
+                "handover done: the successor node (pid %d) serves every worker's clients", proc.pid
+            )
+            self.handed_over = True
+            if self.stop_event is not None:
+                self.stop_event.set()
+            return
+        # Some worker kept its clients: the successor cannot run beside it (one
+        # node id). It goes, with whatever it had taken; the workers that had
+        # handed over start again here.
+        log.error(
+            "handover failed, the node carries on (%s); stopping the successor (pid %d)",
+            "; ".join(failed),
+            proc.pid,
+        )
+        for w in self.workers:
+            w.handed_over = False
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+        await exited
 
     def force(self) -> None:
         """A second SIGTERM/SIGINT: the workers exit at once too."""
@@ -305,15 +449,18 @@ class Supervisor:
         """Check every address before a process starts; the extra flags the
         workers need (a control port chosen here when the config says 0)."""
         cfg = self.config
-        for host, port in cfg.listen:
-            check_bindable(host, port, "client listener")
+        taking = self.taking  # the predecessor holds these addresses
+        if taking is None:
+            for host, port in cfg.listen:
+                check_bindable(host, port, "client listener")
         extra = ["--workers", "1", "--reuse-port"]
         if cfg.control is not None:
             host, port = cfg.control
             if port == 0:
-                port = free_port(host)
+                port = int(taking["control_port"]) if taking else free_port(host)
                 extra += ["--control", format_hostport(host, port)]
-            check_bindable(host, port, "control address")
+            if taking is None:
+                check_bindable(host, port, "control address")
             self.control_port = port
         return extra
 
@@ -324,11 +471,16 @@ class Supervisor:
 
         self.stop_event = stop
         self.started_at = now_rfc3339()
+        self.taking = _predecessor(self.count)
         extra = self._preflight()
         self.rundir = tempfile.mkdtemp(prefix=f"pmlb-{self.config.node_id}-")
         create_counters(self.rundir, self.count)
         base = [sys.executable, "-m", "pmlb", *self.argv, *extra]
         self.workers = [Worker(i, self.count, base, self.rundir) for i in range(self.count)]
+        if self.taking is not None:
+            for w in self.workers:  # each takes over from its predecessor's namesake
+                path = handover_socket(str(self.taking["rundir"]), w.index)
+                w.handover_env = json.dumps({"path": path})
         try:
             await self._start_admin()
             await self._start_workers()
@@ -344,7 +496,8 @@ class Supervisor:
         from pmlb.node.aggregate import node_admin
 
         self.admin = node_admin(self)
-        await self.admin.start()
+        fd = int(self.taking.get("admin_fd", -1)) if self.taking else -1
+        await self.admin.start(socket.socket(fileno=fd) if fd >= 0 else None)
 
     async def _start_workers(self) -> None:
         """Every worker prepared, then every worker listening; or none."""
@@ -402,16 +555,18 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._keep(w, stopping)) for w in self.workers]
         if store is None:  # every worker listens by now (with etcd: once registered)
-            await sdnotify.ReadyOnce()()
+            await sdnotify.ReadyOnce(main_pid=self.taking is not None)()
         await stop.wait()
-        sdnotify.notify("STOPPING=1")
+        if not self.handed_over:  # else the successor is systemd's main process
+            sdnotify.notify("STOPPING=1")
         stopping.set()
         # Leave etcd and DNS first, so nobody routes to the node while it drains.
         if self.session is not None:
             await self.session.stop(revoke=True)
         log.info("stopping: asking %d workers to drain", len(self.workers))
         for w in self.workers:
-            w.signal(signal.SIGTERM)
+            if not w.handed_over:  # those are on their way out already
+                w.signal(signal.SIGTERM)
         codes = await asyncio.gather(*tasks)
         if store is not None:
             await store.close()
@@ -426,7 +581,7 @@ class Supervisor:
             await w.exited.wait()
             assert w.proc is not None
             rc = w.proc.returncode or 0
-            if stopping.is_set():
+            if stopping.is_set() or w.handed_over:
                 log.info("worker %d exited with status %d", w.index, rc)
                 return rc
             backoff.reset_if_up(started, RESTART_RESET_AFTER)
@@ -479,6 +634,7 @@ class Supervisor:
         )
         self.session = Session(store, cfg.lease_ttl)
         self.session.on_new_lease(registration)
-        self.session.on_new_lease(sdnotify.ReadyOnce())  # after the registration
+        # After the registration; a successor is the main process from now on.
+        self.session.on_new_lease(sdnotify.ReadyOnce(main_pid=self.taking is not None))
         self.session.start()
         return store

@@ -265,7 +265,9 @@ def _handover(h: HandoverStats) -> Iterator[Metric]:
         value=h.kept,
     )
     yield CounterMetricFamily(
-        "pmlb_handovers_failed", "Handovers that did not complete.", value=h.failed
+        "pmlb_handovers_failed",
+        "Handovers that did not complete (each worker of a node counts its own).",
+        value=h.failed,
     )
     pause = HistogramMetricFamily(
         "pmlb_handover_pause_seconds",
