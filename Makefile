@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_BIN := $(VENV)/bench-bin
 BENCH_ARGS ?=
 
-.PHONY: install js-install test-js test-partitions test-matrix demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults test-packages soak clean
+.PHONY: install js-install test-js test-handover test-partitions test-matrix demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults test-packages soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
@@ -114,6 +114,12 @@ test-partitions: install
 # tarball, each installed into an empty project from the registries.
 test-packages: install js-install
 	PMLB_TEST_PACKAGES=1 $(PY) -m pytest tests/packages $(PYTEST_ARGS)
+
+# Live handover under load (200 streaming + 5,000 idle clients, three handovers,
+# a failed and a killed successor); the run's figures replace README's table.
+test-handover: install
+	PMLB_TEST_HANDOVER=1 PMLB_FIGURES_OUT=.handover-figures.md $(PY) -m pytest tests/handover $(PYTEST_ARGS)
+	$(PY) scripts/splice_table.py handover .handover-figures.md
 
 test-faults: install
 	$(PY) -m pytest tests/faults tests/integration/test_failover.py \

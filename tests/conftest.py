@@ -23,6 +23,9 @@ collect_ignore = [] if os.environ.get("PMLB_TEST_DEPLOY") else ["deploy"]
 # tests/partitions needs root and network namespaces: `make test-partitions`.
 if not os.environ.get("PMLB_TEST_PARTITIONS"):
     collect_ignore.append("partitions")
+# tests/handover puts 5,200 clients through three live handovers: `make test-handover`.
+if not os.environ.get("PMLB_TEST_HANDOVER"):
+    collect_ignore.append("handover")
 # tests/packages builds the wheel and the npm tarball and installs them from
 # the registries into empty projects: `make test-packages`.
 if not os.environ.get("PMLB_TEST_PACKAGES"):

@@ -390,7 +390,7 @@ def merge_handover(parts: Iterable[object]) -> dict[str, Any]:
     }
     for key in ("marks_out", "marks_in", "kept", "failed"):
         out[key] = sum(int(p.get(key, 0)) for p in got)
-    for key in ("last_seconds", "pause_max_ms"):
+    for key in ("last_seconds", "pause_max_ms", "transfer_seconds"):
         out[key] = max((float(p.get(key, 0)) for p in got), default=0.0)
     moved = out["marks_in"]
     out["pause_mean_ms"] = (

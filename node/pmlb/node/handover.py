@@ -511,9 +511,11 @@ class Taker:
         """Batches until ``done``; a predecessor that goes away first leaves
         this process with what it took (it says so)."""
         stats = self.plane.handover_stats
+        first = 0.0
         try:
             while True:
                 msg, fds = await self.chan.recv(STEP_TIMEOUT * 4)
+                first = first or time.monotonic()
                 kind = _kind(msg)
                 if kind == "done":
                     _close_all(fds)
@@ -523,7 +525,8 @@ class Taker:
                     raise HandoverError(f"a {kind} message with {len(fds)} descriptors")
                 # Ours from now on, before any byte is read from them.
                 await self.chan.send(hpb.HandoverMessage(taken=hpb.HandoverTaken(count=len(fds))))
-                await handoff.adopt(self.plane, list(msg.marks.marks), fds)
+                taken = await handoff.adopt(self.plane, list(msg.marks.marks), fds)
+                log.info("handover: took %d marks (%d so far)", taken, stats.marks_in)
         except HandoverError as exc:
             stats.state = "failed"
             stats.last_error = str(exc)
@@ -533,6 +536,7 @@ class Taker:
             self.chan.close()
         stats.state = "taken"
         stats.last_seconds = time.monotonic() - self.started
+        stats.transfer_seconds = time.monotonic() - first
         log.info(
             "handover done: took %d marks in %.2fs (pause per client: mean %.1f ms, max %.1f ms)",
             stats.marks_in,

@@ -127,6 +127,7 @@ class HandoverStats:
         "pause",
         "pause_max",
         "state",
+        "transfer_seconds",
     )
 
     def __init__(self) -> None:
@@ -140,6 +141,7 @@ class HandoverStats:
         # Per client: from the giver pausing its reads to the taker binding it.
         self.pause = Histogram(LATENCY_BUCKETS)
         self.pause_max = 0.0
+        self.transfer_seconds = 0.0  # first batch to done, on the taking side
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -154,4 +156,5 @@ class HandoverStats:
             if self.pause.count
             else 0.0,
             "pause_max_ms": round(1000 * self.pause_max, 1),
+            "transfer_seconds": round(self.transfer_seconds, 3),
         }
