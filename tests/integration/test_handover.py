@@ -15,13 +15,16 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.certs import make_chain
 from tests.conftest import Cluster, Node
 from tests.support import async_wait_until, http_get, scrape, tcp_open
 
@@ -227,3 +230,43 @@ async def test_a_successor_that_cannot_start_leaves_the_node_serving(
             line = await r.readuntil(b"\n")
             assert line.split(b" ", 1)[0] == mark
             w.close()
+
+
+async def test_tls_clients_stay_and_drain_new_ones_go_to_the_successor(
+    cluster: Cluster, successors: list[int], tmp_path: Path
+) -> None:
+    """A TLS session's keys live in the process that made it: TLS clients are
+    not moved; they are served by the old process until its drain timeout
+    (1 s in the suite), then closed with node_draining, as a restart would."""
+    chain = make_chain(tmp_path / "pki")
+    node = await asyncio.to_thread(
+        _node,
+        cluster,
+        ["--tls-cert", str(chain.server_cert), "--tls-key", str(chain.server_key)],
+    )
+    ctx = ssl.create_default_context(cafile=str(chain.ca))
+    async with asyncio.timeout(60):
+        clients = []
+        for i in range(3):
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", node.port, ssl=ctx, server_hostname="127.0.0.1"
+            )
+            w.write(b"tls%d\n" % i)
+            clients.append((r, w, (await r.readuntil(b"\n")).split(b" ", 1)[0]))
+        status = await _hand_over(node.admin, node.proc.pid, successors)
+        handover = status["handover"]
+        assert isinstance(handover, dict)
+        assert handover["marks_in"] == 0, "no TLS client moves"
+        # Each process (every worker) says how many of its marks stay.
+        stay = re.findall(r"(\d+) stay here to drain", node.proc.log())
+        assert sum(map(int, stay)) == len(clients), stay
+        for r, _, _ in clients:  # closed by the old process at its drain deadline
+            assert await r.read() == b""
+        assert node.proc.log().count("reason=node_draining") == len(clients)
+        # A new TLS client is the successor's.
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", node.port, ssl=ctx, server_hostname="127.0.0.1"
+        )
+        w.write(b"fresh\n")
+        assert (await r.readuntil(b"\n")).endswith(b" fresh\n")
+        w.close()

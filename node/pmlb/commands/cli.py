@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pmlb", description="pmlb, the persistent marking load balancer")
     parser.add_argument("--version", action="version", version=f"pmlb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    node = sub.add_parser("node", help="run a load-balancer node")
+    node = sub.add_parser(
+        "node",
+        help="run a load-balancer node",
+        epilog="Signals: SIGHUP reloads what can change live; SIGTERM drains and exits; "
+        "SIGUSR2 hands over to a successor started from the same command line (a live "
+        "handover, e.g. after an upgrade: plain-TCP clients keep their connection and "
+        "mark; TLS ones are drained).",
+    )
     add_options(node, NODE_OPTIONS)
     node.add_argument(
         "--check",

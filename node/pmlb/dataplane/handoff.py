@@ -297,6 +297,8 @@ async def adopt(plane: DataPlane, marks: list[hpb.HandedMark], fds: list[int]) -
         transport.pause_reading()
         conn.read_paused = True
         plane.adopt(conn)
+        if plane.config.max_per_client:  # counted, never refused: it was admitted
+            plane.per_client[conn.client_addr] = plane.per_client.get(conn.client_addr, 0) + 1
         if tracer.enabled:
             conn.span = tracer.resume(conn, dict(m.trace_context))
         if conn.core.binds:
