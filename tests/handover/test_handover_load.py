@@ -1,5 +1,5 @@
 """Live handover under load (make test-handover): 200 streaming clients and
-5,000 idle ones on one node at its default worker count.
+5,000 idle ones on one node, at the default worker count and at one.
 
 1. Three handovers in a row, each to a changed version of pmlb (a release
    directory with another version string, switched the way a deploy
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, Node
+from tests.conftest import WORKERS, Cluster, Node
 from tests.faults.report import record
 from tests.support import ROOT, async_wait_until, children, http_get, scrape
 
@@ -217,7 +217,7 @@ def _start(cluster: Cluster, tmp_path: Path, releases: Releases) -> tuple[Node, 
     node = cluster.node(
         [f"u1={u1.addr}", f"u2={u2.addr}"],
         extra=["--config", str(config), "--max-connections", "0"],
-        env={"PYTHONPATH": str(releases.current), "PMLB_WORKERS": "0"},
+        env={"PYTHONPATH": str(releases.current)},
     )
     return node, config
 
@@ -243,10 +243,12 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
+@pytest.mark.parametrize("workers", WORKERS, indirect=True)
 async def test_three_handovers_under_load_then_a_failed_and_a_killed_successor(
-    cluster: Cluster, tmp_path: Path, successors: list[int]
+    cluster: Cluster, tmp_path: Path, successors: list[int], workers: str
 ) -> None:
     releases = Releases(tmp_path)
+    at = "one worker" if workers == "w1" else "default workers"
     node, config = await asyncio.to_thread(_start, cluster, tmp_path, releases)
     async with asyncio.timeout(900):
         idle = Idle()
@@ -273,7 +275,7 @@ async def test_three_handovers_under_load_then_a_failed_and_a_killed_successor(
             pid = new_pid
             moved = int(handover["marks_in"])
             record(
-                f"handover {n + 1} of {HANDOVERS} to {version}",
+                f"{at}: handover {n + 1} of {HANDOVERS} to {version}",
                 connections=marks_total,
                 held=moved,
                 note=(
@@ -300,7 +302,7 @@ async def test_three_handovers_under_load_then_a_failed_and_a_killed_successor(
         closed_s = sum(bool(s.closed) for s in streamers)
         closed_i, changed_i = await idle.check(b"after")
         record(
-            f"{HANDOVERS} handovers in a row, totals",
+            f"{at}: {HANDOVERS} handovers in a row, totals",
             connections=marks_total,
             held=marks_total - closed_s - closed_i,
             sent=sum(s.sent for s in streamers),
@@ -328,7 +330,7 @@ async def test_three_handovers_under_load_then_a_failed_and_a_killed_successor(
         assert _status(node.admin)["pid"] == pid
         closed_i, changed_i = await idle.check(b"still")
         record(
-            "successor fails to start (bad config)",
+            f"{at}: successor fails to start (bad config)",
             connections=IDLE,
             held=IDLE - closed_i,
             lost=closed_i,
@@ -344,15 +346,14 @@ async def test_three_handovers_under_load_then_a_failed_and_a_killed_successor(
             lambda: "handover: took" in _logs(cluster)[log_before:], 120, "a batch taken", step=0.01
         )
         successor = _successor_pid(_logs(cluster)[log_before:])
-        os.kill(successor, signal.SIGKILL)
-        for child in children(successor):
+        for victim in (*children(successor), successor):  # its workers first: a crash
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+                os.kill(victim, signal.SIGKILL)
         await async_wait_until(failed, 120, "the handover failed", step=0.1)
         assert _status(node.admin)["pid"] == pid
         closed_i, changed_i = await idle.check(b"survived")
         record(
-            "successor killed mid-handover",
+            f"{at}: successor killed mid-handover",
             connections=IDLE,
             held=IDLE - closed_i,
             note=(

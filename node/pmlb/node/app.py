@@ -20,6 +20,7 @@ control API -> tracing flush.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -251,34 +252,41 @@ class NodeApp:
             self.channel.say("handover", error="" if done else giver.why)
         if done:
             self.handed_over = True
+            if self.admin is not None and self.role is None:
+                await self.admin.stop()  # the successor answers on it alone now
             self.request_stop()
 
     async def _quiesce(self) -> None:
-        """The successor serves admin and control requests from now on."""
-        if self.admin is not None and self.role is None:
-            await self.admin.stop()
+        """The successor serves control requests from now on. (Admin requests
+        go to both processes until the handover is done: they share the
+        listening socket, and a failed handover leaves nothing to rebind.)"""
         if self.control is not None:
             await self.control.stop(1.0)
             self.control = None
 
     async def _revive(self) -> None:
-        """The handover failed after _quiesce: serve admin and control again
+        """The handover failed after _quiesce: serve the control API again
         (the successor is gone, so are its sockets: retry briefly)."""
         backoff = Backoff(0.05, 1.0)
         for _ in range(20):
             try:
-                if self.admin is not None and self.role is None:
-                    await self.admin.start()
                 if self.control is None:
                     await self._start_control()
                 return
             except (OSError, RuntimeError) as exc:
-                log.info("handover: admin or control not bindable yet (%s); retrying", exc)
+                log.info("handover: the control address is not bindable yet (%s); retrying", exc)
                 await asyncio.sleep(backoff.next())
-        log.error("handover: could not serve admin and control again")
+        log.error("handover: could not serve the control API again")
 
     async def stop(self) -> None:
         log.info("node %s stopping", self.config.node_id)
+        if self._taking is not None and not self._taking.done():
+            # A successor told to stop takes nothing more: the predecessor
+            # sees the channel close and keeps what it has not handed over.
+            log.warning("handover: stopping before it completed; taking nothing more")
+            self._taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._taking
         if self.channel is None and not self.handed_over:
             # After a handover the successor is systemd's main process now.
             sdnotify.notify("STOPPING=1")

@@ -237,9 +237,9 @@ class Giver:
         stats.state = "given"
         stats.last_seconds = time.monotonic() - started
         log.info(
-            "handover done: %d marks to pid %d in %.2fs, %d stay here to drain",
+            "handover done: %d marks to %s in %.2fs, %d stay here to drain",
             stats.marks_out,
-            self.successor_pid,
+            f"pid {self.successor_pid}" if self.successor_pid else "the successor",
             stats.last_seconds,
             stats.kept,
         )
@@ -305,6 +305,8 @@ class Giver:
         log.info("handover: %d marks to move, %d stay (TLS, half-closed, ...)", len(conns), kept)
         timeout = plane.config.move_timeout + 1.0
         for batch in handoff.batches(conns):
+            if self._abandoned.is_set():  # its supervisor died: it will not last
+                raise HandoverError("the successor node exited part-way")
             release = handoff.Release(plane, batch)
             plane.handoff = release
             try:

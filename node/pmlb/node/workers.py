@@ -417,6 +417,8 @@ class Supervisor:
             await asyncio.wait(results)
         whys = await asyncio.gather(*results)
         failed = [f"worker {i}: {why}" for i, why in enumerate(whys) if why]
+        if exited.done():  # whatever its workers took, they do not keep
+            failed.append(f"the successor node exited with status {exited.result()}")
         if not failed:
             log.info(
                 "handover done: the successor node (pid %d) serves every worker's clients", proc.pid
