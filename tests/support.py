@@ -266,3 +266,26 @@ def run_pmlb(
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+def node_status(admin: int) -> dict[str, object]:
+    """The ``node`` part of a node's /api/status."""
+    import json
+
+    code, body = http_get(f"http://127.0.0.1:{admin}/api/status")
+    assert code == 200, body
+    node = json.loads(body)["node"]
+    assert isinstance(node, dict)
+    return node
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return False
+    return True

@@ -322,3 +322,50 @@ def test_the_node_page_asks_for_the_token_finds_by_address_and_drains(
     sock.sendall(b"still\n")
     assert sock.recv(200).endswith(b" u1 still\n"), "its client is served while it drains"
     sock.close()
+
+
+def test_the_node_page_shows_a_live_handover(
+    browser: object, cluster: Cluster, tmp_path: Path
+) -> None:
+    """After SIGUSR2 the page (served by the successor now) says which process
+    serves and what the handover moved."""
+    import json
+    import signal
+
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver: object = browser
+    u1 = cluster.echo("u1")
+    node = cluster.node([f"u1={u1.addr}"])
+    sock, mark = _client(node.port)
+    node.proc.signal(signal.SIGUSR2)
+
+    def successor() -> int:
+        status = json.loads(http_get(f"http://127.0.0.1:{node.admin}/api/status")[1])["node"]
+        taken = status["handover"]["state"] == "taken" and status["pid"] != node.proc.pid
+        return int(status["pid"]) if taken else 0
+
+    pid = int(wait_until(successor, 30, "the successor took over"))  # type: ignore[call-overload]
+    try:
+        assert node.proc.proc.wait(30) == 0
+        wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
+        driver.get(f"http://127.0.0.1:{node.admin}/dashboard")  # type: ignore[attr-defined]
+
+        def node_row(d: object, name: str) -> str:
+            for tr in d.find_elements(By.CSS_SELECTOR, "#node tbody tr"):  # type: ignore[attr-defined]
+                cells = tr.find_elements(By.TAG_NAME, "td")
+                if cells and cells[0].text == name:
+                    return str(cells[1].text)
+            return ""
+
+        wait.until(lambda d: node_row(d, "live handover").startswith("taken: 1 marks in"))
+        assert node_row(driver, "process") == f"pid {pid}"
+        assert node_row(driver, "state") == "serving"
+        driver.save_screenshot(str(tmp_path / "dashboard-handover.png"))  # type: ignore[attr-defined]
+        sock.sendall(b"still\n")  # and the client is still there, with its mark
+        assert sock.recv(200).startswith(mark.encode() + b" ")
+    finally:
+        sock.close()
+        os.kill(pid, signal.SIGTERM)

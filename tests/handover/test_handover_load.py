@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ import pytest
 
 from tests.conftest import WORKERS, Cluster, Node
 from tests.faults.report import record
-from tests.support import ROOT, async_wait_until, children, http_get, scrape
+from tests.support import ROOT, async_wait_until, children, node_status, pid_alive, scrape
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -41,25 +40,6 @@ STREAMERS = 200
 IDLE = 5_000
 SEND_EVERY = 0.05  # each streaming client: 20 messages a second
 HANDOVERS = 3
-
-
-def _status(admin: int) -> dict[str, object]:
-    code, body = http_get(f"http://127.0.0.1:{admin}/api/status")
-    assert code == 200, body
-    node = json.loads(body)["node"]
-    assert isinstance(node, dict)
-    return node
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-            return False
-    return True
 
 
 def _rss(pid: int) -> int:
@@ -202,7 +182,7 @@ def successors() -> Iterator[list[int]]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -225,7 +205,7 @@ def _start(cluster: Cluster, tmp_path: Path, releases: Releases) -> tuple[Node, 
 async def _taken(admin: int, old: int) -> dict[str, object]:
     def done() -> dict[str, object] | None:
         try:
-            node = _status(admin)
+            node = node_status(admin)
         except OSError:
             return None
         handover = node["handover"]
@@ -234,7 +214,7 @@ async def _taken(admin: int, old: int) -> dict[str, object]:
 
     node = await async_wait_until(done, 120, "the successor took over", step=0.1)
     assert isinstance(node, dict)
-    await async_wait_until(lambda: not _alive(old), 60, "the old node exited", step=0.1)
+    await async_wait_until(lambda: not pid_alive(old), 60, "the old node exited", step=0.1)
     return node
 
 
@@ -322,12 +302,12 @@ async def test_three_handovers_under_load_then_a_failed_and_a_killed_successor(
         os.kill(pid, signal.SIGUSR2)
 
         def failed() -> bool:
-            handover = _status(node.admin)["handover"]
+            handover = node_status(node.admin)["handover"]
             assert isinstance(handover, dict)
             return handover["state"] == "failed"
 
         await async_wait_until(failed, 120, "the handover failed", step=0.1)
-        assert _status(node.admin)["pid"] == pid
+        assert node_status(node.admin)["pid"] == pid
         closed_i, changed_i = await idle.check(b"still")
         record(
             f"{at}: successor fails to start (bad config)",
@@ -350,7 +330,7 @@ async def test_three_handovers_under_load_then_a_failed_and_a_killed_successor(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
         await async_wait_until(failed, 120, "the handover failed", step=0.1)
-        assert _status(node.admin)["pid"] == pid
+        assert node_status(node.admin)["pid"] == pid
         closed_i, changed_i = await idle.check(b"survived")
         record(
             f"{at}: successor killed mid-handover",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
@@ -26,28 +25,9 @@ import pytest
 
 from tests.certs import make_chain
 from tests.conftest import Cluster, Node
-from tests.support import async_wait_until, http_get, scrape, tcp_open
+from tests.support import async_wait_until, node_status, pid_alive, scrape, tcp_open
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
-
-
-def _status(admin: int) -> dict[str, object]:
-    code, body = http_get(f"http://127.0.0.1:{admin}/api/status")
-    assert code == 200, body
-    node = json.loads(body)["node"]
-    assert isinstance(node, dict)
-    return node
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):  # a zombie (our own child) is gone too
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-            return False
-    return True
 
 
 @pytest.fixture
@@ -59,7 +39,7 @@ def successors() -> Iterator[list[int]]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -73,7 +53,7 @@ async def _hand_over(admin: int, pid: int, successors: list[int]) -> dict[str, o
 
     def taken() -> dict[str, object] | None:
         try:
-            node = _status(admin)
+            node = node_status(admin)
         except OSError:
             return None
         handover = node["handover"]
@@ -85,7 +65,7 @@ async def _hand_over(admin: int, pid: int, successors: list[int]) -> dict[str, o
     new_pid = node["pid"]
     assert isinstance(new_pid, int)
     successors.append(new_pid)
-    await async_wait_until(lambda: not _alive(pid), 30, f"the old process {pid} exited")
+    await async_wait_until(lambda: not pid_alive(pid), 30, f"the old process {pid} exited")
     return node
 
 
@@ -199,7 +179,7 @@ async def test_a_successor_that_cannot_start_leaves_the_node_serving(
         node.proc.signal(signal.SIGUSR2)
 
         def failed() -> dict[str, object] | None:
-            handover = _status(node.admin)["handover"]
+            handover = node_status(node.admin)["handover"]
             assert isinstance(handover, dict)
             return handover if handover["state"] == "failed" else None
 
@@ -208,7 +188,7 @@ async def test_a_successor_that_cannot_start_leaves_the_node_serving(
         assert "the successor" in str(handover["last_error"]), handover
         assert "exited" in str(handover["last_error"]), handover
         assert node.proc.alive()
-        assert _status(node.admin)["pid"] == node.proc.pid
+        assert node_status(node.admin)["pid"] == node.proc.pid
         assert "handover failed, this process carries on serving" in node.proc.log()
         for i, (r, w, mark) in enumerate(idle):
             w.write(b"still%d\n" % i)
@@ -217,7 +197,7 @@ async def test_a_successor_that_cannot_start_leaves_the_node_serving(
         assert await asyncio.to_thread(tcp_open, "127.0.0.1", node.port), "still accepting"
         m = await asyncio.to_thread(scrape, node.admin)
         # Counted by each process that tried: every worker of a node of several.
-        processes = len(_status(node.admin).get("workers") or [None])  # type: ignore[arg-type]
+        processes = len(node_status(node.admin).get("workers") or [None])  # type: ignore[arg-type]
         assert m["pmlb_handovers_failed_total"] == processes
         # Mended: the next try hands over.
         config.write_text('log-level = "info"\n')

@@ -119,18 +119,20 @@ class ConnTracer:
     def start(self, conn: Any) -> Any:
         """The root span of a new connection (and an immediately ended accept span)."""
         span = self._tracer.start_span(
-            "pmlb.connection",
-            kind=self._trace.SpanKind.SERVER,
-            attributes={
-                "pmlb.mark": conn.mark,
-                "pmlb.service": self.service,
-                "pmlb.node_id": self.node_id,
-                "client.address": conn.client_addr,
-                "client.port": conn.client_port,
-            },
+            "pmlb.connection", kind=self._trace.SpanKind.SERVER, attributes=self._root(conn)
         )
         self.child(span, "pmlb.accept", {"pmlb.mark": conn.mark})
         return span
+
+    def _root(self, conn: Any) -> dict[str, Any]:
+        """The attributes of a connection's root span."""
+        return {
+            "pmlb.mark": conn.mark,
+            "pmlb.service": self.service,
+            "pmlb.node_id": self.node_id,
+            "client.address": conn.client_addr,
+            "client.port": conn.client_port,
+        }
 
     def resume(self, conn: Any, carrier: dict[str, str]) -> Any:
         """The root span of a connection the node's previous process handed
@@ -139,14 +141,7 @@ class ConnTracer:
             "pmlb.connection",
             context=self._propagator.extract(carrier),
             kind=self._trace.SpanKind.SERVER,
-            attributes={
-                "pmlb.mark": conn.mark,
-                "pmlb.service": self.service,
-                "pmlb.node_id": self.node_id,
-                "client.address": conn.client_addr,
-                "client.port": conn.client_port,
-                "pmlb.handed_over": True,
-            },
+            attributes={**self._root(conn), "pmlb.handed_over": True},
         )
         self.child(span, "pmlb.taken_over", {"pmlb.mark": conn.mark})
         return span
