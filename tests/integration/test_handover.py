@@ -250,3 +250,32 @@ async def test_tls_clients_stay_and_drain_new_ones_go_to_the_successor(
         w.write(b"fresh\n")
         assert (await r.readuntil(b"\n")).endswith(b" fresh\n")
         w.close()
+
+
+async def test_a_partial_message_the_successor_refuses_closes_only_its_client(
+    cluster: Cluster, successors: list[int], tmp_path: Path
+) -> None:
+    """The successor runs with a smaller --max-frame (changed in the config
+    file): a client holding a partial message over it is closed, with a
+    framing error counted; every other client moves as usual."""
+    config = tmp_path / "node.toml"
+    config.write_text("max-frame = 65536\n")
+    node = await asyncio.to_thread(_node, cluster, ["--config", str(config)])
+    async with asyncio.timeout(60):
+        idle = await _idle_clients(node.port, 5)
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(b"x" * 2000)  # no newline: held as a partial line
+        await w.drain()
+        config.write_text("max-frame = 1000\n")
+        status = await _hand_over(node.admin, node.proc.pid, successors)
+        handover = status["handover"]
+        assert isinstance(handover, dict)
+        assert handover["marks_in"] == len(idle)
+        assert await r.read() == b"", "the refused client is closed"
+        for i, (ri, wi, mark) in enumerate(idle):
+            wi.write(b"moved%d\n" % i)
+            assert (await ri.readuntil(b"\n")).split(b" ", 1)[0] == mark
+            wi.close()
+    m = await asyncio.to_thread(scrape, node.admin)
+    assert m["pmlb_framing_errors_total"] == 1
+    assert "handed over with input this node refuses" in node.proc.log()

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pmlb._proto.pmlb.v1 import handover_pb2 as hpb
 from pmlb.dataplane.conn import ClientConn
 from pmlb.dataplane.mark import BOUND, WAITING
+from pmlb.errors import FrameTooLarge, FramingError
 from pmlb.protocol.wire import FRAME_OVERHEAD
 
 if TYPE_CHECKING:
@@ -208,22 +209,13 @@ def let_go(plane: DataPlane, conn: ClientConn) -> None:
         plane.publish_open()
         if plane.watch.watchers:
             plane.watch.closed(conn)
-        _uncount_client(plane, conn.client_addr)
+        plane.uncount_client(conn.client_addr)
     if conn.span is not None:
         plane.tracer.child(conn.span, "pmlb.handover", {"pmlb.mark": conn.mark})
         conn.close_reason = HANDED_OVER
         plane.tracer.end(conn, [conn.upstream_id] if conn.upstream_id else [])
         conn.span = None
     conn.handed_off()
-
-
-def _uncount_client(plane: DataPlane, addr: str) -> None:
-    if plane.config.max_per_client:
-        left = plane.per_client.get(addr, 1) - 1
-        if left > 0:
-            plane.per_client[addr] = left
-        else:
-            plane.per_client.pop(addr, None)
 
 
 class AdoptedConn(ClientConn):
@@ -242,7 +234,15 @@ class AdoptedConn(ClientConn):
         self.handed = None
         self.transport = transport
         transport.set_write_buffer_limits(high=self.plane.config.client_buffer)
-        restore(self, m)
+        try:
+            restore(self, m)
+        except (FrameTooLarge, FramingError) as exc:
+            # Its partial message breaks this process's framing (a smaller
+            # --max-frame, another framing): that client alone is closed.
+            self.plane.stats.framing_errors += 1
+            log.warning("mark=%s handed over with input this node refuses: %s", m.mark, exc)
+            transport.abort()
+            self.transport = None
 
 
 def restore(conn: ClientConn, m: hpb.HandedMark) -> None:
@@ -292,13 +292,13 @@ async def adopt(plane: DataPlane, marks: list[hpb.HandedMark], fds: list[int]) -
             sock.close()
             continue
         assert isinstance(conn, AdoptedConn)
+        if conn.transport is None:  # refused in connection_made (logged)
+            continue
         # Read again once bound (ClientConn.bind resumes a paused reader):
         # parked and early messages go first, in order.
         transport.pause_reading()
         conn.read_paused = True
         plane.adopt(conn)
-        if plane.config.max_per_client:  # counted, never refused: it was admitted
-            plane.per_client[conn.client_addr] = plane.per_client.get(conn.client_addr, 0) + 1
         if tracer.enabled:
             conn.span = tracer.resume(conn, dict(m.trace_context))
         if conn.core.binds:

@@ -321,12 +321,7 @@ class DataPlane:
         stats.closed[reasons.label(reason)] += 1
         if conn.accepted_ms:
             stats.connection_duration.observe(max(0.0, time.time() - conn.accepted_ms / 1000))
-        if self.config.max_per_client:
-            left = self.per_client.get(conn.client_addr, 1) - 1
-            if left > 0:
-                self.per_client[conn.client_addr] = left
-            else:
-                self.per_client.pop(conn.client_addr, None)
+        self.uncount_client(conn.client_addr)
         # The dashboard shows a closed mark's reason for a while (bounded).
         gone = conn.describe()
         gone.update(state="closed", close_reason=reason, closed_at_unix_ms=int(time.time() * 1000))
@@ -352,11 +347,23 @@ class DataPlane:
             self.placement.rebind(conn)
 
     def adopt(self, conn: ClientConn) -> None:
-        """A mark the node's previous process handed over (dataplane.handoff)."""
+        """A mark the node's previous process handed over (dataplane.handoff):
+        counted (--max-per-client too), never refused: it was admitted."""
         self.stats.open += 1
         self.publish_open()
         self.marks[conn.mark] = conn
         self._idle.clear()
+        if self.config.max_per_client:
+            self.per_client[conn.client_addr] = self.per_client.get(conn.client_addr, 0) + 1
+
+    def uncount_client(self, addr: str) -> None:
+        """A connection of ``addr`` left (closed, or handed over)."""
+        if self.config.max_per_client:
+            left = self.per_client.get(addr, 1) - 1
+            if left > 0:
+                self.per_client[addr] = left
+            else:
+                self.per_client.pop(addr, None)
 
     def unwait(self, conn: ClientConn) -> None:
         self.placement.unwait(conn)

@@ -243,7 +243,6 @@ class NodeApp:
             ),
             self._quiesce,
             self._revive,
-            role.index if role else None,
         )
         # A worker's successor is started by the successor's supervisor and
         # comes to the rendezvous socket; the supervisor hears how it went.

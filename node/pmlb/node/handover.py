@@ -188,16 +188,12 @@ class Giver:
         listeners: Callable[[], tuple[list[socket.socket], socket.socket | None]],
         quiesce: Callable[[], Awaitable[None]],
         revive: Callable[[], Awaitable[None]],
-        worker: int | None = None,
-        env: dict[str, str] | None = None,
     ) -> None:
         self.plane = plane
         self.argv = list(argv)
         self.listeners = listeners  # the client listeners and the admin's
         self.quiesce = quiesce  # stop serving admin and control here
         self.revive = revive  # serve them again (the handover failed)
-        self.worker = worker
-        self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.successor_pid = 0
         self.why = ""  # why it failed
@@ -262,7 +258,7 @@ class Giver:
         return accept.result()
 
     async def _spawn(self, theirs: socket.socket) -> None:
-        env = dict(self.env if self.env is not None else os.environ)
+        env = dict(os.environ)
         env[ENV] = json.dumps({"fd": theirs.fileno()})
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
@@ -514,9 +510,12 @@ class Taker:
         this process with what it took (it says so)."""
         stats = self.plane.handover_stats
         first = 0.0
+        wait = self.plane.config.move_timeout + handoff.DRAIN_WAIT + STEP_TIMEOUT
         try:
             while True:
-                msg, fds = await self.chan.recv(STEP_TIMEOUT * 4)
+                # A batch comes once its moves are answered (--move-timeout)
+                # and its write buffers are flushed (DRAIN_WAIT), or never.
+                msg, fds = await self.chan.recv(wait)
                 first = first or time.monotonic()
                 kind = _kind(msg)
                 if kind == "done":

@@ -12,8 +12,9 @@ closed with reason "moved" on the old process's link and opened again,
 `resumed`, on the new one's, as after a failover). It is a protobuf so that
 one version of the node can hand over to the next: fields are only ever
 added, and a receiver ignores what it does not know. `format` in the hello
-is bumped only for a change an older giver would misread; a taker refuses a
-format it does not know, and the giver carries on serving.
+is bumped only for a change an older giver would misread: a giver refuses a
+hello whose format is not its own (it says why in an abort) and carries on
+serving.
 
 On the socket pair each message is a 4-byte big-endian length and then a
 HandoverMessage of that length; the descriptors a message carries ride on
