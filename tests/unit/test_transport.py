@@ -6,7 +6,7 @@ import pytest
 
 from pmlb._proto.pmlb.v1 import upstream_pb2 as pb
 from pmlb.errors import ConfigError
-from pmlb.transport import TRANSPORTS, check_transport, h2lib
+from pmlb.transport import TRANSPORTS, check_transport, h2lib, tcpinfo
 
 
 def test_the_codec_turns_garbage_into_a_value_not_an_error() -> None:
@@ -25,7 +25,7 @@ def test_unknown_transport_is_a_config_error() -> None:
 
 
 def test_link_progress_counts_moving_bytes_but_not_pings() -> None:
-    """The hung-upstream watchdog's clock on grpclib links: a period that
+    """The hung-upstream watchdog's clock on links (grpclib, nghttp2): a period that
     moves PROGRESS_BYTES either way (a slow link carrying a big Batch) counts
     as life; what pings move (tens of bytes, which a stopped peer's kernel
     acknowledges too) does not, however many periods add up."""
@@ -36,23 +36,22 @@ def test_link_progress_counts_moving_bytes_but_not_pings() -> None:
         client = socket.create_connection(srv.getsockname())
         peer, _ = srv.accept()
         with client, peer:
-            # Only the progress clock, not a grpclib channel (which wants a loop).
-            channel = h2lib._Channel.__new__(h2lib._Channel)
-            channel._sock = client
-            channel._moved = channel._bytes_moved()
+            # Only the progress clock, not a channel (which wants a loop).
+            channel = tcpinfo.Progress()
+            channel.attach(client)
             assert channel.last_data() == 0.0
             for _ in range(200):  # 200 "periods" of ping-sized traffic
                 client.sendall(b"p" * 40)
                 peer.recv(100)
                 assert channel.last_data() == 0.0
             before = time.monotonic()
-            client.sendall(b"d" * h2lib.PROGRESS_BYTES)  # acknowledged by the peer's kernel
+            client.sendall(b"d" * tcpinfo.PROGRESS_BYTES)  # acknowledged by the peer's kernel
             deadline = time.monotonic() + 5
             while channel.last_data() < before and time.monotonic() < deadline:
                 time.sleep(0.01)  # the kernel's ACK arrives asynchronously
             assert channel.last_data() >= before
             mark = channel.last_data()
-            peer.sendall(b"r" * h2lib.PROGRESS_BYTES)  # received counts too
+            peer.sendall(b"r" * tcpinfo.PROGRESS_BYTES)  # received counts too
             deadline = time.monotonic() + 5
             while channel.last_data() == mark and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -85,7 +85,13 @@ def open_client(
     Connecting happens with the first write; failures surface there or in
     the first read as TransportError.
     """
-    if check_transport(transport) == "grpclib":
+    if check_transport(transport) == "nghttp2":
+        from pmlb.transport import ngh2
+
+        if ngh2.available():
+            return ngh2.open_client(addr, tls=tls, metadata=metadata)
+        transport = "grpclib"  # the node said so at start-up (effective_transport)
+    if transport == "grpclib":
         from pmlb.transport import h2lib
 
         return h2lib.open_client(addr, tls=tls, metadata=metadata)

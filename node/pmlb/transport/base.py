@@ -15,7 +15,7 @@ from pmlb.errors import ConfigError, PmlbError
 # Re-exported: transports raise it at a clean end of a stream.
 from pmlb.protocol.wire import StreamEnded as StreamEnded  # noqa: PLC0414 (re-exported)
 
-TRANSPORTS: Final = ("grpclib", "grpcio")
+TRANSPORTS: Final = ("grpclib", "grpcio", "nghttp2")
 DEFAULT_TRANSPORT: Final = "grpclib"
 
 # HTTP/2 keepalive on links: a peer that vanished without a FIN (power loss, a
@@ -23,6 +23,15 @@ DEFAULT_TRANSPORT: Final = "grpclib"
 # mark is bound; pmlb's own pings (--ack-timeout) cover hung peers with marks.
 KEEPALIVE_TIME: Final = 10.0
 KEEPALIVE_TIMEOUT: Final = 5.0
+# HTTP/2 frames links accept, advertised in SETTINGS_MAX_FRAME_SIZE (the
+# protocol default is 16 KiB). A Batch of up to 1 MiB then crosses as one or
+# two DATA frames instead of 64: in pure-Python h2 each frame costs a parse, a
+# buffer round trip and a WINDOW_UPDATE written back, which dominated the bulk
+# rows of `make bench`. Peers that keep 16 KiB (grpc.aio) are sent 16 KiB frames.
+MAX_FRAME_SIZE: Final = 2 << 20
+# The HTTP/2 receive window of a link, per stream and per connection (what
+# grpclib uses by default): what a peer may send before the reader takes it.
+WINDOW_SIZE: Final = 4 << 20
 # The grpc.health.v1 service name the checker asks about (proto/README.md,
 # "Health"); upstreams answer for it and for "".
 HEALTH_SERVICE: Final = "pmlb.v1.Upstream"

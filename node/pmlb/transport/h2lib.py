@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, cast
 
@@ -34,6 +31,7 @@ from pmlb.protocol.domain import parse_hostport
 from pmlb.transport.base import (
     KEEPALIVE_TIME,
     KEEPALIVE_TIMEOUT,
+    MAX_FRAME_SIZE,
     BridgeHandler,
     ClientTLS,
     Refused,
@@ -50,6 +48,7 @@ from pmlb.transport.libpatch import (
     patient_keepalive,
     raise_status,
 )
+from pmlb.transport.tcpinfo import PROGRESS_BYTES, Progress
 
 # hpack logs every header it encodes or decodes at DEBUG, the upstream
 # token's "authorization: Bearer ..." among them: never below INFO, whatever
@@ -76,39 +75,19 @@ CLIENT_CONFIG: Final = Configuration(
 SERVER_CONFIG: Final = Configuration(
     _keepalive_time=None,  # the node pings; an upstream need not
 )
-# HTTP/2 frames we accept, advertised in SETTINGS_MAX_FRAME_SIZE (the protocol
-# default is 16 KiB). A Batch of up to 1 MiB then crosses as one or two DATA
-# frames instead of 64: in pure-Python h2 each frame costs a parse, a buffer
-# round trip and a WINDOW_UPDATE written back, which dominated the bulk rows of
-# `make bench`. Peers that keep 16 KiB (grpc.aio) are sent 16 KiB frames.
-MAX_FRAME_SIZE: Final = 2 << 20
 
 
 def _big_frames(protocol: H2Protocol) -> H2Protocol:
     return advertise_max_frame(protocol, MAX_FRAME_SIZE)
 
 
-# struct tcp_info (linux/tcp.h, Linux 4.1+): tcpi_bytes_acked (what the peer's
-# kernel acknowledged of what we sent) and tcpi_bytes_received, two u64s.
-_TCPI_BYTES: Final = struct.Struct("QQ")
-_TCPI_BYTES_ACKED: Final = 120
-# Bytes one watchdog period must move, either way, to count as a link moving
-# data: more than the pings of a period (HTTP/2 PINGs and ours are tens of
-# bytes), which a stopped peer's kernel acknowledges and its HTTP/2 library
-# may answer.
-PROGRESS_BYTES: Final = 4096
-
-
 class _Channel(Channel):
-    """One link's connection, with what its hung-peer watchdog needs: when a
-    watchdog period last moved PROGRESS_BYTES either way (a slow link carrying
-    a large Batch: seconds without a whole message or even a whole frame).
-    Read from the kernel's counters (TCP_INFO), so the receive path does no
-    extra work per frame."""
+    """One link's connection, with what its hung-peer watchdog needs
+    (``tcpinfo.Progress``: when a period last moved data either way)."""
 
-    last_progress = 0.0
-    _moved = (0, 0)
-    _sock: socket.socket | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = Progress()
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = _big_frames(super()._protocol_factory())
@@ -116,24 +95,11 @@ class _Channel(Channel):
 
         def connection_made(transport: asyncio.BaseTransport) -> None:
             made(transport)
-            self._sock = transport.get_extra_info("socket")
-            self._moved = self._bytes_moved()
+            self.progress.attach(transport.get_extra_info("socket"))
             self._patient_keepalive(protocol)
 
         protocol.connection_made = connection_made  # type: ignore[method-assign]
         return protocol
-
-    def _bytes_moved(self) -> tuple[int, int]:
-        """(bytes the peer acknowledged, bytes received) on the connection."""
-        sock = self._sock
-        if sock is None:
-            return self._moved
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
-            acked, received = _TCPI_BYTES.unpack_from(info, _TCPI_BYTES_ACKED)
-        except (OSError, struct.error):  # not TCP (tests), or an old kernel
-            return self._moved
-        return int(acked), int(received)
 
     def _patient_keepalive(self, protocol: H2Protocol) -> None:
         """grpclib closes a connection whose keepalive PING is not answered
@@ -145,46 +111,16 @@ class _Channel(Channel):
             protocol,
             KEEPALIVE_TIME,
             KEEPALIVE_TIMEOUT,
-            self._bytes_moved,
+            self.progress.moved,
             PROGRESS_BYTES,
             f"{self._host}:{self._port}",
         )
 
     def tcp_state(self) -> str:
-        """The kernel's view of the connection, for the log line that calls a
-        link hung: whether TCP itself is retransmitting, and since when the
-        peer has been silent."""
-        sock = self._sock
-        if sock is None:
-            return "not connected"
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-        except OSError as exc:
-            return f"TCP_INFO unavailable ({exc})"
-        if len(info) < 104:
-            return "TCP_INFO too short"
-        (retransmits, probes, backoff) = struct.unpack_from("BBB", info, 2)
-        rto, _ato, _smss, _rmss, unacked, _sacked, lost, retrans = struct.unpack_from("8I", info, 8)
-        last_sent, _, last_recv, last_ack = struct.unpack_from("4I", info, 44)
-        rtt, rttvar = struct.unpack_from("II", info, 68)
-        cwnd = struct.unpack_from("I", info, 80)[0]
-        total_retrans = struct.unpack_from("I", info, 100)[0]
-        return (
-            f"tcp: unacked={unacked} lost={lost} retrans={retrans} total_retrans={total_retrans} "
-            f"retransmits={retransmits} probes={probes} backoff={backoff} rto={rto / 1000:.0f}ms "
-            f"rtt={rtt / 1000:.0f}ms rttvar={rttvar / 1000:.0f}ms cwnd={cwnd} "
-            f"last_sent={last_sent}ms last_recv={last_recv}ms last_ack={last_ack}ms"
-        )
+        return self.progress.tcp_state()
 
     def last_data(self) -> float:
-        """Called once per watchdog period: progress is what this period
-        brought, so pings never add up to it."""
-        moved = self._bytes_moved()
-        before = self._moved
-        if max(moved[0] - before[0], moved[1] - before[1]) >= PROGRESS_BYTES:
-            self.last_progress = time.monotonic()
-        self._moved = moved
-        return self.last_progress
+        return self.progress.last_data()
 
 
 class _GServer(GServer):
