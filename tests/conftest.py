@@ -15,7 +15,7 @@ import pytest
 from hypothesis import settings
 
 from pmlb.testing.localetcd import LocalEtcd, etcd_binary
-from pmlb.transport import TRANSPORTS
+from pmlb.transport import DEFAULT_TRANSPORT, TRANSPORTS
 from tests.support import ROOT, STRICT, Proc, free_port, run_pmlb, scrape, tcp_open, wait_until
 
 # tests/deploy builds container images and runs containers: `make test-deploy`.
@@ -96,10 +96,17 @@ LINK_MODULES = frozenset(
 )
 
 
+# `make test` runs link tests on the default (nghttp2: native node links,
+# grpclib upstreams) and on grpc.aio; the node's pure-Python links (grpclib, what
+# nghttp2 falls back to when it is not built) on the FALLBACK_MODULES; the
+# matrix runs every link module on all three.
+SUITE_TRANSPORTS = TRANSPORTS if FULL_MATRIX else ("nghttp2", "grpcio")
+FALLBACK_MODULES = frozenset({"test_dataplane", "test_failover", "test_hostile", "test_tls"})
+
 # For a test outside LINK_MODULES whose guarantee crosses the links (etcd
 # operations that move marks, metadata, traces, link metrics, load): once per
 # Bridge transport.
-both_transports = pytest.mark.parametrize("link_transport", TRANSPORTS, indirect=True)
+both_transports = pytest.mark.parametrize("link_transport", SUITE_TRANSPORTS, indirect=True)
 
 # For a test of a module outside WORKER_MODULES that must hold at the default
 # worker count too: the default in `make test`, both in the matrix.
@@ -121,15 +128,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
     links, workers = module in LINK_MODULES, module in WORKER_MODULES
+    transports = SUITE_TRANSPORTS
+    if module in FALLBACK_MODULES and "grpclib" not in transports:
+        transports = (*transports, "grpclib")
     if links and workers:
         pairs = (
             [(t, w) for t in TRANSPORTS for w in WORKERS]
             if FULL_MATRIX
-            else list(zip(TRANSPORTS, reversed(WORKERS), strict=True))
+            # The default transport at the default worker count, the others at one.
+            else [(t, WORKERS[1] if t == DEFAULT_TRANSPORT else WORKERS[0]) for t in transports]
         )
         metafunc.parametrize(("link_transport", "workers"), pairs, indirect=True)
     elif links:
-        metafunc.parametrize("link_transport", TRANSPORTS, indirect=True)
+        metafunc.parametrize("link_transport", transports, indirect=True)
     elif workers:
         # `make test` runs these at the default only (every other module covers
         # one worker); the matrix adds --workers 1.

@@ -320,8 +320,9 @@ class NodeConfig:
     link_transport: str = _declared(
         Option(
             "link-transport",
-            "gRPC implementation of the links to upstreams (both speak the same gRPC; "
-            "grpclib measured cheaper per frame, see README Performance)",
+            "gRPC implementation of the links to upstreams (all speak the same gRPC; see README "
+            "Performance): nghttp2 (native, libnghttp2; grpclib when it is not built, said at "
+            "start-up), grpclib (pure Python), grpcio (grpc.aio)",
             DEFAULT_TRANSPORT,
             choices=TRANSPORTS,
         )
@@ -595,7 +596,8 @@ ECHO_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "link-transport",
-        "gRPC implementation serving the Bridge (any node transport can connect)",
+        "gRPC implementation serving the Bridge (any node transport can connect; "
+        "nghttp2 is native on the node's end and served here by grpclib)",
         DEFAULT_TRANSPORT,
         choices=TRANSPORTS,
     ),

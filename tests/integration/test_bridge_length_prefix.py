@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from pmlb.transport import TRANSPORTS
 from tests.conftest import Cluster
 from tests.faults.report import record
 from tests.hostile_h2 import FloodServer, PeakRss, flood_as_client
@@ -79,7 +80,7 @@ def test_an_sdk_upstream_holds_no_oversized_message(
     [(DECLARED, SENT), (96 << 20, 96 << 20)],
     ids=["1GiB-declared", "96MiB-whole"],
 )
-@pytest.mark.parametrize("transport", ["grpclib", "grpcio"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_node_holds_no_oversized_message_from_an_upstream(
     cluster: Cluster, transport: str, declared: int, sent: int
 ) -> None:

@@ -54,6 +54,7 @@ from pmlb.observability.tracing import ConnTracer
 from pmlb.store.etcd import EtcdStore, node_settings
 from pmlb.store.keys import now_rfc3339
 from pmlb.tlsconf import grpc_server_credentials
+from pmlb.transport import describe as describe_links
 
 log = logging.getLogger("pmlb.app")
 
@@ -151,12 +152,13 @@ class NodeApp:
         if taker is not None:
             self._taking = asyncio.get_running_loop().create_task(taker.take_marks())
         log.info(
-            "node %s (pmlb %s) ready: service %r, %d upstreams (%s)",
+            "node %s (pmlb %s) ready: service %r, %d upstreams (%s), %s",
             self.config.node_id,
             __version__,
             self.config.service,
             len(self.plane.links),
             self.membership.source,
+            describe_links(self.config.link_transport),
         )
         if self.channel is not None:
             self.channel.say("ready")

@@ -73,6 +73,35 @@ from pmlb.transport.base import (
 )
 
 
+def effective(transport: str) -> str:
+    """The node-side implementation ``--link-transport transport`` runs on:
+    ``nghttp2`` falls back to ``grpclib`` when its native module is missing."""
+    if check_transport(transport) == "nghttp2":
+        from pmlb.transport import ngh2
+
+        if not ngh2.available():
+            return "grpclib"
+    return transport
+
+
+def describe(transport: str) -> str:
+    """One line for the node's start-up log: which links it runs, and why
+    not the asked-for ones."""
+    used = effective(transport)
+    if used == "nghttp2":
+        from pmlb.transport import ngh2
+
+        return f"links on nghttp2 (native, libnghttp2 {ngh2.library_version()})"
+    if used != transport:
+        from pmlb.transport import ngh2
+
+        return (
+            f"links on grpclib (pure Python), not nghttp2: {ngh2.why_not()}; "
+            "make install builds it (it needs Cython, a C compiler and libnghttp2-dev)"
+        )
+    return f"links on {used}"
+
+
 def open_client(
     transport: str,
     addr: str,
@@ -85,12 +114,11 @@ def open_client(
     Connecting happens with the first write; failures surface there or in
     the first read as TransportError.
     """
-    if check_transport(transport) == "nghttp2":
+    transport = effective(transport)  # the node said which at start-up (describe)
+    if transport == "nghttp2":
         from pmlb.transport import ngh2
 
-        if ngh2.available():
-            return ngh2.open_client(addr, tls=tls, metadata=metadata)
-        transport = "grpclib"  # the node said so at start-up (effective_transport)
+        return ngh2.open_client(addr, tls=tls, metadata=metadata)
     if transport == "grpclib":
         from pmlb.transport import h2lib
 

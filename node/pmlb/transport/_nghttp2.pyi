@@ -2,6 +2,8 @@
 
 MAX_HEADER_BYTES: int
 
+def library_version() -> str: ...
+
 class H2Error(Exception): ...
 
 class ClientStream:

@@ -106,6 +106,9 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_session_terminate_session(nghttp2_session *, uint32_t)
     int nghttp2_session_want_read(nghttp2_session *)
     int nghttp2_session_want_write(nghttp2_session *)
+    ctypedef struct nghttp2_info:
+        const char *version_str
+    nghttp2_info *nghttp2_version(int)
     const char *nghttp2_strerror(int)
     const char *nghttp2_http2_strerror(uint32_t)
 
@@ -135,6 +138,11 @@ cdef extern from "nghttp2/nghttp2.h":
 
 class H2Error(Exception):
     """libnghttp2 refused what the peer sent or what was asked of it."""
+
+
+def library_version() -> str:
+    """The version of the libnghttp2 this module runs on."""
+    return nghttp2_version(0).version_str.decode()
 
 
 # Headers and trailers the peer may send, in bytes of names and values; more

@@ -16,7 +16,7 @@ from pmlb.errors import ConfigError, PmlbError
 from pmlb.protocol.wire import StreamEnded as StreamEnded  # noqa: PLC0414 (re-exported)
 
 TRANSPORTS: Final = ("grpclib", "grpcio", "nghttp2")
-DEFAULT_TRANSPORT: Final = "grpclib"
+DEFAULT_TRANSPORT: Final = "nghttp2"
 
 # HTTP/2 keepalive on links: a peer that vanished without a FIN (power loss, a
 # cut cable) is noticed within KEEPALIVE_TIME + KEEPALIVE_TIMEOUT even when no

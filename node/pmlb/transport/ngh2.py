@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
@@ -46,6 +47,9 @@ from pmlb.transport.tcpinfo import PROGRESS_BYTES, Progress
 _WHY_NOT = ""
 if TYPE_CHECKING:
     from pmlb.transport import _nghttp2
+elif os.environ.get("PMLB_NO_NATIVE"):
+    _nghttp2 = None
+    _WHY_NOT = "PMLB_NO_NATIVE is set"
 else:
     try:
         from pmlb.transport import _nghttp2
@@ -67,6 +71,10 @@ def available() -> bool:
 def why_not() -> str:
     """Why ``available()`` is False (for the start-up log line)."""
     return "" if available() else _WHY_NOT
+
+
+def library_version() -> str:
+    return _nghttp2.library_version() if _nghttp2 is not None else ""
 
 
 class _Conn(asyncio.Protocol):

@@ -911,7 +911,9 @@ class UpstreamServer:
 
     async def start(self) -> int:
         self._check_anonymous()
-        if self.transport == "grpclib":
+        # "nghttp2" is native on the node's end only; upstreams serve it with
+        # grpclib (the transports are interchangeable on the wire).
+        if self.transport in ("grpclib", "nghttp2"):
             from pmlb.transport import h2lib
 
             server: Any = h2lib.Server(self._bridge, tls=self._tls)
