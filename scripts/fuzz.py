@@ -4,8 +4,11 @@
     python scripts/fuzz.py all SECONDS         # every target, one process each
 
 Targets: the framing decoders (client bytes), the PROXY header parser
-(trusted peers' bytes), the etcd value parsers (operator-typed values) and the
-Batch decoder (upstream bytes). A target fails only on an exception a caller
+(trusted peers' bytes), the etcd value parsers (operator-typed values), the
+Batch decoder (upstream bytes) and the native link transport's receive path
+(an upstream's HTTP/2 bytes: libnghttp2 and pmlb's gRPC message cutting; the
+fuzz input is a sequence of frames with fuzzed headers and bodies, after the
+server's SETTINGS and response HEADERS, so it gets past the preface). A target fails only on an exception a caller
 would not expect, which is a bug: it then becomes a regression test.
 """
 
@@ -23,6 +26,13 @@ with atheris.instrument_imports(include=["pmlb"]):  # our parsers, not their lib
     from pmlb.errors import FrameTooLarge, FramingError
     from pmlb.protocol import wire
     from pmlb.store import keys
+    from pmlb.transport import ngh2
+
+if ngh2.available():
+    import h2.config
+    import h2.connection
+
+    from pmlb.transport import _nghttp2
 
 
 FRAMINGS = [
@@ -79,11 +89,53 @@ def _batch(data: bytes) -> None:
             f.WhichOneof("kind")
 
 
+def _server_preface() -> bytes:
+    """An h2 server's SETTINGS and response HEADERS for stream 1."""
+    client = _nghttp2.ClientStream(
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/p"), (b":authority", b"a")],
+        65535,
+        16384,
+        1 << 20,
+    )
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.output())
+    server.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    return server.data_to_send()
+
+
+def _nghttp2_receive(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    client = _nghttp2.ClientStream(
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/p"), (b":authority", b"a")],
+        65535,
+        16384,
+        fdp.ConsumeIntInRange(0, 1 << 16),
+    )
+    client.output()
+    client.receive(PREFACE)
+    while fdp.remaining_bytes():
+        # A frame: length from its body, a fuzzed type, flags and stream.
+        kind, flags = fdp.ConsumeIntInRange(0, 10), fdp.ConsumeIntInRange(0, 255)
+        stream = fdp.PickValueInList([0, 1, 1, 1, 3, 2**31 - 1])
+        body = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300))
+        frame = len(body).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big")
+        client.receive(frame + body)
+        while (taken := client.take()) is not None:
+            client.consume(taken[1])
+        client.output()
+        if client.local_error:
+            return  # a GOAWAY went back: the connection is done
+
+
+PREFACE = _server_preface() if ngh2.available() else b""
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "framing": _framing,
     "proxy": _proxy,
     "etcd-values": _etcd_values,
     "batch": _batch,
+    "nghttp2": _nghttp2_receive,
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 from tests.support import ROOT
 
 
-@pytest.mark.parametrize("target", ["framing", "proxy", "etcd-values", "batch"])
+@pytest.mark.parametrize("target", ["framing", "proxy", "etcd-values", "batch", "nghttp2"])
 def test_fuzz_target_finds_no_crash(target: str) -> None:
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "fuzz.py"), target, "4"],

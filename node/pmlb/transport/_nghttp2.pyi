@@ -16,6 +16,7 @@ class ClientStream:
     pings_acked: int
     queued: int
     goaway: bool
+    local_error: int
     dropped: int
     compressed: bool
     def __init__(

@@ -86,6 +86,7 @@ cdef extern from "nghttp2/nghttp2.h":
     void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *, on_data_chunk_recv_cb)
     void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *, on_stream_close_cb)
     void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, on_header_cb)
+    void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *, on_frame_recv_cb)
     void nghttp2_session_callbacks_set_data_source_read_length_callback(nghttp2_session_callbacks *, read_length_cb)
 
     int nghttp2_option_new(nghttp2_option **)
@@ -167,7 +168,8 @@ cdef class ClientStream:
     cdef readonly uint32_t reset_code # RST_STREAM / GOAWAY code when closed by one
     cdef readonly int pings_acked
     cdef readonly long long queued    # bytes handed to send() not yet framed
-    cdef readonly bint goaway
+    cdef readonly bint goaway         # the peer sent GOAWAY
+    cdef readonly uint32_t local_error  # we sent GOAWAY with this error: the peer broke HTTP/2
     cdef object _out                  # deque of bytes to frame
     cdef Py_ssize_t _out_off
     cdef bint _eof                    # done writing: END_STREAM after _out
@@ -179,6 +181,7 @@ cdef class ClientStream:
     cdef Py_ssize_t _rstart
     cdef object _messages             # deque of (bytes or None, wire size)
     cdef long long _skip              # bytes of an oversized message still to drop
+    cdef long long _given             # bytes of the message arriving already given back
     cdef long long _max_message
     cdef readonly long long dropped   # oversized messages dropped
     cdef readonly bint compressed     # a compressed message arrived (refused)
@@ -204,6 +207,7 @@ cdef class ClientStream:
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, _on_data_chunk)
         nghttp2_session_callbacks_set_on_stream_close_callback(cbs, _on_stream_close)
         nghttp2_session_callbacks_set_on_header_callback(cbs, _on_header)
+        nghttp2_session_callbacks_set_on_frame_send_callback(cbs, _on_frame_send)
         nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, _read_length)
         if nghttp2_option_new(&opt) != 0:
             nghttp2_session_callbacks_del(cbs)
@@ -252,9 +256,10 @@ cdef class ClientStream:
     # -- input ---------------------------------------------------------------
 
     def receive(self, data) -> None:
-        """Feed bytes read from the connection. Raises H2Error when the peer
-        broke the protocol (the connection must be closed; ``output()`` then
-        holds its GOAWAY)."""
+        """Feed bytes read from the connection. A peer that breaks HTTP/2 is
+        answered with a GOAWAY, in ``output()``, which then sets
+        ``local_error``: the connection is to be closed once it is written.
+        H2Error is for what libnghttp2 cannot go on from (out of memory)."""
         cdef const uint8_t[:] view = data
         cdef Py_ssize_t n = view.shape[0]
         if n == 0:
@@ -284,7 +289,13 @@ cdef class ClientStream:
         return 0
 
     cdef void _cut(self):
-        """Whole messages out of _rbuf; an oversized one starts skip mode."""
+        """Whole messages out of _rbuf; an oversized one starts skip mode.
+
+        Window accounting: a whole message's bytes go back to the peer when
+        Python takes it (``consume``), so untaken messages are bounded by
+        the window; the bytes of the one message still arriving go back as
+        they arrive, or a message larger than the window could never
+        complete. What is held is at most the window plus one message."""
         cdef bytearray buf = self._rbuf
         cdef Py_ssize_t start = self._rstart, end = len(buf)
         cdef unsigned char *p
@@ -296,20 +307,28 @@ cdef class ClientStream:
                 self.compressed = True
             if size > self._max_message:
                 self.dropped += 1
-                self._messages.append((None, 5))
+                self._messages.append((None, 0))
                 have = end - start - 5
                 if have >= size:
+                    nghttp2_session_consume(self.session, self.stream_id, 5 + size - self._given)
+                    self._given = 0
                     start += 5 + size
-                    nghttp2_session_consume(self.session, self.stream_id, size)
                     continue
+                nghttp2_session_consume(self.session, self.stream_id, end - start - self._given)
+                self._given = 0
                 self._skip = size - have
-                nghttp2_session_consume(self.session, self.stream_id, have)
                 start = end
                 break
             if end - start - 5 < size:
                 break
-            self._messages.append((PyBytes_FromStringAndSize(<char *>p + 5, size), 5 + size))
+            self._messages.append(
+                (PyBytes_FromStringAndSize(<char *>p + 5, size), 5 + size - self._given)
+            )
+            self._given = 0
             start += 5 + size
+        if end - start > self._given:
+            nghttp2_session_consume(self.session, self.stream_id, end - start - self._given)
+            self._given = end - start
         if start == end:
             del buf[:]
             self._rstart = 0
@@ -320,8 +339,9 @@ cdef class ClientStream:
             self._rstart = start
 
     def take(self):
-        """The next whole message as (bytes, wire size), (None, wire size)
-        for one dropped as oversized, or None when none is complete."""
+        """The next whole message as (bytes, n), or (None, n) for one dropped
+        as oversized, or None when none is complete; ``consume(n)`` once it
+        is read gives its bytes back to the peer's window."""
         if self._messages:
             return self._messages.popleft()
         return None
@@ -440,6 +460,13 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, vo
     except BaseException as exc:
         self._error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user) noexcept:
+    cdef ClientStream self = <ClientStream>user
+    if frame.hd.type == NGHTTP2_GOAWAY and frame.goaway.error_code and not self.local_error:
+        self.local_error = frame.goaway.error_code
     return 0
 
 

@@ -153,6 +153,12 @@ class _Conn(asyncio.Protocol):
             return
         if out:
             transport.write(out)
+        if self.s.local_error:
+            # The peer broke HTTP/2: libnghttp2 answered with the GOAWAY just
+            # written, which says why; this connection is done.
+            code = self.s.describe_code(self.s.local_error)
+            self.fail(f"HTTP/2 protocol error from the peer ({code}); sent GOAWAY")
+            transport.close()
 
     def fail(self, why: str) -> None:
         if self.error is None:
