@@ -8,8 +8,10 @@ Targets: the framing decoders (client bytes), the PROXY header parser
 Batch decoder (upstream bytes) and the native link transport's receive path
 (an upstream's HTTP/2 bytes: libnghttp2 and pmlb's gRPC message cutting; the
 fuzz input is a sequence of frames with fuzzed headers and bodies, after the
-server's SETTINGS and response HEADERS, so it gets past the preface). A target fails only on an exception a caller
-would not expect, which is a bug: it then becomes a regression test.
+server's SETTINGS and response HEADERS, so it gets past the preface; libFuzzer
+sees no coverage inside the C library, so those runs are random, not guided).
+A target fails only on an exception a caller would not expect, which is a bug:
+it then becomes a regression test.
 """
 
 from __future__ import annotations

@@ -179,7 +179,8 @@ def test_messages_cross_whole_and_in_order_both_ways(
     assert pair.sid is not None
     pair.server.send_headers(pair.sid, [("grpc-status", "0")], end_stream=True)
     pair.pump()
-    assert pair.client.ended and pair.client.closed
+    assert pair.client.ended
+    assert pair.client.closed
     assert pair.client.trailers == {"grpc-status": "0"}
 
 
@@ -232,7 +233,8 @@ def test_a_stream_reset_is_reported_with_its_code() -> None:
     assert pair.sid is not None
     pair.server.reset_stream(pair.sid, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
     pair.pump()
-    assert pair.client.closed and not pair.client.ended
+    assert pair.client.closed
+    assert not pair.client.ended
     assert pair.client.reset_code == 7
     assert "REFUSED_STREAM" in pair.client.describe_code(7)
 
@@ -253,5 +255,6 @@ def test_a_peer_that_breaks_http2_gets_an_error_not_a_crash(garbage: bytes) -> N
     # the stream says the connection is done.
     events = pair.server.receive_data(pair.client.output())
     ended = [ev for ev in events if isinstance(ev, h2.events.ConnectionTerminated)]
-    assert ended and ended[0].error_code != 0
+    assert ended
+    assert ended[0].error_code != 0
     assert pair.client.local_error == ended[0].error_code
