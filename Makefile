@@ -10,7 +10,10 @@ BENCH_ARGS ?=
 
 .PHONY: install js-install test-js test-handover test-partitions test-matrix demo test test-containers lint format proto docs bench bench-quick bench-deps bench-etcd bench-cluster image test-deploy fuzz test-faults test-packages soak clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The .pyx: the native link transport (pmlb.transport._nghttp2) is built here
+# when Cython (fetched by pip), a C compiler and libnghttp2-dev are there;
+# without them pmlb runs its links on grpclib and the node says so.
+$(STAMP): pyproject.toml constraints.txt node/pmlb/transport/_nghttp2.pyx
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pmlb needs Python 3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip

@@ -147,13 +147,16 @@ def test_the_wheel_installs_an_sdk_and_with_node_a_node(
 ) -> None:
     (wheel,) = dist.glob("pmlb_lb-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {n.split("/")[0] for n in names} == {"pmlb", f"{wheel.name.split('-py3')[0]}.dist-info"}
+    assert {n.split("/")[0] for n in names} == {"pmlb", f"pmlb_lb-{_version()}.dist-info"}
     for data in (
         "pmlb/py.typed",
         "pmlb/observability/dashboard.html",
         "pmlb/observability/pmlb.js",
+        "pmlb/transport/_nghttp2.pyi",
     ):
         assert data in names, data
+    # The native link transport is in the wheel (CI has its compiler and headers).
+    assert [n for n in names if n.startswith("pmlb/transport/_nghttp2.") and n.endswith(".so")]
 
     project = tmp_path / "project"
     project.mkdir()
@@ -187,6 +190,7 @@ def test_the_wheel_installs_an_sdk_and_with_node_a_node(
     assert node.alive(), node.log()
     wait_until(lambda: b"from the wheel" in _ask(listen, b"hi\n"), 20, "a reply through the link")
     assert _ask(listen, b"hello\n") == b"from the wheel hello\n"
+    wait_until(lambda: "links on nghttp2 (native" in node.log(), 10, "native links said")
 
 
 def test_the_sdist_builds_the_same_wheel(dist: Path, tmp_path: Path) -> None:

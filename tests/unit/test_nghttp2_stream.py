@@ -22,11 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pmlb.transport import ngh2
+from tests.support import needs
 
-if not ngh2.available():  # the suite's own check fails when it is not built
-    pytest.skip(f"native transport: {ngh2.why_not()}", allow_module_level=True)
-
-from pmlb.transport import _nghttp2
+pytestmark = needs(
+    None if ngh2.available() else f"the native link transport: {ngh2.why_not()} (make install)"
+)
+if ngh2.available():
+    from pmlb.transport import _nghttp2
 
 WINDOW = 65_535
 MAX_FRAME = 16_384

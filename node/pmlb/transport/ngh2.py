@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
@@ -47,9 +46,6 @@ from pmlb.transport.tcpinfo import PROGRESS_BYTES, Progress
 _WHY_NOT = ""
 if TYPE_CHECKING:
     from pmlb.transport import _nghttp2
-elif os.environ.get("PMLB_NO_NATIVE"):
-    _nghttp2 = None
-    _WHY_NOT = "PMLB_NO_NATIVE is set"
 else:
     try:
         from pmlb.transport import _nghttp2
