@@ -53,6 +53,11 @@ def main() -> int:
     ap.add_argument("--case", type=_case, action="append", help="CONNSxINFLIGHTxSIZE")
     ap.add_argument("--measure", type=float, default=3.0, help="seconds per measurement")
     ap.add_argument("--bindir", default=str(ROOT / ".venv" / "bench-bin"))
+    ap.add_argument(
+        "--transport",
+        default=bench_run.TRANSPORTS[0],
+        help="--link-transport of both nodes (a tree older than it needs one it knows)",
+    )
     args = ap.parse_args()
     if len(args.tree) != 2:
         ap.error("give exactly two --tree")
@@ -66,7 +71,7 @@ def main() -> int:
             b = bench_run.Bench(Path(args.bindir), True)
             b.echo_port = bench_run.free_port()
             benches[name] = b
-            targets[name] = b._start_pmlb(bench_run.TRANSPORTS[0])
+            targets[name] = b._start_pmlb(args.transport)
         cpu: dict[str, dict[tuple[int, int, int], list[float]]] = {
             n: {c: [] for c in cases} for n in names
         }
