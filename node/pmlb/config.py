@@ -320,9 +320,8 @@ class NodeConfig:
     link_transport: str = _declared(
         Option(
             "link-transport",
-            "gRPC implementation of the links to upstreams (all speak the same gRPC; see README "
-            "Performance): nghttp2 (native, libnghttp2; grpclib when it is not built, said at "
-            "start-up), grpclib (pure Python), grpcio (grpc.aio)",
+            "gRPC implementation of the links to upstreams, all the same gRPC (README Performance):"
+            " nghttp2 (native; grpclib when not built, said at start-up), grpclib, grpcio",
             DEFAULT_TRANSPORT,
             choices=TRANSPORTS,
         )

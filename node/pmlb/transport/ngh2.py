@@ -44,11 +44,12 @@ from pmlb.transport.base import (
 from pmlb.transport.tcpinfo import PROGRESS_BYTES, Progress
 
 _WHY_NOT = ""
+# (import ... as: the package's __init__ imports this module.)
 if TYPE_CHECKING:
-    from pmlb.transport import _nghttp2
+    import pmlb.transport._nghttp2 as _nghttp2
 else:
     try:
-        from pmlb.transport import _nghttp2
+        import pmlb.transport._nghttp2 as _nghttp2
     except ImportError as exc:  # not built: the node falls back to grpclib
         _nghttp2 = None
         _WHY_NOT = f"the native module is not built ({exc})"
