@@ -101,7 +101,7 @@ def _server_preface() -> bytes:
     )
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     server.initiate_connection()
-    server.receive_data(client.output())
+    server.receive_data(b"".join(client.output()))
     server.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
     return server.data_to_send()
 

@@ -56,8 +56,10 @@ def test_without_the_native_module_the_node_runs_grpclib_and_says_why(
     node = cluster.node([f"u1={up.addr}"], wait_links=["u1"], env=env)
     assert b"hello" in _echo(node.port, b"hello\n")
     wait_until(
-        lambda: "links on grpclib (pure Python), not nghttp2: the native module is not built"
-        in node.proc.log(),
+        lambda: (
+            "links on grpclib (pure Python), not nghttp2: the native module is not built"
+            in node.proc.log()
+        ),
         10,
         "the fallback said at start-up",
     )

@@ -79,7 +79,7 @@ class Pair:
         """Move bytes both ways, in random pieces, until both are quiet."""
         for _ in range(10_000):
             moved = False
-            out = self.client.output()
+            out = b"".join(self.client.output())
             if out:
                 moved = True
                 self._server_receive(out)
@@ -255,7 +255,7 @@ def test_a_peer_that_breaks_http2_gets_an_error_not_a_crash(garbage: bytes) -> N
     pair.client.receive(garbage)
     # What goes back is a GOAWAY saying why, which h2 reads as the end, and
     # the stream says the connection is done.
-    events = pair.server.receive_data(pair.client.output())
+    events = pair.server.receive_data(b"".join(pair.client.output()))
     ended = [ev for ev in events if isinstance(ev, h2.events.ConnectionTerminated)]
     assert ended
     assert ended[0].error_code != 0

@@ -76,6 +76,9 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t, const uint8_t *,
         size_t, uint8_t, void *
     ) noexcept
+    ctypedef int (*send_data_cb)(
+        nghttp2_session *, nghttp2_frame *, const uint8_t *, size_t, nghttp2_data_source *, void *
+    ) noexcept
     ctypedef ssize_t (*read_length_cb)(
         nghttp2_session *, uint8_t, int32_t, int32_t, int32_t, uint32_t, void *
     ) noexcept
@@ -88,6 +91,7 @@ cdef extern from "nghttp2/nghttp2.h":
     void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, on_header_cb)
     void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *, on_frame_recv_cb)
     void nghttp2_session_callbacks_set_data_source_read_length_callback(nghttp2_session_callbacks *, read_length_cb)
+    void nghttp2_session_callbacks_set_send_data_callback(nghttp2_session_callbacks *, send_data_cb)
 
     int nghttp2_option_new(nghttp2_option **)
     void nghttp2_option_del(nghttp2_option *)
@@ -126,6 +130,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_HCAT_HEADERS
         NGHTTP2_NV_FLAG_NONE
         NGHTTP2_DATA_FLAG_EOF
+        NGHTTP2_DATA_FLAG_NO_COPY
         NGHTTP2_ERR_DEFERRED
         NGHTTP2_ERR_CALLBACK_FAILURE
         NGHTTP2_SETTINGS_ENABLE_PUSH
@@ -144,6 +149,12 @@ class H2Error(Exception):
 def library_version() -> str:
     """The version of the libnghttp2 this module runs on."""
     return nghttp2_version(0).version_str.decode()
+
+
+# DATA frames at least this long are written from the queued messages
+# themselves (the frame header, then views of the messages: one writev, no
+# copy); shorter ones are copied into one buffer, cheaper for small frames.
+NO_COPY_MIN = 8192
 
 
 # Headers and trailers the peer may send, in bytes of names and values; more
@@ -171,6 +182,7 @@ cdef class ClientStream:
     cdef readonly bint goaway         # the peer sent GOAWAY
     cdef readonly uint32_t local_error  # we sent GOAWAY with this error: the peer broke HTTP/2
     cdef object _out                  # deque of bytes to frame
+    cdef list _parts                  # what output() returns: bytes and views, in order
     cdef Py_ssize_t _out_off
     cdef bint _eof                    # done writing: END_STREAM after _out
     cdef bint _deferred
@@ -198,6 +210,7 @@ cdef class ClientStream:
         self.headers = {}
         self.trailers = None
         self._out = deque()
+        self._parts = []
         self._rbuf = bytearray()
         self._messages = deque()
         self._max_message = max_message
@@ -209,6 +222,7 @@ cdef class ClientStream:
         nghttp2_session_callbacks_set_on_header_callback(cbs, _on_header)
         nghttp2_session_callbacks_set_on_frame_send_callback(cbs, _on_frame_send)
         nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, _read_length)
+        nghttp2_session_callbacks_set_send_data_callback(cbs, _send_data)
         if nghttp2_option_new(&opt) != 0:
             nghttp2_session_callbacks_del(cbs)
             raise MemoryError()
@@ -270,10 +284,14 @@ cdef class ClientStream:
             raise err
         if rv < 0:
             raise H2Error(nghttp2_strerror(<int>rv).decode())
-        self._cut()
 
     cdef int _chunk(self, const uint8_t *data, size_t n) except -1:
+        """DATA for our stream: whole messages go out as they complete. A
+        message that lies within one chunk is copied once, straight from
+        libnghttp2's buffer; only a message split across chunks is gathered
+        in _rbuf first."""
         cdef size_t take
+        cdef Py_ssize_t old, used
         if self._skip:
             take = n if <long long>n < self._skip else <size_t>self._skip
             self._skip -= take
@@ -283,60 +301,74 @@ cdef class ClientStream:
             n -= take
             if n == 0:
                 return 0
-        cdef Py_ssize_t old = PyByteArray_GET_SIZE(self._rbuf)
-        PyByteArray_Resize(self._rbuf, old + <Py_ssize_t>n)
-        memcpy(PyByteArray_AS_STRING(self._rbuf) + old, data, n)
+        buf = self._rbuf
+        if PyByteArray_GET_SIZE(buf) == self._rstart:
+            used = self._cut_from(data, n)
+            if <size_t>used < n:
+                if self._rstart:
+                    del buf[:]
+                    self._rstart = 0
+                PyByteArray_Resize(buf, n - used)
+                memcpy(PyByteArray_AS_STRING(buf), data + used, n - used)
+            return 0
+        old = PyByteArray_GET_SIZE(buf)
+        PyByteArray_Resize(buf, old + <Py_ssize_t>n)
+        memcpy(PyByteArray_AS_STRING(buf) + old, data, n)
+        used = self._cut_from(
+            <const uint8_t *>PyByteArray_AS_STRING(buf) + self._rstart,
+            PyByteArray_GET_SIZE(buf) - self._rstart,
+        )
+        self._rstart += used
+        if self._rstart == PyByteArray_GET_SIZE(buf):
+            del buf[:]
+            self._rstart = 0
+        elif self._rstart > 65536 and self._rstart * 2 > PyByteArray_GET_SIZE(buf):
+            del buf[:self._rstart]
+            self._rstart = 0
         return 0
 
-    cdef void _cut(self):
-        """Whole messages out of _rbuf; an oversized one starts skip mode.
+    cdef Py_ssize_t _cut_from(self, const uint8_t *p, Py_ssize_t n) except -1:
+        """Whole messages out of p[:n], which starts at a message; returns
+        the bytes used (the rest begins a message still arriving). An
+        oversized message starts skip mode.
 
         Window accounting: a whole message's bytes go back to the peer when
         Python takes it (``consume``), so untaken messages are bounded by
         the window; the bytes of the one message still arriving go back as
         they arrive, or a message larger than the window could never
         complete. What is held is at most the window plus one message."""
-        cdef bytearray buf = self._rbuf
-        cdef Py_ssize_t start = self._rstart, end = len(buf)
-        cdef unsigned char *p
-        cdef long long size
-        while end - start >= 5:
-            p = <unsigned char *><char *>buf + start
-            size = (<long long>p[1] << 24) | (p[2] << 16) | (p[3] << 8) | p[4]
-            if p[0]:
+        cdef Py_ssize_t start = 0
+        cdef const uint8_t *q
+        cdef long long size, have
+        while n - start >= 5:
+            q = p + start
+            size = (<long long>q[1] << 24) | (q[2] << 16) | (q[3] << 8) | q[4]
+            if q[0]:
                 self.compressed = True
             if size > self._max_message:
                 self.dropped += 1
                 self._messages.append((None, 0))
-                have = end - start - 5
+                have = n - start - 5
                 if have >= size:
                     nghttp2_session_consume(self.session, self.stream_id, 5 + size - self._given)
                     self._given = 0
                     start += 5 + size
                     continue
-                nghttp2_session_consume(self.session, self.stream_id, end - start - self._given)
+                nghttp2_session_consume(self.session, self.stream_id, n - start - self._given)
                 self._given = 0
                 self._skip = size - have
-                start = end
-                break
-            if end - start - 5 < size:
+                return n
+            if n - start - 5 < size:
                 break
             self._messages.append(
-                (PyBytes_FromStringAndSize(<char *>p + 5, size), 5 + size - self._given)
+                (PyBytes_FromStringAndSize(<const char *>q + 5, size), 5 + size - self._given)
             )
             self._given = 0
             start += 5 + size
-        if end - start > self._given:
-            nghttp2_session_consume(self.session, self.stream_id, end - start - self._given)
-            self._given = end - start
-        if start == end:
-            del buf[:]
-            self._rstart = 0
-        elif start > 65536 and start * 2 > end:
-            del buf[:start]
-            self._rstart = 0
-        else:
-            self._rstart = start
+        if n - start > self._given:
+            nghttp2_session_consume(self.session, self.stream_id, n - start - self._given)
+            self._given = n - start
+        return start
 
     def take(self):
         """The next whole message as (bytes, n), or (None, n) for one dropped
@@ -379,7 +411,17 @@ cdef class ClientStream:
         cdef size_t done = 0, take
         cdef bytes head
         cdef Py_ssize_t size
-        while done < length and self._out:
+        if <long long>length > self.queued:
+            length = <size_t>self.queued
+        if length >= NO_COPY_MIN:
+            # _send_data takes these bytes off the queue, in this same call
+            # of nghttp2_session_mem_send.
+            flags[0] |= NGHTTP2_DATA_FLAG_NO_COPY
+            self.queued -= length
+            if self.queued == 0 and self._eof:
+                flags[0] |= NGHTTP2_DATA_FLAG_EOF
+            return length
+        while done < length:
             head = self._out[0]
             size = PyBytes_GET_SIZE(head) - self._out_off
             take = length - done if <size_t>size > length - done else <size_t>size
@@ -391,7 +433,7 @@ cdef class ClientStream:
             else:
                 self._out_off += take
         self.queued -= done
-        if not self._out and self._eof:
+        if self.queued == 0 and self._eof:
             flags[0] |= NGHTTP2_DATA_FLAG_EOF
             return done
         if done == 0:
@@ -399,24 +441,49 @@ cdef class ClientStream:
             return NGHTTP2_ERR_DEFERRED
         return done
 
+    cdef int _send(self, const uint8_t *framehd, size_t length) except -1:
+        """A NO_COPY DATA frame: its header, then ``length`` queued bytes as
+        views (whole messages as they are)."""
+        cdef bytes head
+        cdef Py_ssize_t size, take
+        parts = self._parts
+        parts.append(PyBytes_FromStringAndSize(<const char *>framehd, 9))
+        while length:
+            head = self._out[0]
+            size = PyBytes_GET_SIZE(head) - self._out_off
+            take = <Py_ssize_t>length if size > <Py_ssize_t>length else size
+            if self._out_off == 0 and take == size:
+                parts.append(head)
+            else:
+                parts.append(memoryview(head)[self._out_off:self._out_off + take])
+            length -= take
+            if take == size:
+                self._out.popleft()
+                self._out_off = 0
+            else:
+                self._out_off += take
+        return 0
+
     def output(self):
-        """What to write to the connection now (b"" for nothing)."""
+        """What to write to the connection now, in order: a list of bytes
+        and memoryviews (empty for nothing); the views stay valid as long
+        as the list is held."""
         cdef const uint8_t *data
         cdef ssize_t n
-        parts = []
+        parts = self._parts
         while True:
             n = nghttp2_session_mem_send(self.session, &data)
             if n < 0:
+                self._parts = []
                 raise H2Error(nghttp2_strerror(<int>n).decode())
             if n == 0:
                 break
             parts.append(PyBytes_FromStringAndSize(<const char *>data, n))
+        self._parts = []
         err, self._error = self._error, None
         if err is not None:
             raise err
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
+        return parts
 
     def ping(self) -> None:
         _check(nghttp2_submit_ping(self.session, NGHTTP2_FLAG_NONE, NULL))
@@ -525,6 +592,19 @@ cdef ssize_t _read_data(
 ) noexcept:
     cdef ClientStream self = <ClientStream>user
     return self._read(buf, length, flags)
+
+
+cdef int _send_data(
+    nghttp2_session *session, nghttp2_frame *frame, const uint8_t *framehd, size_t length,
+    nghttp2_data_source *source, void *user
+) noexcept:
+    cdef ClientStream self = <ClientStream>user
+    try:
+        self._send(framehd, length)
+    except BaseException as exc:
+        self._error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
 
 
 cdef ssize_t _read_length(

@@ -44,12 +44,13 @@ from pmlb.transport.base import (
 from pmlb.transport.tcpinfo import PROGRESS_BYTES, Progress
 
 _WHY_NOT = ""
-# (import ... as: the package's __init__ imports this module.)
+# By its full name: "from pmlb.transport import" would read as this module
+# importing the package whose __init__ imports it (tests/unit/test_layout.py).
 if TYPE_CHECKING:
-    import pmlb.transport._nghttp2 as _nghttp2
+    import pmlb.transport._nghttp2 as _nghttp2  # noqa: PLR0402
 else:
     try:
-        import pmlb.transport._nghttp2 as _nghttp2
+        import pmlb.transport._nghttp2 as _nghttp2  # noqa: PLR0402
     except ImportError as exc:  # not built: the node falls back to grpclib
         _nghttp2 = None
         _WHY_NOT = f"the native module is not built ({exc})"
@@ -148,8 +149,10 @@ class _Conn(asyncio.Protocol):
             self.fail(f"HTTP/2 error: {exc}")
             transport.close()
             return
-        if out:
-            transport.write(out)
+        if len(out) == 1:
+            transport.write(out[0])
+        elif out:
+            transport.writelines(out)
         if self.s.local_error:
             # The peer broke HTTP/2: libnghttp2 answered with the GOAWAY just
             # written, which says why; this connection is done.
