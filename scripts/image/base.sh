@@ -12,7 +12,8 @@ fi
 command -v debootstrap >/dev/null || { echo "needs debootstrap (apt-get install debootstrap)" >&2; exit 2; }
 root="$(mktemp -d /tmp/pmlb-rootfs-XXXXXX)"
 trap 'rm -rf "$root"' EXIT
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+# libnghttp2-14: the library the wheel's native link transport is linked with.
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libnghttp2-14 \
     bookworm "$root" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >/dev/null
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 tar -C "$root" -c . | docker import -c 'ENV LANG=C.UTF-8' - "$tag" >/dev/null
