@@ -197,6 +197,18 @@ def tcp_open(host: str, port: int) -> bool:
         return False
 
 
+def ask_line(port: int, line: bytes) -> bytes:
+    """Send ``line`` to a node (line framing) on a new connection; its reply line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(line)
+        out = b""
+        while not out.endswith(b"\n"):
+            chunk = s.recv(4096)
+            assert chunk, f"closed after {out!r}"
+            out += chunk
+        return out
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import h2.config
@@ -20,30 +19,18 @@ import pytest
 
 from pmlb.transport import TransportError, ngh2
 from tests.conftest import Cluster
-from tests.support import ROOT, needs, wait_until
+from tests.support import ROOT, ask_line, needs, wait_until
 
 needs_native = needs(
     None if ngh2.available() else f"the native link transport: {ngh2.why_not()} (make install)"
 )
 
 
-def _echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-
 @needs_native
 def test_by_default_the_node_runs_native_links_and_says_so(cluster: Cluster) -> None:
     up = cluster.echo("u1")
     node = cluster.node([f"u1={up.addr}"], wait_links=["u1"])
-    assert b"hello" in _echo(node.port, b"hello\n")
+    assert b"hello" in ask_line(node.port, b"hello\n")
     wait_until(lambda: "links on nghttp2 (native, libnghttp2 " in node.proc.log(), 10, "log")
 
 
@@ -60,7 +47,7 @@ def test_without_the_native_module_the_node_runs_grpclib_and_says_why(
     up = cluster.echo("u1")
     env = {"PYTHONPATH": f"{tree}{os.pathsep}{ROOT}"}
     node = cluster.node([f"u1={up.addr}"], wait_links=["u1"], env=env)
-    assert b"hello" in _echo(node.port, b"hello\n")
+    assert b"hello" in ask_line(node.port, b"hello\n")
     wait_until(
         lambda: (
             "links on grpclib (pure Python), not nghttp2: the native module is not built"

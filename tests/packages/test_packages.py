@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import JS_SDK, Cluster
-from tests.support import ROOT, Proc, free_port, tcp_open, wait_until
+from tests.support import ROOT, Proc, ask_line, free_port, tcp_open, wait_until
 
 # pip and npm fetch the dependencies from their registries: minutes at most.
 INSTALL_TIMEOUT = 600
@@ -113,17 +113,6 @@ def _venv(where: Path, requirement: str) -> Path:
     return where / "bin"
 
 
-def _ask(port: int, line: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(line)
-        out = b""
-        while not out.endswith(b"\n"):
-            chunk = s.recv(4096)
-            assert chunk, f"closed after {out!r}"
-            out += chunk
-        return out
-
-
 PY_UPSTREAM = """
 import asyncio, sys
 from pmlb.upstream import Conn, Handler, UpstreamServer
@@ -188,8 +177,8 @@ def test_the_wheel_installs_an_sdk_and_with_node_a_node(
     cluster.procs.append(node)
     wait_until(lambda: tcp_open("127.0.0.1", listen) or not node.alive(), 30, "the wheel's node")
     assert node.alive(), node.log()
-    wait_until(lambda: b"from the wheel" in _ask(listen, b"hi\n"), 20, "a reply through the link")
-    assert _ask(listen, b"hello\n") == b"from the wheel hello\n"
+    wait_until(lambda: b"from the wheel" in ask_line(listen, b"hi\n"), 20, "a reply via the link")
+    assert ask_line(listen, b"hello\n") == b"from the wheel hello\n"
     wait_until(lambda: "links on nghttp2 (native" in node.log(), 10, "native links said")
 
 
@@ -265,7 +254,7 @@ def test_the_npm_package_installs_into_an_empty_project(
     assert up.alive(), up.log()
     node = cluster.node([f"npm=127.0.0.1:{port}"], wait_links=["npm"])
     if source == "tarball":
-        assert _ask(node.port, b"hello\n") == b"from npm hello\n"
+        assert ask_line(node.port, b"hello\n") == b"from npm hello\n"
     else:
         with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s, \
                 s.makefile("rb") as f:  # fmt: skip
