@@ -3,14 +3,18 @@
 pmlb's Bridge logic (the node's links in ``dataplane.link``, the SDK's
 sessions in ``upstream.sdk``) reads and writes whole ``pmlb.v1.Batch``
 messages on one bidirectional stream and needs nothing else from gRPC. This
-package gives it that stream from one of two implementations, both real gRPC
+package gives it that stream from one of three implementations, all real gRPC
 over HTTP/2 and interoperable with each other and with any other gRPC stack:
 
+``nghttp2``
+    the node's end on libnghttp2 through a Cython module (``ngh2``,
+    ``_nghttp2.pyx``): HTTP/2 and gRPC framing in C. The node's default,
+    because ``make bench`` measured it cheapest per message and per MB (see
+    README, Performance). When the module is not built the node runs grpclib
+    and says so (``describe``). An upstream asked for it serves with grpclib.
 ``grpclib``
     pure-Python gRPC on asyncio and h2. No poller thread: a frame costs one
-    event-loop turn, and several writes may be in flight. The default, because
-    ``make bench`` measured it cheaper per frame on the node and the SDK (see
-    README, Performance).
+    event-loop turn. The SDK's default server and the node's fallback.
 ``grpcio``
     Google's grpc.aio (C core). Still used for what it does well regardless of
     this choice: the health checker, the control API and etcd.
