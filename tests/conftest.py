@@ -99,9 +99,9 @@ LINK_MODULES = frozenset(
 # `make test` runs link tests on the default (nghttp2: native node links,
 # grpclib upstreams) and on grpc.aio; the node's pure-Python links (grpclib, what
 # nghttp2 falls back to when it is not built) on the FALLBACK_MODULES; the
-# matrix runs every link module on all three.
+# matrix runs its modules (failover and hostile among them) on all three.
 SUITE_TRANSPORTS = TRANSPORTS if FULL_MATRIX else ("nghttp2", "grpcio")
-FALLBACK_MODULES = frozenset({"test_dataplane", "test_failover", "test_hostile", "test_tls"})
+FALLBACK_MODULES = frozenset({"test_dataplane", "test_tls"})
 
 # For a test outside LINK_MODULES whose guarantee crosses the links (etcd
 # operations that move marks, metadata, traces, link metrics, load): once per

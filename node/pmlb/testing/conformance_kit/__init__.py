@@ -34,7 +34,13 @@ import grpc
 
 from pmlb.testing.conformance_kit.cases import CASES, Case, Kit
 from pmlb.testing.conformance_kit.peer import ANSWER_TIMEOUT, DOC, CaseFailed, Options, Peer
-from pmlb.transport import TRANSPORTS, ClientTLS, TransportError, client_ssl_context
+from pmlb.transport import (
+    DEFAULT_TRANSPORT,
+    TRANSPORTS,
+    ClientTLS,
+    TransportError,
+    client_ssl_context,
+)
 
 __all__ = [
     "CASES",
@@ -114,8 +120,8 @@ def add_conformance_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument(
         "--link-transport",
         choices=TRANSPORTS,
-        default="grpclib",
-        help="gRPC implementation the kit uses (default grpclib, the node's default)",
+        default=DEFAULT_TRANSPORT,
+        help=f"gRPC implementation the kit uses (default {DEFAULT_TRANSPORT}, the node's default)",
     )
     p.add_argument(
         "--case",

@@ -19,6 +19,7 @@ from pmlb.aio import wait_event
 from pmlb.errors import PmlbError
 from pmlb.protocol import wire
 from pmlb.transport import (
+    DEFAULT_TRANSPORT,
     ClientStream,
     ClientTLS,
     TransportError,
@@ -43,7 +44,7 @@ class CaseFailed(PmlbError):
 @dataclass
 class Options:
     target: str
-    transport: str = "grpclib"
+    transport: str = DEFAULT_TRANSPORT
     tls: ClientTLS | None = None
     token: str | None = None
     # The node id the kit's streams say they come from, and the prefix of
