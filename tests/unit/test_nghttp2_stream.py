@@ -200,6 +200,32 @@ def test_an_unread_stream_holds_no_more_than_its_window() -> None:
     assert pair.client.take() is None
 
 
+def test_a_window_of_empty_messages_waits_as_bytes_not_objects() -> None:
+    """The per-message cost is bounded too: a peer filling the window with
+    empty messages leaves at most MAX_PENDING of them cut and waiting; the
+    rest stay bytes (their window not given back) and all arrive, in order,
+    as they are taken."""
+    pair = Pair(random.Random(6))
+    pair.pump()
+    total = 20_000  # 100 KB of 5-byte messages: more than the window
+    pair.send_from_server(grpc(b"") * total)
+    pair.pump()
+    assert pair.client.pending() == _nghttp2.MAX_PENDING
+    assert len(pair.server_out) >= total * 5 - WINDOW  # the peer is held to its window
+    got = 0
+    for _ in range(1000):
+        while (m := pair.client.take()) is not None:
+            assert m[0] == b""
+            pair.client.consume(m[1])
+            got += 1
+            assert pair.client.pending() <= _nghttp2.MAX_PENDING
+        pair.pump()
+        if got == total:
+            break
+    assert got == total
+    assert not pair.client.partial()
+
+
 def test_an_oversized_message_is_dropped_as_it_arrives_and_the_next_one_arrives() -> None:
     pair = Pair(random.Random(2), max_message=1000)
     pair.pump()

@@ -16,6 +16,7 @@ queued to send is bounded by the caller (``queued``).
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.object cimport PyObject_Length
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.string cimport memcpy
@@ -155,6 +156,10 @@ def library_version() -> str:
 # themselves (the frame header, then views of the messages: one writev, no
 # copy); shorter ones are copied into one buffer, cheaper for small frames.
 NO_COPY_MIN = 8192
+
+
+# Whole received messages held for Python to take, at most (see _cut_from).
+MAX_PENDING = 1024
 
 
 # Headers and trailers the peer may send, in bytes of names and values; more
@@ -314,6 +319,12 @@ cdef class ClientStream:
         old = PyByteArray_GET_SIZE(buf)
         PyByteArray_Resize(buf, old + <Py_ssize_t>n)
         memcpy(PyByteArray_AS_STRING(buf) + old, data, n)
+        self._cut_buffered()
+        return 0
+
+    cdef int _cut_buffered(self) except -1:
+        """Whole messages out of _rbuf (gathered, or held back by the cap)."""
+        buf = self._rbuf
         used = self._cut_from(
             <const uint8_t *>PyByteArray_AS_STRING(buf) + self._rstart,
             PyByteArray_GET_SIZE(buf) - self._rstart,
@@ -336,11 +347,18 @@ cdef class ClientStream:
         Python takes it (``consume``), so untaken messages are bounded by
         the window; the bytes of the one message still arriving go back as
         they arrive, or a message larger than the window could never
-        complete. What is held is at most the window plus one message."""
+        complete. What is held is at most the window plus one message.
+
+        At most MAX_PENDING messages wait to be taken: past that the rest
+        stays in _rbuf as bytes, its window not given back, and take() cuts
+        it as room is made. A peer's window of empty messages is then bytes,
+        not a million Python objects."""
         cdef Py_ssize_t start = 0
         cdef const uint8_t *q
         cdef long long size, have
         while n - start >= 5:
+            if PyObject_Length(self._messages) >= MAX_PENDING:
+                return start
             q = p + start
             size = (<long long>q[1] << 24) | (q[2] << 16) | (q[3] << 8) | q[4]
             if q[0]:
@@ -374,9 +392,16 @@ cdef class ClientStream:
         """The next whole message as (bytes, n), or (None, n) for one dropped
         as oversized, or None when none is complete; ``consume(n)`` once it
         is read gives its bytes back to the peer's window."""
-        if self._messages:
-            return self._messages.popleft()
-        return None
+        if not self._messages:
+            return None
+        taken = self._messages.popleft()
+        if PyByteArray_GET_SIZE(self._rbuf) > self._rstart and not self._skip:
+            self._cut_buffered()  # what the cap held back
+        return taken
+
+    def pending(self) -> int:
+        """Whole messages waiting to be taken (at most MAX_PENDING)."""
+        return len(self._messages)
 
     def consume(self, Py_ssize_t n) -> None:
         """Give ``n`` bytes of taken messages back to the peer's window."""
