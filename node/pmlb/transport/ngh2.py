@@ -109,8 +109,9 @@ class _Conn(asyncio.Protocol):
         try:
             self.s.receive(data)
         except _nghttp2.H2Error as exc:
-            # libnghttp2 queued a GOAWAY saying why; send it, then close.
-            self.fail(f"HTTP/2 protocol error from the peer: {exc}")
+            # libnghttp2 cannot go on (a peer breaking HTTP/2 is answered in
+            # flush, by the GOAWAY it queues): send what it has, then close.
+            self.fail(f"HTTP/2 error: {exc}")
             self.flush()
             if self.transport is not None:
                 self.transport.close()
@@ -178,6 +179,8 @@ class _Conn(asyncio.Protocol):
         await fut
 
     def _wake(self) -> None:
+        if not self._waiters:
+            return  # every data_received calls this: no list made for nobody
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
