@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, Etcd, both_transports, default_workers_too
+from tests.conftest import SUITE_TRANSPORTS, Cluster, Etcd, both_transports, default_workers_too
 from tests.faults.clients import stream as _stream
 from tests.faults.report import record
 from tests.support import wait_until
@@ -56,9 +56,10 @@ class Relay:
 
 
 @default_workers_too
-# Both Bridge transports: grpc.aio links notice a hung peer by whole messages
-# only (no byte-level progress clock), so the cut must be caught that way too.
-@pytest.mark.parametrize("link_transport", ["grpclib", "grpcio"], indirect=True)
+# Every suite transport: nghttp2 links (the default) have a byte-level progress
+# clock, grpc.aio links notice a hung peer by whole messages only, so the cut
+# must be caught both ways.
+@pytest.mark.parametrize("link_transport", SUITE_TRANSPORTS, indirect=True)
 @pytest.mark.parametrize("direction", ["both", "node_to_upstream", "upstream_to_node"])
 async def test_link_cut_without_fin(cluster: Cluster, direction: str, link_transport: str) -> None:
     u1, u2 = cluster.echo("u1"), cluster.echo("u2")
