@@ -87,6 +87,17 @@ def otlp() -> Iterator[_Receiver]:
     r.server.stop(0)
 
 
+def _node_row(d: object, name: str) -> str:
+    """The value cell of the node page's row called ``name`` ("" if absent)."""
+    from selenium.webdriver.common.by import By
+
+    for tr in d.find_elements(By.CSS_SELECTOR, "#node tbody tr"):  # type: ignore[attr-defined]
+        cells = tr.find_elements(By.TAG_NAME, "td")
+        if cells and cells[0].text == name:
+            return str(cells[1].text)
+    return ""
+
+
 def _client(port: int) -> tuple[socket.socket, str]:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.sendall(b"hi\n")
@@ -131,18 +142,13 @@ def test_the_dashboard_in_a_browser(
     # A new client's mark is found by search, with its node and upstream.
     sock, mark = _client(node.port)
 
-    def node_row(d: object, name: str) -> str:
-        for tr in d.find_elements(By.CSS_SELECTOR, "#node tbody tr"):  # type: ignore[attr-defined]
-            cells = tr.find_elements(By.TAG_NAME, "td")
-            if cells and cells[0].text == name:
-                return str(cells[1].text)
-        return ""
-
     # The live numbers follow without a reload.
-    wait.until(lambda d: node_row(d, "marks open") == "1")
+    wait.until(lambda d: _node_row(d, "marks open") == "1")
     # A node of several workers shows each (the default here: one per CPU).
     if os.environ.get("PMLB_WORKERS") == "0":
-        wait.until(lambda d: "w0: " in node_row(d, "workers") and "w1: " in node_row(d, "workers"))
+        wait.until(
+            lambda d: "w0: " in _node_row(d, "workers") and "w1: " in _node_row(d, "workers")
+        )
     box = driver.find_element(By.ID, "q")  # type: ignore[attr-defined]
     box.clear()
     box.send_keys(mark)
@@ -333,7 +339,6 @@ def test_the_node_page_shows_a_live_handover(
     import signal
 
     from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver: object = browser
@@ -353,16 +358,9 @@ def test_the_node_page_shows_a_live_handover(
         wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(f"http://127.0.0.1:{node.admin}/dashboard")  # type: ignore[attr-defined]
 
-        def node_row(d: object, name: str) -> str:
-            for tr in d.find_elements(By.CSS_SELECTOR, "#node tbody tr"):  # type: ignore[attr-defined]
-                cells = tr.find_elements(By.TAG_NAME, "td")
-                if cells and cells[0].text == name:
-                    return str(cells[1].text)
-            return ""
-
-        wait.until(lambda d: node_row(d, "live handover").startswith("taken: 1 marks in"))
-        assert node_row(driver, "process") == f"pid {pid}"
-        assert node_row(driver, "state") == "serving"
+        wait.until(lambda d: _node_row(d, "live handover").startswith("taken: 1 marks in"))
+        assert _node_row(driver, "process") == f"pid {pid}"
+        assert _node_row(driver, "state") == "serving"
         driver.save_screenshot(str(tmp_path / "dashboard-handover.png"))  # type: ignore[attr-defined]
         sock.sendall(b"still\n")  # and the client is still there, with its mark
         assert sock.recv(200).startswith(mark.encode() + b" ")
